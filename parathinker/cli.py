@@ -1,0 +1,75 @@
+"""Command line: `parathinker generate|eval|train|build-data|serve ...`.
+
+    parathinker generate --model Leslie04/ParaThinker-1.5B --paths 4 "What is 1+1?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("question", help="the question (the prompt template is applied)")
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    p.add_argument("--paths", type=int, default=4, help="number of parallel paths P")
+    p.add_argument("--max-path-tokens", type=int, default=16384)
+    p.add_argument("--min-path-tokens", type=int, default=0)
+    p.add_argument("--max-summary-tokens", type=int, default=1024)
+    p.add_argument("--min-finished-paths", type=int, default=1,
+                   help="1 = first-finish (the paper's default); P = wait for every path")
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the structured output as JSON")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from parathinker import LLM, SamplingParams
+
+    params = SamplingParams(
+        num_paths=args.paths, max_path_tokens=args.max_path_tokens,
+        min_path_tokens=args.min_path_tokens, max_summary_tokens=args.max_summary_tokens,
+        min_finished_paths=args.min_finished_paths, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    start = time.perf_counter()
+    (out,) = llm.generate([args.question], params)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(out.to_dict(), ensure_ascii=False, indent=2))
+        return 0
+    for p in out.paths:
+        print(f"===== path {p.index} ({len(p.token_ids)} tokens, {p.finish_reason}) =====")
+        print(p.text)
+    print(f"===== summary ({len(out.summary.token_ids)} tokens, {out.summary.finish_reason}) =====")
+    print(out.summary.text)
+    print(f"===== answer: {out.answer}")
+    generated = out.num_path_tokens + len(out.summary.token_ids)
+    print(f"prompt {len(out.prompt_token_ids)} tokens | paths {out.num_path_tokens} tokens | "
+          f"summary {len(out.summary.token_ids)} tokens | {elapsed:.2f} s | "
+          f"{generated / elapsed:.1f} tokens/s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="parathinker", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_args(sub.add_parser("generate", help="answer one question with P parallel paths"))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Frozen configuration: the decoder's shape (from config.json) and the sampling parameters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+DEFAULT_MAX_SEGMENTS = 32
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the decoder needs, resolved once from a Hugging Face config.json."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    max_segments: int = DEFAULT_MAX_SEGMENTS
+    rope_scaling: dict[str, Any] | None = None
+    torch_dtype: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        model_type = cfg.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
+            )
+        if cfg.get("use_sliding_window"):
+            raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+        heads = cfg["num_attention_heads"]
+        is_qwen2 = model_type == "qwen2"
+        rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        rope_theta = cfg.get("rope_theta")
+        if rope_theta is None and isinstance(rope_scaling, dict):
+            rope_theta = rope_scaling.get("rope_theta")
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=True if is_qwen2 else cfg.get("attention_bias", False),
+            o_bias=False if is_qwen2 else cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False),
+            max_segments=cfg.get("max_segments", DEFAULT_MAX_SEGMENTS),
+            rope_scaling=normalize_rope_scaling(rope_scaling),
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            raw=dict(cfg),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def with_overrides(self, **kw: Any) -> ModelConfig:
+        d = asdict(self)
+        d.update(kw)
+        return ModelConfig(**d)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json content: the original keys, updated with what may have changed."""
+        out = dict(self.raw)
+        out.update(vocab_size=self.vocab_size, max_segments=self.max_segments)
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = self.rope_scaling
+        return out
+
+
+def normalize_rope_scaling(rs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Return None for no scaling, else a dict with a "rope_type" key ("llama3" or "yarn")."""
+    if not rs:
+        return None
+    rs = dict(rs)
+    rope_type = rs.get("rope_type", rs.get("type"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type not in ("llama3", "yarn"):
+        raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: none, llama3, yarn")
+    rs["rope_type"] = rope_type
+    rs.pop("type", None)
+    rs.pop("rope_theta", None)
+    return rs
+
+
+def reference_yarn(max_path_tokens: int) -> dict[str, Any] | None:
+    """The rope scaling the reference engine uses for long paths (SPEC §5.6)."""
+    if max_path_tokens <= 8192:
+        return None
+    return {
+        "rope_type": "yarn",
+        "factor": max_path_tokens / 8192,
+        "original_max_position_embeddings": 9280,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    }
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is generated (SPEC §5). temperature 0 is greedy; top_k <= 0 disables
+    top-k; min_path_tokens masks end tokens until a path (tags included) could hold that many."""
+
+    num_paths: int = 4
+    max_path_tokens: int = 16384
+    min_path_tokens: int = 0
+    max_summary_tokens: int = 1024
+    min_finished_paths: int = 1
+    temperature: float = 0.5
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_paths < 1:
+            raise ValueError(f"num_paths must be >= 1, got {self.num_paths}")
+        if not 1 <= self.min_finished_paths <= self.num_paths:
+            raise ValueError(
+                f"min_finished_paths must be in 1..num_paths={self.num_paths}, "
+                f"got {self.min_finished_paths}"
+            )
+        if self.max_path_tokens < 2:
+            raise ValueError(
+                f"max_path_tokens={self.max_path_tokens} cannot hold <think{{k}}> and "
+                "</think{k}>; use at least 2"
+            )
+        if not 0 <= self.min_path_tokens <= self.max_path_tokens:
+            raise ValueError(
+                f"min_path_tokens must be in 0..max_path_tokens={self.max_path_tokens}, "
+                f"got {self.min_path_tokens}"
+            )
+        if self.max_summary_tokens < 1:
+            raise ValueError(f"max_summary_tokens must be >= 1, got {self.max_summary_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

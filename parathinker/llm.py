@@ -1,0 +1,164 @@
+"""`LLM`: the public entry point. Loads a checkpoint, validates requests, runs generation.
+
+    from parathinker import LLM, SamplingParams
+    llm = LLM("Leslie04/ParaThinker-1.5B", device="cuda", dtype="bfloat16")
+    out = llm.generate(["What is 1+1?"], SamplingParams(num_paths=4))[0]
+    print(out.answer)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parathinker.config import SamplingParams, normalize_rope_scaling
+from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
+from parathinker.outputs import PathOutput, RequestOutput, SummaryOutput
+from parathinker.reference import RawRequestOutput, generate_request
+from parathinker.rules import TokenRules
+from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE, ControlTokens,
+                                last_boxed)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str, config_dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32  # no fast bf16 kernels on most CPUs
+        return DTYPES.get(config_dtype or "", torch.bfloat16)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+class LLM:
+    def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto", *,
+                 allow_pickle: bool = False, revision: str | None = None,
+                 prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+                 summary_template: str = DEFAULT_SUMMARY_TEMPLATE,
+                 rope_scaling: dict[str, Any] | None = None) -> None:
+        if "{question}" not in prompt_template:
+            raise ValueError("prompt_template must contain '{question}'")
+        self.device = resolve_device(device)
+        self.model_dir = resolve_model_dir(model, revision)
+        raw_cfg = json.loads((self.model_dir / "config.json").read_text()) \
+            if (self.model_dir / "config.json").exists() else {}
+        self.dtype = resolve_dtype(dtype, raw_cfg.get("torch_dtype"), self.device)
+        overrides = None
+        if rope_scaling is not None:
+            overrides = {"rope_scaling": normalize_rope_scaling(rope_scaling)}
+        self.model = load_model(self.model_dir, self.device, self.dtype, allow_pickle, overrides)
+        self.config = self.model.config
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.ctrl = ControlTokens.from_tokenizer(self.tokenizer)
+        self.rules = TokenRules(self.ctrl, self.device)
+        self.prompt_template = prompt_template
+        self.summary_template = summary_template
+        self.summary_template_ids: list[int] = self.tokenizer.encode(
+            summary_template, add_special_tokens=False)
+        self.max_paths = min(self.ctrl.max_paths, self.config.max_segments - 1)
+
+    # ----- input handling
+    def format_prompt(self, question: str) -> str:
+        return self.prompt_template.replace("{question}", question)
+
+    def encode_prompts(self, prompts: Sequence[str] | str | None,
+                       prompt_token_ids: Sequence[Sequence[int]] | None) -> list[list[int]]:
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass either prompts (questions) or prompt_token_ids, not both/neither")
+        if prompts is not None:
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompts must be strings; use prompt_token_ids= for token ids")
+            return [self.tokenizer.encode(self.format_prompt(p)) for p in prompts]
+        out = []
+        for i, ids in enumerate(prompt_token_ids or []):
+            ids = list(ids)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids[{i}] has ids outside 0..{self.config.vocab_size - 1}: "
+                                 f"{bad[:5]}")
+            out.append(ids)
+        return out
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Every check that can fail, before anything runs."""
+        if params.num_paths > self.max_paths:
+            raise ValueError(
+                f"num_paths={params.num_paths} exceeds what this checkpoint supports "
+                f"({self.ctrl.max_paths} <think{{k}}> tokens in the tokenizer, max_segments="
+                f"{self.config.max_segments}); use num_paths <= {self.max_paths} or add tokens with "
+                "parathinker.tokens.add_parathinker_tokens and train them"
+            )
+        template_len = len(self.summary_template_ids)
+        if params.max_summary_tokens <= template_len:
+            raise ValueError(
+                f"max_summary_tokens={params.max_summary_tokens} cannot hold the summary template "
+                f"({template_len} tokens) and an answer; use at least {template_len + 1}"
+            )
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        limit = self.config.max_position_embeddings
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the model's "
+                             f"context ({limit} positions); shorten it")
+        needed = len(prompt_ids) + params.max_path_tokens + params.max_summary_tokens
+        if needed > limit:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)}) + max_path_tokens ({params.max_path_tokens}) + "
+                f"max_summary_tokens ({params.max_summary_tokens}) = {needed} positions exceed the "
+                f"model's context ({limit}); lower the budgets"
+            )
+
+    # ----- generation
+    def generate(self, prompts: Sequence[str] | str | None = None,
+                 params: SamplingParams | None = None, *,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
+        params = params or SamplingParams()
+        encoded = self.encode_prompts(prompts, prompt_token_ids)
+        for ids in encoded:
+            self.validate(ids, params)
+        outputs = []
+        for ids in encoded:
+            start = time.perf_counter()
+            raw = generate_request(self.model, self.rules, ids, self.summary_template_ids, params)
+            outputs.append(self.to_output(ids, raw, time.perf_counter() - start))
+        return outputs
+
+    def to_output(self, prompt_ids: list[int], raw: RawRequestOutput,
+                  latency_s: float) -> RequestOutput:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        paths = [PathOutput(k + 1, ids, decode(ids[1:-1]), reason)
+                 for k, (ids, reason) in enumerate(zip(raw.path_token_ids, raw.path_finish))]
+        body = raw.summary_token_ids
+        if body and body[0] == self.ctrl.summary_open:
+            body = body[1:]
+        if body and raw.summary_finish == "end":
+            body = body[:-1]
+        summary_text = decode(body)
+        summary = SummaryOutput(raw.summary_token_ids, summary_text, raw.summary_finish)
+        num_generated = sum(len(p) for p in raw.path_token_ids) + len(raw.summary_token_ids)
+        metrics = {"latency_s": latency_s, "num_forward_tokens": raw.num_forward_tokens,
+                   "tokens_per_s": num_generated / max(latency_s, 1e-9)}
+        return RequestOutput(prompt_ids, paths, summary, last_boxed(summary_text), metrics)

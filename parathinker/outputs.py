@@ -1,0 +1,37 @@
+"""What a generation returns: per-path and summary token ids, texts and finish reasons."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PathOutput:
+    index: int  # 1-based path index k
+    token_ids: list[int]  # starts with <think{k}>, ends with </think{k}>
+    text: str  # the path's text, without its two tags
+    finish_reason: str  # "end" | "budget" | "cut"
+
+
+@dataclass
+class SummaryOutput:
+    token_ids: list[int]  # starts with the summary template's tokens
+    text: str  # without the leading <summary> and the trailing </summary> / EOS
+    finish_reason: str  # "end" | "budget"
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    paths: list[PathOutput]
+    summary: SummaryOutput
+    answer: str | None  # content of the summary's last \boxed{...}
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_path_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.paths)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,151 @@
+"""The reference generator: one request at a time, SPEC §5 step by step, with KV reuse.
+
+The prompt is prefilled once into a flat slot pool; the P paths decode together (one row per
+path) and read the prompt's slots by reference; the summary's context is the prompt's slots plus
+every path's slots, so nothing is copied or recomputed. This is the slow, obviously-correct twin
+that the batched engine is tested against; the test oracle checks it with full recomputation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from parathinker.attention.reference import CacheAttention, KVCache
+from parathinker.config import SamplingParams
+from parathinker.layout import path_segment, summary_start
+from parathinker.model.decoder import ParaThinkerForCausalLM
+from parathinker.rules import (BUDGET, CUT, END, TokenRules, apply_path_choice, can_end,
+                               is_at_budget, should_stop_thinking)
+from parathinker.sampler import make_generator, sample
+
+
+@dataclass
+class RawRequestOutput:
+    """Token ids and finish reasons; `logits` (when recorded) maps (region, index) of every
+    forwarded token to the logits it produced: region 0 = prompt, k = path k, -1 = summary."""
+
+    path_token_ids: list[list[int]]
+    path_finish: list[str]
+    summary_token_ids: list[int]
+    summary_finish: str
+    num_forward_tokens: int = 0
+    logits: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
+class _Runner:
+    """Forwards tokens of several sequences into one slot pool and counts them."""
+
+    def __init__(self, model: ParaThinkerForCausalLM, num_slots: int, record: bool) -> None:
+        cfg = model.config
+        p = next(model.parameters())
+        self.model, self.device, self.record = model, p.device, record
+        self.cache = KVCache.allocate(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
+                                      cfg.head_dim, p.dtype, p.device)
+        self.next_slot = 0
+        self.num_forward_tokens = 0
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+
+    def alloc(self, n: int) -> list[int]:
+        slots = list(range(self.next_slot, self.next_slot + n))
+        self.next_slot += n
+        return slots
+
+    @torch.inference_mode()
+    def forward(self, seqs: list[tuple[list[int], list[int], int, list[int], tuple[int, int]]]
+                ) -> list[torch.Tensor]:
+        """seqs: (new token ids, their positions, segment id, full context slots (new ones last),
+        (region, index of the first new token)). Returns the last-token logits of each."""
+        ids, pos, seg = [], [], []
+        for tokens, positions, segment, _, _ in seqs:
+            ids += tokens
+            pos += positions
+            seg += [segment] * len(tokens)
+        meta = CacheAttention.build([len(s[0]) for s in seqs], [s[3] for s in seqs], self.device)
+        as_tensor = lambda x: torch.tensor([x], dtype=torch.long, device=self.device)  # noqa: E731
+        hidden = self.model(as_tensor(ids), as_tensor(pos), as_tensor(seg), meta, self.cache)[0]
+        self.num_forward_tokens += len(ids)
+        ends = torch.tensor([len(s[0]) for s in seqs]).cumsum(0) - 1
+        if not self.record:
+            return list(self.model.compute_logits(hidden[ends.to(self.device)]))
+        logits = self.model.compute_logits(hidden)
+        start = 0
+        for tokens, _, _, _, (region, first) in seqs:
+            for j in range(len(tokens)):
+                self.logits[(region, first + j)] = logits[start + j].cpu()
+            start += len(tokens)
+        return [logits[e] for e in ends.tolist()]
+
+
+def generate_request(model: ParaThinkerForCausalLM, rules: TokenRules, prompt_ids: list[int],
+                     summary_template_ids: list[int], params: SamplingParams,
+                     record_logits: bool = False) -> RawRequestOutput:
+    ctrl, num_paths, prompt_len = rules.ctrl, params.num_paths, len(prompt_ids)
+    num_slots = prompt_len + num_paths * params.max_path_tokens + params.max_summary_tokens
+    run = _Runner(model, num_slots, record_logits)
+    gen = make_generator(params.seed)
+
+    # 1. Prefill the prompt once.
+    prompt_slots = run.alloc(prompt_len)
+    run.forward([(prompt_ids, list(range(prompt_len)), 0, prompt_slots, (0, 0))])
+
+    # 2-4. Lock-step decoding of the paths; path k starts with <think{k}>.
+    tokens = [[ctrl.think_open[k]] for k in range(num_paths)]
+    slots: list[list[int]] = [[] for _ in range(num_paths)]
+    finish: list[str | None] = [None] * num_paths
+
+    def pending(k: int) -> tuple[list[int], list[int], int, list[int], tuple[int, int]]:
+        """Path k's tokens chosen but not yet forwarded, as one sequence."""
+        done = len(slots[k])
+        new = tokens[k][done:]
+        slots[k] += run.alloc(len(new))
+        positions = list(range(prompt_len + done, prompt_len + len(tokens[k])))
+        return new, positions, path_segment(k + 1), prompt_slots + slots[k], (k + 1, done)
+
+    while any(f is None for f in finish):
+        running = [k for k in range(num_paths) if finish[k] is None]
+        flushed = [k for k in range(num_paths) if len(slots[k]) < len(tokens[k])]
+        logits = dict(zip(flushed, run.forward([pending(k) for k in flushed])))
+        to_sample = [k for k in running if not is_at_budget(len(tokens[k]), params)]
+        for k in running:
+            if k not in to_sample:
+                tokens[k].append(rules.think_close(k + 1))
+                finish[k] = BUDGET
+        if to_sample:
+            rows = torch.stack([logits[k] for k in to_sample])
+            rules.mask_path_logits(rows, [can_end(len(tokens[k]), params) for k in to_sample])
+            chosen = sample(rows, params.temperature, params.top_p, params.top_k, gen)
+            for k, c in zip(to_sample, chosen):
+                token, reason = apply_path_choice(rules, k + 1, c)
+                tokens[k].append(token)
+                finish[k] = reason
+        if should_stop_thinking(sum(f is not None for f in finish), params):
+            for k in range(num_paths):
+                if finish[k] is None:
+                    tokens[k].append(rules.think_close(k + 1))
+                    finish[k] = CUT
+    flushed = [k for k in range(num_paths) if len(slots[k]) < len(tokens[k])]
+    if flushed:
+        run.forward([pending(k) for k in flushed])
+
+    # 5. Summary over the reused KV: the template in one forward, then decoding.
+    summary = list(summary_template_ids)
+    path_slots = [s for k in range(num_paths) for s in slots[k]]
+    first_pos = summary_start(prompt_len, [len(t) for t in tokens])
+    summary_slots: list[int] = []
+    summary_finish = BUDGET
+    while len(summary) < params.max_summary_tokens:
+        done = len(summary_slots)
+        summary_slots += run.alloc(len(summary) - done)
+        positions = list(range(first_pos + done, first_pos + len(summary)))
+        (last,) = run.forward([(summary[done:], positions, 0,
+                                prompt_slots + path_slots + summary_slots, (-1, done))])
+        row = rules.mask_summary_logits(last[None].clone())
+        (token,) = sample(row, params.temperature, params.top_p, params.top_k, gen)
+        summary.append(token)
+        if token in rules.summary_end_set:
+            summary_finish = END
+            break
+    return RawRequestOutput(tokens, [str(f) for f in finish], summary, summary_finish,
+                            run.num_forward_tokens, run.logits)

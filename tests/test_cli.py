@@ -1,0 +1,39 @@
+"""`parathinker generate` runs offline on a tiny checkpoint directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def run(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "parathinker.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_generate_prints_paths_summary_answer(ckpt_dir):
+    r = run("generate", "--model", str(ckpt_dir), "--device", "cpu", "--paths", "3",
+            "--max-path-tokens", "12", "--max-summary-tokens", "80", "--temperature", "0",
+            "What is 2+3?")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for k in (1, 2, 3):
+        assert f"===== path {k} (" in out
+    assert "===== summary" in out and "===== answer:" in out
+    assert "tokens/s" in out.strip().splitlines()[-1]
+
+
+def test_generate_json(ckpt_dir):
+    r = run("generate", "--model", str(ckpt_dir), "--device", "cpu", "--paths", "2",
+            "--max-path-tokens", "10", "--max-summary-tokens", "80", "--seed", "1", "--json", "q")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert len(data["paths"]) == 2 and data["summary"]["token_ids"]
+
+
+def test_generate_bad_input_is_a_clear_error(ckpt_dir, tmp_path):
+    r = run("generate", "--model", str(ckpt_dir), "--device", "cpu", "--paths", "0", "q")
+    assert r.returncode == 2 and "num_paths must be >= 1" in r.stderr
+    r = run("generate", "--model", str(tmp_path / "nope"), "--device", "cpu", "q")
+    assert r.returncode == 2 and "not found" in r.stderr
