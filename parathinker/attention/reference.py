@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,12 @@ class CacheAttention:
 
 
 def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           meta: DenseAttention | CacheAttention, kv_cache: KVCache | None) -> torch.Tensor:
+           meta: Any, kv_cache: KVCache | None) -> torch.Tensor:
     """q: [B, L, Hq, D], k/v: [B, L, Hkv, D] (after RoPE and thought embedding) -> [B, L, Hq, D]."""
+    if not isinstance(meta, (DenseAttention, CacheAttention)):  # FlexAttention (training)
+        from parathinker.attention.flex import flex_attend
+
+        return flex_attend(q, k, v, meta)
     if isinstance(meta, DenseAttention):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -9,6 +9,8 @@ segment ids and the attention metadata; the model holds no per-request state.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +20,7 @@ from parathinker.attention.reference import CacheAttention, DenseAttention, KVCa
 from parathinker.config import ModelConfig
 from parathinker.model.rope import apply_rope, rope_cos_sin, rope_parameters
 
-AttentionMeta = DenseAttention | CacheAttention
+AttentionMeta = DenseAttention | CacheAttention | Any  # Any: attention.flex.FlexAttention
 
 
 class RMSNorm(nn.Module):
