@@ -20,7 +20,6 @@ from parathinker.config import SamplingParams, normalize_rope_scaling
 from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from parathinker.outputs import PathOutput, RequestOutput, SummaryOutput
 from parathinker.reference import RawRequestOutput, generate_request
-from parathinker.rules import TokenRules
 from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE, ControlTokens,
                                 last_boxed)
 
@@ -71,7 +70,6 @@ class LLM:
         self.config = self.model.config
         self.tokenizer = load_tokenizer(self.model_dir)
         self.ctrl = ControlTokens.from_tokenizer(self.tokenizer)
-        self.rules = TokenRules(self.ctrl, self.device)
         self.prompt_template = prompt_template
         self.summary_template = summary_template
         self.summary_template_ids: list[int] = self.tokenizer.encode(
@@ -142,7 +140,7 @@ class LLM:
         outputs = []
         for ids in encoded:
             start = time.perf_counter()
-            raw = generate_request(self.model, self.rules, ids, self.summary_template_ids, params)
+            raw = generate_request(self.model, self.ctrl, ids, self.summary_template_ids, params)
             outputs.append(self.to_output(ids, raw, time.perf_counter() - start))
         return outputs
 

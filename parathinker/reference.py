@@ -16,9 +16,10 @@ from parathinker.attention.reference import CacheAttention, KVCache
 from parathinker.config import SamplingParams
 from parathinker.layout import path_segment, summary_start
 from parathinker.model.decoder import ParaThinkerForCausalLM
-from parathinker.rules import (BUDGET, CUT, END, TokenRules, apply_path_choice, can_end,
-                               is_at_budget, should_stop_thinking)
-from parathinker.sampler import make_generator, sample
+from parathinker.rules import (BUDGET, CUT, can_end, is_at_budget, path_choice, should_stop_thinking,
+                               summary_choice)
+from parathinker.sampler import LogitMasks, make_generator, sample
+from parathinker.tokens import ControlTokens
 
 
 @dataclass
@@ -78,12 +79,13 @@ class _Runner:
         return [logits[e] for e in ends.tolist()]
 
 
-def generate_request(model: ParaThinkerForCausalLM, rules: TokenRules, prompt_ids: list[int],
+def generate_request(model: ParaThinkerForCausalLM, ctrl: ControlTokens, prompt_ids: list[int],
                      summary_template_ids: list[int], params: SamplingParams,
                      record_logits: bool = False) -> RawRequestOutput:
-    ctrl, num_paths, prompt_len = rules.ctrl, params.num_paths, len(prompt_ids)
+    num_paths, prompt_len = params.num_paths, len(prompt_ids)
     num_slots = prompt_len + num_paths * params.max_path_tokens + params.max_summary_tokens
     run = _Runner(model, num_slots, record_logits)
+    masks = LogitMasks(ctrl, run.device)
     gen = make_generator(params.seed)
 
     # 1. Prefill the prompt once.
@@ -110,20 +112,20 @@ def generate_request(model: ParaThinkerForCausalLM, rules: TokenRules, prompt_id
         to_sample = [k for k in running if not is_at_budget(len(tokens[k]), params)]
         for k in running:
             if k not in to_sample:
-                tokens[k].append(rules.think_close(k + 1))
+                tokens[k].append(ctrl.think_close[k])
                 finish[k] = BUDGET
         if to_sample:
             rows = torch.stack([logits[k] for k in to_sample])
-            rules.mask_path_logits(rows, [can_end(len(tokens[k]), params) for k in to_sample])
+            masks.paths(rows, [can_end(len(tokens[k]), params) for k in to_sample])
             chosen = sample(rows, params.temperature, params.top_p, params.top_k, gen)
             for k, c in zip(to_sample, chosen):
-                token, reason = apply_path_choice(rules, k + 1, c)
+                token, reason = path_choice(ctrl, k + 1, c)
                 tokens[k].append(token)
                 finish[k] = reason
         if should_stop_thinking(sum(f is not None for f in finish), params):
             for k in range(num_paths):
                 if finish[k] is None:
-                    tokens[k].append(rules.think_close(k + 1))
+                    tokens[k].append(ctrl.think_close[k])
                     finish[k] = CUT
     flushed = [k for k in range(num_paths) if len(slots[k]) < len(tokens[k])]
     if flushed:
@@ -134,18 +136,16 @@ def generate_request(model: ParaThinkerForCausalLM, rules: TokenRules, prompt_id
     path_slots = [s for k in range(num_paths) for s in slots[k]]
     first_pos = summary_start(prompt_len, [len(t) for t in tokens])
     summary_slots: list[int] = []
-    summary_finish = BUDGET
-    while len(summary) < params.max_summary_tokens:
+    summary_finish: str | None = None
+    while summary_finish is None:
         done = len(summary_slots)
         summary_slots += run.alloc(len(summary) - done)
         positions = list(range(first_pos + done, first_pos + len(summary)))
         (last,) = run.forward([(summary[done:], positions, 0,
                                 prompt_slots + path_slots + summary_slots, (-1, done))])
-        row = rules.mask_summary_logits(last[None].clone())
+        row = masks.summary(last[None].clone())
         (token,) = sample(row, params.temperature, params.top_p, params.top_k, gen)
         summary.append(token)
-        if token in rules.summary_end_set:
-            summary_finish = END
-            break
+        summary_finish = summary_choice(ctrl, token, len(summary), params)
     return RawRequestOutput(tokens, [str(f) for f in finish], summary, summary_finish,
                             run.num_forward_tokens, run.logits)

@@ -8,6 +8,30 @@ from __future__ import annotations
 
 import torch
 
+from parathinker.tokens import ControlTokens
+
+
+class LogitMasks:
+    """Bans the tokens SPEC §5 forbids, on [R, V] float32 logits, in place."""
+
+    def __init__(self, ctrl: ControlTokens, device: torch.device | str) -> None:
+        self.path_banned = torch.tensor(ctrl.path_banned_ids(), device=device)
+        self.path_end = torch.tensor(ctrl.path_end_ids(), device=device)
+        self.summary_banned = torch.tensor(ctrl.summary_banned_ids(), device=device)
+
+    def paths(self, logits: torch.Tensor, can_end: list[bool]) -> torch.Tensor:
+        """One row per path to sample; rows with can_end False also lose every end token."""
+        logits[:, self.path_banned] = float("-inf")
+        blocked = [r for r, ok in enumerate(can_end) if not ok]
+        if blocked:
+            rows = torch.tensor(blocked, device=logits.device)
+            logits[rows[:, None], self.path_end[None, :]] = float("-inf")
+        return logits
+
+    def summary(self, logits: torch.Tensor) -> torch.Tensor:
+        logits[:, self.summary_banned] = float("-inf")
+        return logits
+
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
            generator: torch.Generator | None = None) -> list[int]:

@@ -112,6 +112,14 @@ class ControlTokens:
     def summary_end_ids(self) -> list[int]:
         return sorted({self.summary_close, self.eos})
 
+    @property
+    def path_end_set(self) -> frozenset[int]:
+        return frozenset(self.path_end_ids())
+
+    @property
+    def summary_end_set(self) -> frozenset[int]:
+        return frozenset(self.summary_end_ids())
+
 
 def parathinker_token_names(num_paths: int = NUM_DEFAULT_PATH_TOKENS) -> list[str]:
     names = []

@@ -15,7 +15,7 @@ def test_dense_forward_reproduces_generator_logits(llm, num_paths, all_finish):
     params = SamplingParams(num_paths=num_paths, max_path_tokens=14, max_summary_tokens=80,
                             temperature=0.0, min_finished_paths=num_paths if all_finish else 1)
     prompt = llm.encode_prompts(["Find x if 2x + 3 = 11."], None)[0]
-    raw = generate_request(llm.model, llm.rules, prompt, llm.summary_template_ids, params,
+    raw = generate_request(llm.model, llm.ctrl, prompt, llm.summary_template_ids, params,
                            record_logits=True)
     row = pack_request(prompt, raw.path_token_ids, raw.summary_token_ids)
     t = row_tensors(row)
