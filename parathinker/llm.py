@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 from parathinker.config import SamplingParams, normalize_rope_scaling
+from parathinker.engine import Engine
+from parathinker.engine.request import FINISHED, Request
 from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from parathinker.outputs import PathOutput, RequestOutput, SummaryOutput
 from parathinker.reference import RawRequestOutput, generate_request
@@ -55,7 +58,9 @@ class LLM:
                  allow_pickle: bool = False, revision: str | None = None,
                  prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
                  summary_template: str = DEFAULT_SUMMARY_TEMPLATE,
-                 rope_scaling: dict[str, Any] | None = None) -> None:
+                 rope_scaling: dict[str, Any] | None = None, block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 max_num_batched_tokens: int = 8192) -> None:
         if "{question}" not in prompt_template:
             raise ValueError("prompt_template must contain '{question}'")
         self.device = resolve_device(device)
@@ -75,6 +80,9 @@ class LLM:
         self.summary_template_ids: list[int] = self.tokenizer.encode(
             summary_template, add_special_tokens=False)
         self.max_paths = min(self.ctrl.max_paths, self.config.max_segments - 1)
+        self.engine = Engine(self.model, self.ctrl, self.summary_template_ids, block_size,
+                             num_kv_blocks, kv_cache_memory, max_num_batched_tokens)
+        self._ids = itertools.count()
 
     # ----- input handling
     def format_prompt(self, question: str) -> str:
@@ -137,12 +145,39 @@ class LLM:
         encoded = self.encode_prompts(prompts, prompt_token_ids)
         for ids in encoded:
             self.validate(ids, params)
+        reqs = [self.engine.add_request(f"llm-{next(self._ids)}", ids, params) for ids in encoded]
+        self.engine.run_to_completion()
+        return [self.request_output(r) for r in reqs]
+
+    def generate_reference(self, prompts: Sequence[str] | str | None = None,
+                           params: SamplingParams | None = None, *,
+                           prompt_token_ids: Sequence[Sequence[int]] | None = None
+                           ) -> list[RequestOutput]:
+        """The same outputs from the slow reference generator, one request at a time."""
+        params = params or SamplingParams()
+        encoded = self.encode_prompts(prompts, prompt_token_ids)
+        for ids in encoded:
+            self.validate(ids, params)
         outputs = []
         for ids in encoded:
             start = time.perf_counter()
             raw = generate_request(self.model, self.ctrl, ids, self.summary_template_ids, params)
             outputs.append(self.to_output(ids, raw, time.perf_counter() - start))
         return outputs
+
+    def request_output(self, req: Request) -> RequestOutput:
+        """An engine request as a RequestOutput (`error` set if it failed)."""
+        latency = (req.finish_time or time.perf_counter()) - req.arrival_time
+        if req.status != FINISHED:
+            why = req.error or f"request {req.status}"
+            return RequestOutput(req.prompt.tokens, [], SummaryOutput([], "", req.status), None,
+                                 {"latency_s": latency}, error=why)
+        raw = RawRequestOutput([p.tokens for p in req.paths], [str(f) for f in req.path_finish],
+                               req.summary.tokens if req.summary else [], str(req.summary_finish),
+                               req.num_forward_tokens)
+        out = self.to_output(req.prompt.tokens, raw, latency)
+        out.metrics["num_preemptions"] = req.num_preemptions
+        return out
 
     def to_output(self, prompt_ids: list[int], raw: RawRequestOutput,
                   latency_s: float) -> RequestOutput:

@@ -18,7 +18,7 @@ class PathOutput:
 class SummaryOutput:
     token_ids: list[int]  # starts with the summary template's tokens
     text: str  # without the leading <summary> and the trailing </summary> / EOS
-    finish_reason: str  # "end" | "budget"
+    finish_reason: str  # "end" | "budget" ("failed" / "aborted" when the request did not run)
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RequestOutput:
     summary: SummaryOutput
     answer: str | None  # content of the summary's last \boxed{...}
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # set when the engine could not run the request
 
     @property
     def num_path_tokens(self) -> int:

@@ -1,0 +1,99 @@
+"""The batched engine equals the reference generator token for token (greedy, float32)."""
+
+import pytest
+
+from parathinker import LLM, SamplingParams
+
+QUESTIONS = ["What is 2+3?", "Find x if 2x + 3 = 11.", "Let me check 7*3 mod 10.", "abc", "Sum 1..10"]
+
+
+def params(**kw):
+    base = dict(max_path_tokens=14, max_summary_tokens=84, temperature=0.0)
+    base.update(kw)
+    return SamplingParams(**base)
+
+
+def same(a, b):
+    assert [p.token_ids for p in a.paths] == [p.token_ids for p in b.paths]
+    assert [p.finish_reason for p in a.paths] == [p.finish_reason for p in b.paths]
+    assert a.summary.token_ids == b.summary.token_ids
+    assert a.summary.finish_reason == b.summary.finish_reason
+    assert a.answer == b.answer and a.error is None
+
+
+@pytest.fixture(scope="module")
+def small_pool(ckpt_dir):
+    return LLM(str(ckpt_dir), device="cpu", dtype="float32", block_size=4, num_kv_blocks=48,
+               summary_template="<summary>The final answer is")
+
+
+def test_single_request_matches_reference(llm):
+    for p in (params(num_paths=1), params(num_paths=4), params(num_paths=4, min_finished_paths=4)):
+        same(llm.generate(QUESTIONS[:1], p)[0], llm.generate_reference(QUESTIONS[:1], p)[0])
+
+
+def test_many_requests_at_once_match_reference(llm):
+    p = params(num_paths=3, min_finished_paths=2)
+    for a, b in zip(llm.generate(QUESTIONS, p), llm.generate_reference(QUESTIONS, p)):
+        same(a, b)
+    assert llm.engine.block_manager.num_used == 0
+
+
+def test_mixed_num_paths_in_one_batch(llm):
+    engine = llm.engine
+    configs = [params(num_paths=k, min_finished_paths=1 + k // 2) for k in (1, 2, 4, 3, 8)]
+    prompts = llm.encode_prompts(QUESTIONS, None)
+    reqs = [engine.add_request(f"mixed-{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts, configs))]
+    engine.run_to_completion()
+    assert engine.num_steps > 0
+    for req, ids, p in zip(reqs, prompts, configs):
+        same(llm.request_output(req), llm.generate_reference(prompt_token_ids=[ids], params=p)[0])
+
+
+def test_forced_preemption_keeps_results(small_pool):
+    llm = small_pool
+    prompts = [[5 + i, 40, 41 + i, 60, 61, 62 + i, 70] for i in range(12)]
+    p = params(num_paths=3, max_path_tokens=12, max_summary_tokens=16, min_finished_paths=3)
+    outs = llm.generate(prompt_token_ids=prompts, params=p)
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0, "the pool was meant to be too small"
+    for o, ids in zip(outs, prompts):
+        same(o, llm.generate_reference(prompt_token_ids=[ids], params=p)[0])
+    bm = llm.engine.block_manager
+    assert bm.num_used == 0 and not any(bm.ref_counts) and bm.peak_used <= bm.num_blocks
+
+
+def test_request_too_big_for_the_pool_fails_alone(small_pool):
+    llm = small_pool
+    ok = params(num_paths=2, max_path_tokens=8, max_summary_tokens=16)
+    big_prompt = list(range(30, 30 + 4 * 48 + 1))  # more tokens than the pool has slots
+    outs = llm.generate(prompt_token_ids=[[5, 6, 7], big_prompt, [8, 9]], params=ok)
+    assert outs[1].error and "KV blocks" in outs[1].error and "num_kv_blocks" in outs[1].error
+    for i in (0, 2):
+        assert outs[i].error is None and outs[i].summary.token_ids
+    assert llm.engine.block_manager.num_used == 0
+
+
+def test_abort_frees_blocks_at_once(llm):
+    engine = llm.engine
+    ids = llm.encode_prompts(QUESTIONS[:2], None)
+    p = params(num_paths=4, max_path_tokens=200, min_path_tokens=200, max_summary_tokens=300)
+    engine.add_request("keep", ids[0], params(num_paths=2))
+    engine.add_request("drop", ids[1], p)
+    engine.step()
+    engine.step()
+    used = engine.block_manager.num_used
+    assert used > 0
+    req = engine.abort("drop")
+    assert req is not None and req.status == "aborted"
+    assert engine.block_manager.num_used < used
+    ended = engine.run_to_completion()
+    assert {r.request_id for r in ended} == {"keep", "drop"}
+    assert engine.block_manager.num_used == 0 and engine.abort("nope") is None
+
+
+def test_seeded_sampling_matches_reference(llm):
+    """One generator per request, consumed in the reference's order: batching changes nothing."""
+    p = SamplingParams(num_paths=3, max_path_tokens=12, max_summary_tokens=84, temperature=1.0,
+                       top_p=0.95, seed=11)
+    for a, b in zip(llm.generate(QUESTIONS[:3], p), llm.generate_reference(QUESTIONS[:3], p)):
+        same(a, b)
