@@ -1,0 +1,201 @@
+"""Eval report: accuracy with standard errors per benchmark and configuration, tables and a plot.
+
+    from parathinker.eval.report import summarize, write_report
+    summary = summarize(store.records())
+    write_report(summary, config, out_dir)   # summary.json, report.md, accuracy_vs_paths.png
+
+A configuration is a mode and a path count: "sequential", "P=4" (parathinker), "majority@8", or
+"<mode>@<n>" for any other mode. pass@1 is the mean over problems of the mean over samples of
+`correct`; its standard error is the sample std (ddof=1) of the per-problem means over sqrt(n), 0 for
+n < 2. The path-majority (`majority_over_paths_correct`) and any-path oracle (`any_path_correct`)
+accuracies of parathinker records are averaged the same way, over the records that have the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parathinker.eval.data import BENCHMARKS
+
+TOKEN_FIELDS = ("total_tokens", "path_tokens", "summary_tokens")
+_MODE_ORDER = {"sequential": 0, "parathinker": 1, "majority": 2}
+
+
+def config_label(mode: str, num_paths: int) -> str:
+    if mode == "sequential":
+        return "sequential"
+    if mode == "parathinker":
+        return f"P={num_paths}"
+    return f"{mode}@{num_paths}"
+
+
+def _mean_se(per_problem: Sequence[float]) -> tuple[float, float]:
+    n = len(per_problem)
+    mean = float(np.mean(per_problem)) if n else 0.0
+    se = float(np.std(per_problem, ddof=1) / math.sqrt(n)) if n >= 2 else 0.0
+    return mean, se
+
+
+def _problem_means(records: Sequence[dict[str, Any]], field: str) -> list[float]:
+    """Per problem (in first-seen order), the mean of `field` over its samples that have it."""
+    by_id: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if r.get(field) is not None:
+            by_id[str(r["id"])].append(float(r[field]))
+    return [sum(v) / len(v) for v in by_id.values()]
+
+
+def _values(records: Sequence[dict[str, Any]], field: str) -> list[float]:
+    """Values of a numeric field; a list (e.g. per-path token counts) contributes each element."""
+    out: list[float] = []
+    for r in records:
+        v = r.get(field)
+        if isinstance(v, (list, tuple)):
+            out.extend(float(x) for x in v)
+        elif v is not None:
+            out.append(float(v))
+    return out
+
+
+def _stats(values: list[float], quantiles: tuple[str, ...]) -> dict[str, float]:
+    out = {"mean": float(np.mean(values))}
+    for q in quantiles:
+        out[q] = float(np.max(values)) if q == "max" else float(np.percentile(values, int(q[1:])))
+    return out
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{benchmark: {configuration: stats}}, benchmarks and configurations in a stable, readable order."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(str(r["benchmark"]), str(r["mode"]), int(r["num_paths"]))].append(r)
+
+    def order(key: tuple[str, str, int]) -> tuple[Any, ...]:
+        bench, mode, n = key
+        rank = BENCHMARKS.index(bench) if bench in BENCHMARKS else len(BENCHMARKS)
+        return (rank, bench, _MODE_ORDER.get(mode, 3), mode, n)
+
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for key in sorted(groups, key=order):
+        bench, mode, num_paths = key
+        rs = groups[key]
+        acc, acc_se = _mean_se(_problem_means(rs, "correct"))
+        stats: dict[str, Any] = {
+            "mode": mode, "num_paths": num_paths,
+            "num_problems": len({str(r["id"]) for r in rs}), "num_samples": len(rs),
+            "accuracy": acc, "accuracy_se": acc_se,
+        }
+        for name, field in (("majority", "majority_over_paths_correct"), ("oracle", "any_path_correct")):
+            means = _problem_means(rs, field)
+            if means:
+                stats[f"{name}_accuracy"], stats[f"{name}_accuracy_se"] = _mean_se(means)
+        stats["tokens"] = {f: _stats(v, ("p50", "max")) for f in TOKEN_FIELDS if (v := _values(rs, f))}
+        if latency := _values(rs, "latency_s"):
+            stats["latency_s"] = _stats(latency, ("p50", "p90"))
+        summary.setdefault(bench, {})[config_label(mode, num_paths)] = stats
+    return summary
+
+
+def _pct(stats: dict[str, Any] | None, name: str) -> str:
+    if stats is None or name not in stats:
+        return "–"
+    return f"{100 * stats[name]:.1f} ± {100 * stats[name + '_se']:.1f}"
+
+
+def _table(summary: dict[str, dict[str, dict[str, Any]]], configs: list[str], name: str) -> list[str]:
+    lines = ["| benchmark | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
+    for bench, by_config in summary.items():
+        lines.append(f"| {bench} | " + " | ".join(_pct(by_config.get(c), name) for c in configs) + " |")
+    return lines
+
+
+def _fmt(d: dict[str, float] | None, keys: tuple[str, ...], digits: int) -> str:
+    return " / ".join(f"{d[k]:.{digits}f}" for k in keys) if d else "–"
+
+
+def render_markdown(summary: dict[str, dict[str, dict[str, Any]]], config: dict[str, Any]) -> str:
+    configs = list(dict.fromkeys(c for by_config in summary.values() for c in by_config))
+    lines = ["# Evaluation report", "", "## Accuracy (pass@1, %, mean ± s.e. over problems)", ""]
+    lines += _table(summary, configs, "accuracy") if configs else ["(no samples)"]
+    tables = (("Majority vote over paths", "majority_accuracy"), ("Any path correct (oracle)", "oracle_accuracy"))
+    for title, name in tables:
+        having = [c for c in configs if any(name in by_config.get(c, {}) for by_config in summary.values())]
+        if having:
+            lines += ["", f"## {title} (%, mean ± s.e.)", ""] + _table(summary, having, name)
+    lines += ["", "## Tokens and latency", "",
+              ("| benchmark | configuration | problems | samples | total tokens (mean / p50 / max) "
+               "| path tokens (mean / p50 / max) | summary tokens (mean / p50 / max) | latency s (mean / p50 / p90) |"),
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for bench, by_config in summary.items():
+        for c, s in by_config.items():
+            tok = [_fmt(s["tokens"].get(f), ("mean", "p50", "max"), 0) for f in TOKEN_FIELDS]
+            lines.append(f"| {bench} | {c} | {s['num_problems']} | {s['num_samples']} | " + " | ".join(tok)
+                         + f" | {_fmt(s.get('latency_s'), ('mean', 'p50', 'p90'), 2)} |")
+    lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
+    """Accuracy vs number of paths, one colour per benchmark; dashed: path majority and oracle."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs_all: set[int] = set()
+    for k, (bench, by_config) in enumerate(summary.items()):
+        color = f"C{k}"
+        par = sorted((s for s in by_config.values() if s["mode"] == "parathinker"), key=lambda s: s["num_paths"])
+        xs = [s["num_paths"] for s in par]
+        xs_all.update(xs)
+        if par:
+            ax.errorbar(xs, [100 * s["accuracy"] for s in par], [100 * s["accuracy_se"] for s in par],
+                        color=color, marker="o", capsize=3, label=f"{bench} summary")
+        for name, marker in (("majority", "s"), ("oracle", "^")):
+            pts = [s for s in par if f"{name}_accuracy" in s]
+            if pts:
+                ax.errorbar([s["num_paths"] for s in pts], [100 * s[f"{name}_accuracy"] for s in pts],
+                            [100 * s[f"{name}_accuracy_se"] for s in pts], color=color, marker=marker,
+                            linestyle="--", capsize=3, alpha=0.7, label=f"{bench} path {name}")
+        maj = sorted((s for s in by_config.values() if s["mode"] == "majority"), key=lambda s: s["num_paths"])
+        if maj:
+            xs_all.update(s["num_paths"] for s in maj)
+            ax.errorbar([s["num_paths"] for s in maj], [100 * s["accuracy"] for s in maj],
+                        [100 * s["accuracy_se"] for s in maj], color=color, marker="D", linestyle=":",
+                        capsize=3, label=f"{bench} sequential majority@N")
+        if "sequential" in by_config:
+            s = by_config["sequential"]
+            xs_all.add(1)
+            ax.errorbar([1], [100 * s["accuracy"]], [100 * s["accuracy_se"]], color=color, marker="*",
+                        markersize=11, capsize=3, linestyle="none", label=f"{bench} sequential")
+    if xs_all:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(xs_all), [str(x) for x in sorted(xs_all)])
+        ax.minorticks_off()
+    ax.set_xlabel("number of parallel paths P (sequential at 1)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def write_report(summary: dict[str, dict[str, dict[str, Any]]], config: Any, out_dir: str | Path) -> None:
+    """Write summary.json, report.md and accuracy_vs_paths.png into out_dir; `config` is a dict or dataclass."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = asdict(config) if is_dataclass(config) and not isinstance(config, type) else dict(config)
+    (out_dir / "summary.json").write_text(
+        json.dumps({"summary": summary, "config": config}, indent=2, default=str) + "\n", encoding="utf-8"
+    )
+    (out_dir / "report.md").write_text(render_markdown(summary, config), encoding="utf-8")
+    plot_accuracy(summary, out_dir / "accuracy_vs_paths.png")
