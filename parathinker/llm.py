@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from parathinker.config import SamplingParams, normalize_rope_scaling
+from parathinker.config import PlainParams, SamplingParams, normalize_rope_scaling
 from parathinker.engine import Engine
 from parathinker.engine.request import FINISHED, Request
 from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
-from parathinker.outputs import PathOutput, RequestOutput, SummaryOutput
+from parathinker.outputs import PathOutput, RequestOutput, SequentialOutput, SummaryOutput
 from parathinker.reference import RawRequestOutput, generate_request
-from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE, ControlTokens,
-                                last_boxed)
+from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
+                                SEQUENTIAL_PROMPT_TEMPLATE, ControlTokens, last_boxed)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,7 +89,8 @@ class LLM:
         return self.prompt_template.replace("{question}", question)
 
     def encode_prompts(self, prompts: Sequence[str] | str | None,
-                       prompt_token_ids: Sequence[Sequence[int]] | None) -> list[list[int]]:
+                       prompt_token_ids: Sequence[Sequence[int]] | None,
+                       apply_template: bool = True) -> list[list[int]]:
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass either prompts (questions) or prompt_token_ids, not both/neither")
         if prompts is not None:
@@ -97,7 +98,8 @@ class LLM:
                 prompts = [prompts]
             if not all(isinstance(p, str) for p in prompts):
                 raise ValueError("prompts must be strings; use prompt_token_ids= for token ids")
-            return [self.tokenizer.encode(self.format_prompt(p)) for p in prompts]
+            fmt = self.format_prompt if apply_template else (lambda p: p)
+            return [self.tokenizer.encode(fmt(p)) for p in prompts]
         out = []
         for i, ids in enumerate(prompt_token_ids or []):
             ids = list(ids)
@@ -148,6 +150,42 @@ class LLM:
         reqs = [self.engine.add_request(f"llm-{next(self._ids)}", ids, params) for ids in encoded]
         self.engine.run_to_completion()
         return [self.request_output(r) for r in reqs]
+
+    def generate_sequential(self, prompts: Sequence[str] | str | None = None,
+                            params: PlainParams | None = None, *,
+                            prompt_token_ids: Sequence[Sequence[int]] | None = None,
+                            prompt_template: str = SEQUENTIAL_PROMPT_TEMPLATE
+                            ) -> list[SequentialOutput]:
+        """Plain single-trace generation (the sequential and majority baselines), batched in the
+        same engine; `prompts` are questions put into `prompt_template`."""
+        params = params or PlainParams()
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else prompts
+            prompts = [prompt_template.replace("{question}", q) if isinstance(q, str) else q
+                       for q in prompts]
+            encoded = self.encode_prompts(prompts, None, apply_template=False)
+        else:
+            encoded = self.encode_prompts(None, prompt_token_ids)
+        limit = self.config.max_position_embeddings
+        for ids in encoded:
+            if not ids:
+                raise ValueError("empty prompt")
+            if len(ids) + params.max_tokens > limit:
+                raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceed the "
+                                 f"model's context ({limit} positions); lower max_tokens")
+        reqs = [self.engine.add_request(f"seq-{next(self._ids)}", ids, params) for ids in encoded]
+        self.engine.run_to_completion()
+        outs = []
+        for req in reqs:
+            latency = (req.finish_time or time.perf_counter()) - req.arrival_time
+            tokens = req.summary.tokens if req.summary else []
+            text = self.tokenizer.decode(tokens[:-1] if req.summary_finish == "end" else tokens,
+                                         skip_special_tokens=False)
+            outs.append(SequentialOutput(
+                req.prompt.tokens, tokens, text, str(req.summary_finish), last_boxed(text),
+                {"latency_s": latency, "tokens_per_s": len(tokens) / max(latency, 1e-9)},
+                None if req.status == FINISHED else (req.error or req.status)))
+        return outs
 
     def generate_reference(self, prompts: Sequence[str] | str | None = None,
                            params: SamplingParams | None = None, *,

@@ -36,3 +36,19 @@ class RequestOutput:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class SequentialOutput:
+    """One plain reasoning trace (sequential / majority baselines)."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "end" (EOS) | "budget"
+    answer: str | None  # the last \boxed{...} of the text
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

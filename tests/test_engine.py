@@ -97,3 +97,35 @@ def test_seeded_sampling_matches_reference(llm):
                        top_p=0.95, seed=11)
     for a, b in zip(llm.generate(QUESTIONS[:3], p), llm.generate_reference(QUESTIONS[:3], p)):
         same(a, b)
+
+
+def naive_plain_greedy(model, prompt, max_tokens, eos):
+    """Full recompute, no cache: the obviously-correct twin of plain decoding."""
+    import torch
+
+    from parathinker.attention.reference import DenseAttention
+
+    ids = list(prompt)
+    while len(ids) - len(prompt) < max_tokens:
+        n = len(ids)
+        t = torch.tensor([ids])
+        mask = torch.tril(torch.ones(n, n, dtype=torch.bool))[None]
+        with torch.no_grad():
+            h = model(t, torch.arange(n)[None], torch.zeros_like(t), DenseAttention(mask))
+        ids.append(int(model.compute_logits(h[0, -1]).argmax()))
+        if ids[-1] == eos:
+            break
+    return ids[len(prompt):]
+
+
+def test_plain_traces_match_naive_decoding(llm):
+    from parathinker import PlainParams
+
+    p = PlainParams(max_tokens=20, temperature=0.0)
+    outs = llm.generate_sequential(QUESTIONS[:3], p)
+    mixed = llm.generate(QUESTIONS[:2], params(num_paths=2))  # the engine stays usable after
+    assert all(o.error is None for o in mixed)
+    for o in outs:
+        assert o.token_ids == naive_plain_greedy(llm.model, o.prompt_token_ids, 20, llm.ctrl.eos)
+        assert o.finish_reason in ("end", "budget") and o.error is None
+    assert llm.tokenizer.decode(outs[0].prompt_token_ids).endswith("<think>\n")

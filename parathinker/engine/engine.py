@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from parathinker.config import SamplingParams
+from parathinker.config import PlainParams, SamplingParams
 from parathinker.engine.block_manager import BlockManager
-from parathinker.engine.request import ABORTED, FINISHED, Request
+from parathinker.engine.request import ABORTED, FINISHED, PlainRequest, Request
 from parathinker.engine.runner import ModelRunner, kv_bytes_per_block
 from parathinker.engine.scheduler import Scheduler
 from parathinker.model.decoder import ParaThinkerForCausalLM
@@ -61,11 +61,16 @@ class Engine:
         self._aborted: list[Request] = []
         self.num_steps = 0
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt_ids: list[int],
+                    params: SamplingParams | PlainParams) -> Request:
+        """A ParaThinker request (SamplingParams) or one plain trace (PlainParams)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        req = Request(request_id, next(self._arrivals), prompt_ids, params, self.ctrl,
-                      self.template_ids)
+        if isinstance(params, PlainParams):
+            req: Request = PlainRequest(request_id, next(self._arrivals), prompt_ids, params, self.ctrl)
+        else:
+            req = Request(request_id, next(self._arrivals), prompt_ids, params, self.ctrl,
+                          self.template_ids)
         self.requests[request_id] = req
         self.generators[request_id] = make_generator(params.seed)
         self.scheduler.add(req)
@@ -108,7 +113,10 @@ class Engine:
 
     def _advance(self, req: Request, logits: torch.Tensor) -> None:
         p, gen = req.params, self.generators[req.request_id]
-        if req.summary is None:
+        if isinstance(req, PlainRequest):
+            (token,) = sample(logits.clone(), p.temperature, p.top_p, p.top_k, gen)
+            req.apply_token(token)
+        elif req.summary is None:
             ks = req.paths_to_sample()
             chosen: list[int] = []
             if ks:

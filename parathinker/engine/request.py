@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from parathinker.config import SamplingParams
+from parathinker.config import PlainParams, SamplingParams
 from parathinker.engine.block_manager import BlockManager
 from parathinker.layout import path_segment, summary_start
-from parathinker.rules import (BUDGET, CUT, can_end, is_at_budget, path_choice,
+from parathinker.rules import (BUDGET, CUT, END, can_end, is_at_budget, path_choice,
                                should_stop_thinking, summary_choice)
 from parathinker.tokens import ControlTokens
 
@@ -77,12 +77,6 @@ class Request:
     def num_blocks_needed(self, block_size: int) -> int:
         """New blocks for placing every pending token (forks need none)."""
         return sum(-(-len(s.tokens) // block_size) - len(s.blocks) for s in self.seqs())
-
-    def max_blocks(self, block_size: int) -> int:
-        """Blocks this request can hold at most: the prompt, every path full, the summary full."""
-        per = lambda n: -(-n // block_size)  # noqa: E731
-        p = self.params
-        return per(len(self.prompt.tokens)) + p.num_paths * per(p.max_path_tokens) + per(p.max_summary_tokens)
 
     def allocate(self, bm: BlockManager) -> None:
         """Give every pending token a slot; a sequence forks what it reads on its first slot."""
@@ -169,5 +163,34 @@ class Request:
         assert self.summary is not None
         self.summary.tokens.append(token)
         self.summary_finish = summary_choice(self.ctrl, token, len(self.summary.tokens), self.params)
+        if self.summary_finish is not None:
+            self.status = FINISHED
+
+
+class PlainRequest(Request):
+    """One ordinary trace (sequential and majority baselines): the prompt, then tokens until EOS
+    or `max_tokens`, with nothing masked. It reuses Request's bookkeeping with no paths and the
+    continuation in the summary's place (segment 0, positions right after the prompt)."""
+
+    def __init__(self, request_id: str, arrival: int, prompt_ids: list[int],
+                 params: PlainParams, ctrl: ControlTokens) -> None:
+        dummy = SamplingParams(num_paths=1, max_summary_tokens=params.max_tokens)
+        super().__init__(request_id, arrival, prompt_ids, dummy, ctrl, [])
+        self.params = params  # type: ignore[assignment]
+        self.paths, self.path_finish = [], []
+        self.summary = Seq([], 0, len(prompt_ids))
+
+    def work(self) -> list[SeqWork]:
+        out = super().work()
+        out[-1].needs_logits = True  # the prompt's last token on the first step
+        return out
+
+    def apply_token(self, token: int) -> None:
+        assert self.summary is not None
+        self.summary.tokens.append(token)
+        if token == self.ctrl.eos:
+            self.summary_finish = END
+        elif len(self.summary.tokens) >= self.params.max_tokens:
+            self.summary_finish = BUDGET
         if self.summary_finish is not None:
             self.status = FINISHED
