@@ -21,6 +21,7 @@ from parathinker.config import PlainParams, SamplingParams, normalize_rope_scali
 from parathinker.engine import Engine
 from parathinker.engine.request import FINISHED, Request
 from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
+from parathinker.model.fast_linear import apply_linear_backend
 from parathinker.outputs import PathOutput, RequestOutput, SequentialOutput, SummaryOutput
 from parathinker.reference import RawRequestOutput, generate_request
 from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
@@ -60,7 +61,7 @@ class LLM:
                  summary_template: str = DEFAULT_SUMMARY_TEMPLATE,
                  rope_scaling: dict[str, Any] | None = None, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 max_num_batched_tokens: int = 8192) -> None:
+                 max_num_batched_tokens: int = 8192, linear: str = "auto") -> None:
         if "{question}" not in prompt_template:
             raise ValueError("prompt_template must contain '{question}'")
         self.device = resolve_device(device)
@@ -73,6 +74,7 @@ class LLM:
             overrides = {"rope_scaling": normalize_rope_scaling(rope_scaling)}
         self.model = load_model(self.model_dir, self.device, self.dtype, allow_pickle, overrides)
         self.config = self.model.config
+        self.linear_backend = apply_linear_backend(self.model, linear)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.ctrl = ControlTokens.from_tokenizer(self.tokenizer)
         self.prompt_template = prompt_template
