@@ -119,6 +119,13 @@ def reference_yarn(max_path_tokens: int) -> dict[str, Any] | None:
     }
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is generated (SPEC §5). temperature 0 is greedy; top_k <= 0 disables
@@ -154,10 +161,7 @@ class SamplingParams:
             )
         if self.max_summary_tokens < 1:
             raise ValueError(f"max_summary_tokens must be >= 1, got {self.max_summary_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_p)
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,4 @@ class PlainParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_sampling(self.temperature, self.top_p)
