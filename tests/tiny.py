@@ -10,10 +10,9 @@ import torch
 
 from parathinker.config import ModelConfig
 from parathinker.model import ParaThinkerForCausalLM, save_model
-from parathinker.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE, parathinker_token_names
+from parathinker.tiny import EOS, tiny_config, train_tokenizer
+from parathinker.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE
 
-BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-BASE_SPECIAL = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
 CORPUS = [
     DEFAULT_PROMPT_TEMPLATE.format(question="What is 2+3?"),
     DEFAULT_SUMMARY_TEMPLATE + " \\boxed{5}.",
@@ -25,47 +24,7 @@ CORPUS = [
 
 
 def make_tokenizer(num_paths: int = 8, vocab_size: int = 300, with_paths: bool = True) -> Any:
-    """A byte-level BPE with the DeepSeek-style base tokens and (optionally) ParaThinker's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = BASE_SPECIAL + (parathinker_token_names(num_paths) if with_paths else [])
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bos_id)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS)
-
-
-def tiny_config(vocab_size: int, model_type: str = "qwen2", **kw: Any) -> dict[str, Any]:
-    cfg = {
-        "model_type": model_type,
-        "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
-        "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
-        "max_segments": 32,
-        "hidden_act": "silu",
-        "bos_token_id": 0,
-        "eos_token_id": 1,
-    }
-    if model_type == "llama":
-        cfg["attention_bias"] = False
-    cfg.update(kw)
-    return cfg
+    return train_tokenizer(CORPUS, vocab_size, num_paths, with_paths)
 
 
 def make_checkpoint(out_dir: Path, *, model_type: str = "qwen2", seg_tables: bool = True,

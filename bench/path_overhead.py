@@ -1,0 +1,58 @@
+"""Path overhead: total generate time for P = 1, 2, 4, 8, 16 paths of N tokens, relative to P = 1.
+
+Random weights of the DeepSeek-R1-Distill-Qwen-1.5B shape, float32, paths fixed in length with
+min_path_tokens = max_path_tokens = N, every path waited for (min_finished_paths = P).
+
+    python bench/path_overhead.py --tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import QWEN_1_5B, machine, prompt_ids, random_model, report, synthetic_ctrl, timed
+from parathinker.config import SamplingParams
+from parathinker.engine import Engine
+from parathinker.model.fast_linear import apply_linear_backend
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64, help="N tokens per path")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--paths", default="1,2,4,8,16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--linear", default="auto")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    config = vars(args) | {"model": "random Qwen2-1.5B shape", "dtype": "float32"}
+    print("machine:", machine())
+    print("config:", config)
+    model = random_model(QWEN_1_5B, args.device)
+    config["linear"] = apply_linear_backend(model, args.linear)
+    ctrl, template = synthetic_ctrl(QWEN_1_5B["vocab_size"])
+    engine = Engine(model, ctrl, template, num_kv_blocks=4096)
+    prompt = prompt_ids(args.prompt)
+
+    def run(p: int, n: int) -> float:
+        params = SamplingParams(num_paths=p, max_path_tokens=n, min_path_tokens=n,
+                                min_finished_paths=p, max_summary_tokens=len(template) + 1,
+                                temperature=0)
+        engine.add_request(f"p{p}-{n}", prompt, params)
+        seconds, (req,) = timed(engine.run_to_completion)
+        assert all(len(x.tokens) == n for x in req.paths)
+        return seconds
+
+    run(2, 8)  # warm-up
+    times = {}
+    for p in [int(x) for x in args.paths.split(",")]:
+        times[p] = run(p, args.tokens)
+        print(f"P={p:2d}: {times[p]:.2f} s  ({times[p] / times[1]:.2f}x P=1)")
+    report("path_overhead", config, {"seconds": times,
+                                     "ratio_vs_p1": {p: t / times[1] for p, t in times.items()}})
+
+
+if __name__ == "__main__":
+    main()
