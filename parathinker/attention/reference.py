@@ -46,43 +46,68 @@ class KVCache:
 
 
 @dataclass
-class CacheAttention:
-    slot_mapping: torch.Tensor  # [N] slot of each new token
+class CacheGroup:
+    """Sequences of similar context length, padded together."""
+
     query_index: torch.Tensor  # [S, Qmax] flat index of each sequence's queries (padded)
     query_valid: torch.Tensor  # [S, Qmax] bool
     context_slots: torch.Tensor  # [S, C] slots of each sequence's context (padded with 0)
-    mask: torch.Tensor  # [S, 1, Qmax, C] bool
+    mask: torch.Tensor  # [S, Qmax, C] bool
+
+    def grouped_mask(self, group: int) -> torch.Tensor:
+        """[S, 1, G*Qmax, C]: the mask repeated for the G query heads that share a KV head."""
+        s, q, c = self.mask.shape
+        return self.mask[:, None, None].expand(s, 1, group, q, c).reshape(s, 1, group * q, c)
+
+
+@dataclass
+class CacheAttention:
+    slot_mapping: torch.Tensor  # [N] slot of each new token
+    groups: list[CacheGroup]
 
     @classmethod
     def build(cls, query_lens: Sequence[int], contexts: Sequence[Sequence[int]],
               device: torch.device | str) -> CacheAttention:
         """Sequences in flat order: sequence s owns the next `query_lens[s]` tokens of the batch,
-        whose slots are the last `query_lens[s]` entries of `contexts[s]`."""
-        num_seqs = len(query_lens)
-        q_max, c_max = max(query_lens), max(len(c) for c in contexts)
-        query_index = torch.zeros(num_seqs, q_max, dtype=torch.long)
-        context_slots = torch.zeros(num_seqs, c_max, dtype=torch.long)
-        q_lens = torch.tensor(query_lens)
-        c_lens = torch.tensor([len(c) for c in contexts])
-        slot_mapping, start = [], 0
+        whose slots are the last `query_lens[s]` entries of `contexts[s]`. Sequences are padded
+        in groups of similar context length (at most 2x apart), so one long summary context does
+        not pad every short path context to its length."""
+        starts, slot_mapping = [], []
         for s, (q, ctx) in enumerate(zip(query_lens, contexts)):
             if not 1 <= q <= len(ctx):
                 raise ValueError(f"sequence {s}: {q} queries for a context of {len(ctx)}")
-            query_index[s, :q] = torch.arange(start, start + q)
-            context_slots[s, : len(ctx)] = torch.tensor(ctx)
-            slot_mapping += ctx[len(ctx) - q :]
-            start += q
-        qi = torch.arange(q_max)[None, :, None]
-        ci = torch.arange(c_max)[None, None, :]
-        last_visible = (c_lens - q_lens)[:, None, None] + qi  # causal among the queries
-        mask = (ci <= last_visible) & (ci < c_lens[:, None, None])  # [S, Qmax, C]
-        return cls(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            query_index=query_index.to(device),
-            query_valid=(qi[..., 0] < q_lens[:, None]).to(device),
-            context_slots=context_slots.to(device),
-            mask=mask[:, None].to(device),
-        )
+            starts.append(len(slot_mapping))
+            slot_mapping += ctx[len(ctx) - q:]
+        order = sorted(range(len(contexts)), key=lambda s: len(contexts[s]))
+        groups, current = [], [order[0]]
+        for s in order[1:]:
+            if len(contexts[s]) > 2 * len(contexts[current[0]]):
+                groups.append(current)
+                current = []
+            current.append(s)
+        groups.append(current)
+        return cls(torch.tensor(slot_mapping, dtype=torch.long, device=device),
+                   [_build_group([query_lens[s] for s in g], [contexts[s] for s in g],
+                                 [starts[s] for s in g], device) for g in groups])
+
+
+def _build_group(query_lens: list[int], contexts: list[Sequence[int]], starts: list[int],
+                 device: torch.device | str) -> CacheGroup:
+    num_seqs = len(query_lens)
+    q_max, c_max = max(query_lens), max(len(c) for c in contexts)
+    query_index = torch.zeros(num_seqs, q_max, dtype=torch.long)
+    context_slots = torch.zeros(num_seqs, c_max, dtype=torch.long)
+    for s, (q, ctx, start) in enumerate(zip(query_lens, contexts, starts)):
+        query_index[s, :q] = torch.arange(start, start + q)
+        context_slots[s, : len(ctx)] = torch.tensor(ctx)
+    q_lens = torch.tensor(query_lens)
+    c_lens = torch.tensor([len(c) for c in contexts])
+    qi = torch.arange(q_max)[None, :, None]
+    ci = torch.arange(c_max)[None, None, :]
+    last_visible = (c_lens - q_lens)[:, None, None] + qi  # causal among the queries
+    mask = (ci <= last_visible) & (ci < c_lens[:, None, None])  # [S, Qmax, C]
+    return CacheGroup(query_index.to(device), (qi[..., 0] < q_lens[:, None]).to(device),
+                      context_slots.to(device), mask.to(device))
 
 
 def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -102,11 +127,18 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_pool, v_pool = kv_cache.k[layer], kv_cache.v[layer]
     k_pool[meta.slot_mapping] = k[0]
     v_pool[meta.slot_mapping] = v[0]
-    k_ctx = k_pool[meta.context_slots].transpose(1, 2)  # [S, Hkv, C, D]
-    v_ctx = v_pool[meta.context_slots].transpose(1, 2)
-    q_seq = q[0][meta.query_index].transpose(1, 2)  # [S, Hq, Qmax, D]
-    o = F.scaled_dot_product_attention(q_seq, k_ctx, v_ctx, attn_mask=meta.mask, enable_gqa=True)
-    o = o.transpose(1, 2)  # [S, Qmax, Hq, D]
+    heads, kv_heads, dim = q.shape[2], k.shape[2], q.shape[3]
+    group = heads // kv_heads
     out = torch.empty_like(q[0])
-    out[meta.query_index[meta.query_valid]] = o[meta.query_valid]
+    for g in meta.groups:
+        k_ctx = k_pool[g.context_slots].transpose(1, 2)  # [S, Hkv, C, D]
+        v_ctx = v_pool[g.context_slots].transpose(1, 2)
+        num_seqs, q_max = g.query_index.shape
+        # Fold the query heads sharing a KV head into the query axis: K/V are never repeated.
+        q_seq = q[0][g.query_index].view(num_seqs, q_max, kv_heads, group, dim)
+        q_seq = q_seq.permute(0, 2, 3, 1, 4).reshape(num_seqs, kv_heads, group * q_max, dim)
+        o = F.scaled_dot_product_attention(q_seq, k_ctx, v_ctx, attn_mask=g.grouped_mask(group))
+        o = o.view(num_seqs, kv_heads, group, q_max, dim).permute(0, 3, 1, 2, 4)
+        o = o.reshape(num_seqs, q_max, heads, dim)
+        out[g.query_index[g.query_valid]] = o[g.query_valid]
     return out[None]
