@@ -181,6 +181,8 @@ def plot_accuracy(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> 
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(xs_all), [str(x) for x in sorted(xs_all)])
         ax.minorticks_off()
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, -1.0), min(hi, 101.0))  # accuracy: no axis far outside 0-100 %
     ax.set_xlabel("number of parallel paths P (sequential at 1)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)

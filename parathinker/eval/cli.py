@@ -1,0 +1,141 @@
+"""`parathinker eval`: accuracy of ParaThinker and its baselines on math benchmarks.
+
+    parathinker eval --model Leslie04/ParaThinker-1.5B --benchmark aime24,aime25,amc23,math500 \\
+        --mode parathinker --paths 2,4,8 --samples 8 --output runs/card
+    python -m parathinker.eval.cli --model ./ckpt --benchmark amc23 --mode sequential --output runs/x
+
+Writes into --output: samples.jsonl (one line per finished sample, appended at once), runs.jsonl
+(one line per invocation: settings, commit, machine), summary.json, report.md and
+accuracy_vs_paths.png. An interrupted run continues with --resume. See docs/EVAL.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to evaluate")
+    g.add_argument("--model", required=True,
+                   help="checkpoint directory or hub id; with --endpoint, the served model name")
+    g.add_argument("--benchmark", type=_names, default=("aime24",),
+                   help="comma list of aime24, aime25, amc23, math500 or custom names (with --data); "
+                        "default aime24")
+    g.add_argument("--data", action="append", default=None, metavar="[NAME=]FILE",
+                   help="JSONL file of {id, problem, answer} records: NAME=FILE for the --benchmark NAME, "
+                        "or plain FILEs, one per --benchmark name in order; repeatable (default: the "
+                        "built-in files, else the hub)")
+    g.add_argument("--mode", type=_names, default=("parathinker",),
+                   help="comma list of parathinker, sequential, majority (default parathinker)")
+    g.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--paths", type=_ints, default=(2, 4, 8),
+                   help="parathinker mode: comma list of path counts P, each run in turn (default 2,4,8)")
+    g.add_argument("--majority-n", type=_ints, default=None,
+                   help="majority mode: comma list of N for maj@N over N sequential traces "
+                        "(default: the --paths values, i.e. the same total budget as P paths)")
+    g.add_argument("--samples", type=int, default=1,
+                   help="K independent samples per problem and configuration; pass@1 = mean over them "
+                        "(for majority: K independent votes of N traces each). Default 1")
+    g.add_argument("--max-path-tokens", type=int, default=16384,
+                   help="budget of one ParaThinker path, tags included (default 16384)")
+    g.add_argument("--max-summary-tokens", type=int, default=1024,
+                   help="budget of the summary, template included (default 1024)")
+    g.add_argument("--min-finished-paths", type=int, default=1,
+                   help="1 = first-finish (the paper's default); values above P mean P (wait for all)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="sequential mode: budget of the trace (default 2 x --max-path-tokens = 32768)")
+    g.add_argument("--majority-max-tokens", type=int, default=None,
+                   help="majority mode: budget of each trace (default --max-path-tokens)")
+    g.add_argument("--temperature", type=float, default=0.5, help="default 0.5 (the reference's)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    g.add_argument("--seed", type=int, default=0,
+                   help="base seed; each sample's seed is derived from it and the sample's key")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True, help="directory for samples.jsonl and the report")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run stored in --output: finished samples are kept and skipped")
+    g.add_argument("--save-text", action="store_true",
+                   help="also store every path's / trace's full text (large)")
+    g = p.add_argument_group("backend")
+    g.add_argument("--endpoint", default=None, metavar="URL",
+                   help="OpenAI-compatible server (vLLM, SGLang, ...) for sequential/majority, "
+                        "e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--api-key", default=None, help="for --endpoint (default $OPENAI_API_KEY, else none)")
+    g.add_argument("--request-timeout", type=float, default=3600.0,
+                   help="seconds per HTTP request with --endpoint (default 3600)")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="requests in flight at once (engine batch / HTTP concurrency); default 64")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    g.add_argument("--rope-scaling", default="auto", choices=("auto", "reference", "checkpoint"),
+                   help="auto: the reference's YaRN for parathinker paths above 8192 tokens (SPEC §5.6), "
+                        "the checkpoint's own setting for plain traces; reference: that YaRN for every "
+                        "mode; checkpoint: never override config.json")
+    g.add_argument("--linear", default="auto", help="CPU linear backend: auto, packed, int8 or plain")
+
+
+def config_from_args(args: argparse.Namespace) -> object:
+    from parathinker.eval.runner import EvalConfig
+
+    return EvalConfig(
+        model=args.model, output=args.output, benchmarks=tuple(args.benchmark), data=tuple(args.data or ()),
+        modes=tuple(args.mode), paths=tuple(args.paths), majority_n=tuple(args.majority_n or ()),
+        samples=args.samples, max_path_tokens=args.max_path_tokens, max_summary_tokens=args.max_summary_tokens,
+        min_finished_paths=args.min_finished_paths, max_tokens=args.max_tokens,
+        majority_max_tokens=args.majority_max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, resume=args.resume, limit=args.limit, endpoint=args.endpoint,
+        request_timeout=args.request_timeout, batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, rope_scaling=args.rope_scaling, linear=args.linear, save_text=args.save_text,
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """0 on success; 2 for bad input (nothing run); 1 when the run failed midway (samples kept)."""
+    from parathinker.eval.backends import EndpointError
+    from parathinker.eval.runner import print_table, run
+
+    try:
+        cfg = config_from_args(args)
+        summary = run(cfg)  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except EndpointError as e:
+        print(f"error: {e}\nsamples finished so far are kept in {args.output}/samples.jsonl; "
+              "rerun with --resume to continue", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished samples are kept in {args.output}/samples.jsonl; "
+              "rerun with --resume to continue", file=sys.stderr)
+        return 130
+    print_table(summary)
+    print(f"report: {os.path.join(args.output, 'report.md')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="parathinker eval", description=__doc__.splitlines()[0])
+    add_eval_args(parser)
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
