@@ -1,0 +1,332 @@
+"""The OpenAI wire format: request parsing and validation, prompts, response and chunk bodies.
+
+Requests are validated by hand (clear messages, exact types: a bool is not an int) into a
+`ParsedRequest`; `sampling_params` turns it into SamplingParams with the server's defaults, and
+the app then calls `llm.validate`, so a bad request gets the Python API's own message.
+
+Extension fields (all optional; a plain OpenAI request uses the server's defaults):
+- request: "parallel": {"num_paths", "max_path_tokens", "min_path_tokens",
+  "max_summary_tokens", "min_finished_paths"}; "top_k" at the top level (as vLLM).
+- `max_tokens` / `max_completion_tokens` set max_summary_tokens (summary template included),
+  unless parallel.max_summary_tokens is given.
+- response: message.reasoning_content (every path as "<think{k}>text</think{k}>", one per line),
+  message.paths ([{index, text, finish_reason: end|budget|cut, num_tokens}]), message.answer
+  (the summary's last \\boxed{}), usage.path_tokens / summary_tokens and
+  usage.completion_tokens_details.reasoning_tokens (= path tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from parathinker.config import SamplingParams
+from parathinker.outputs import RequestOutput
+
+PARALLEL_KEYS = ("num_paths", "max_path_tokens", "min_path_tokens", "max_summary_tokens",
+                 "min_finished_paths")
+FINISH_REASONS = {"end": "stop", "budget": "length"}  # summary finish -> OpenAI finish_reason
+GREEDY_BELOW = 1e-5  # a smaller positive temperature is greedy (dividing by it overflows float32)
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+DEEPSEEK_USER, DEEPSEEK_ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code = param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ServeDefaults:
+    """What a request gets for every setting it leaves out (`parathinker serve` flags)."""
+
+    num_paths: int = 4
+    max_path_tokens: int = 16384
+    min_path_tokens: int = 0
+    max_summary_tokens: int = 1024
+    min_finished_paths: int = 1
+    temperature: float = 0.5
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class ParsedRequest:
+    model: str | None
+    stream: bool
+    settings: dict[str, Any] = field(default_factory=dict)  # explicit SamplingParams fields
+    summary_from_max_tokens: str | None = None  # "max_tokens" if that set max_summary_tokens
+    messages: list[dict[str, str]] | None = None  # chat: [{role, content}] with text content
+    prompt: str | None = None  # completions: raw text
+    prompt_ids: list[int] | None = None  # completions: token ids
+
+
+# ----- typed field access
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def _get(body: dict[str, Any], name: str, types: tuple[type, ...], what: str,
+         prefix: str = "") -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise _bad(prefix + name, f"'{prefix}{name}' must be {what}, got {type(value).__name__} "
+                                  f"{_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int(body: dict[str, Any], name: str, prefix: str = "") -> int | None:
+    return _get(body, name, (int,), "an integer", prefix)
+
+
+def _number(body: dict[str, Any], name: str) -> float | None:
+    value = _get(body, name, (int, float), "a number")
+    if value is not None and not math.isfinite(value):
+        raise _bad(name, f"'{name}' must be a finite number")
+    return None if value is None else float(value)
+
+
+def _reject_unsupported(body: dict[str, Any]) -> None:
+    """Standard fields this server cannot honor: a clear 400 instead of silently ignoring them."""
+    n = _int(body, "n")
+    if n not in (None, 1):
+        raise _bad("n", "'n' must be 1: a request has one summary (the paths are the parallel "
+                        "part)")
+    if body.get("stop"):
+        raise _bad("stop", "'stop' sequences are not supported; the summary ends at </summary>")
+    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"):
+        if body.get(name):
+            raise _bad(name, f"'{name}' is not supported by this server")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name):
+            raise _bad(name, f"'{name}' is not supported by this server (only 0)")
+    if _int(body, "best_of") not in (None, 1):
+        raise _bad("best_of", "'best_of' must be 1")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise _bad("response_format", "only response_format {'type': 'text'} is supported")
+
+
+def _common(body: dict[str, Any]) -> ParsedRequest:
+    _reject_unsupported(body)
+    model = _get(body, "model", (str,), "a string")
+    stream = _get(body, "stream", (bool,), "a boolean") or False
+    _get(body, "stream_options", (dict,), "an object")
+    settings: dict[str, Any] = {}
+    for name in ("temperature", "top_p"):
+        if (v := _number(body, name)) is not None:
+            settings[name] = v
+    if 0 < settings.get("temperature", 1.0) < GREEDY_BELOW:
+        settings["temperature"] = 0.0  # (a negative one is left to SamplingParams' message)
+    for name in ("top_k", "seed"):
+        if (v := _int(body, name)) is not None:
+            settings[name] = v
+    if "seed" in settings and not SEED_RANGE[0] <= settings["seed"] <= SEED_RANGE[1]:
+        raise _bad("seed", f"'seed' must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
+    parsed = ParsedRequest(model, stream, settings)
+    for name in ("max_tokens", "max_completion_tokens"):
+        if (v := _int(body, name)) is not None:
+            settings["max_summary_tokens"] = v
+            parsed.summary_from_max_tokens = name
+    parallel = _get(body, "parallel", (dict,), "an object")
+    if parallel is not None:
+        unknown = sorted(set(parallel) - set(PARALLEL_KEYS))
+        if unknown:
+            raise _bad("parallel", f"unknown key(s) {unknown} in 'parallel'; known: "
+                                   f"{list(PARALLEL_KEYS)}")
+        for name in PARALLEL_KEYS:
+            if (v := _int(parallel, name, "parallel.")) is not None:
+                settings[name] = v
+                if name == "max_summary_tokens":
+                    parsed.summary_from_max_tokens = None
+    return parsed
+
+
+def _text_content(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise _bad(f"messages[{i}].content",
+                           "only text content parts ({'type': 'text', 'text': ...}) are supported")
+            parts.append(part["text"])
+        return "\n".join(parts)
+    raise _bad(f"messages[{i}].content", "message content must be a string or a list of text parts")
+
+
+def parse_chat(body: dict[str, Any]) -> ParsedRequest:
+    parsed = _common(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}]", "each message must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise _bad(f"messages[{i}].role", f"unsupported role {_short(role)}; use system, "
+                                              "developer, user or assistant")
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": _text_content(m.get("content"), i)})
+    if out[-1]["role"] != "user":
+        raise _bad("messages", "the last message must be the user's question")
+    parsed.messages = out
+    return parsed
+
+
+def parse_completion(body: dict[str, Any]) -> ParsedRequest:
+    parsed = _common(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        parsed.prompt = prompt
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        parsed.prompt_ids = list(prompt)
+    else:
+        raise _bad("prompt", "'prompt' must be a string or a list of token ids (one prompt per "
+                             "request)")
+    return parsed
+
+
+# ----- prompts
+def chat_prompt(messages: list[dict[str, str]], format_prompt: Any) -> str:
+    """The ParaThinker prompt for a conversation: the last user message goes through the model's
+    prompt template (SPEC §3, `llm.format_prompt`); system messages come first; earlier turns
+    precede it in the DeepSeek-R1 chat format that template belongs to."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    history = []
+    for m in messages[:-1]:
+        if m["role"] == "user":
+            history.append(DEEPSEEK_USER + m["content"])
+        elif m["role"] == "assistant":
+            history.append(DEEPSEEK_ASSISTANT + m["content"] + "<｜end▁of▁sentence｜>")
+    return system + "".join(history) + format_prompt(messages[-1]["content"])
+
+
+# ----- sampling parameters
+def sampling_params(parsed: ParsedRequest, defaults: ServeDefaults, prompt_len: int,
+                    context: int) -> SamplingParams:
+    """Explicit settings over the defaults. A default that the request did not set is fitted to
+    the request: min_finished_paths <= num_paths, min_path_tokens <= max_path_tokens, and
+    max_path_tokens shrinks to what the context leaves after the prompt and the summary."""
+    s = dict(parsed.settings)
+    s.setdefault("num_paths", defaults.num_paths)
+    s.setdefault("min_finished_paths", min(defaults.min_finished_paths, max(s["num_paths"], 1)))
+    s.setdefault("max_summary_tokens", defaults.max_summary_tokens)
+    if "max_path_tokens" not in s:
+        room = context - prompt_len - s["max_summary_tokens"]
+        s["max_path_tokens"] = min(defaults.max_path_tokens, room) if room >= 2 \
+            else defaults.max_path_tokens
+    s.setdefault("min_path_tokens", min(defaults.min_path_tokens, s["max_path_tokens"]))
+    for name in ("temperature", "top_p", "top_k"):
+        s.setdefault(name, getattr(defaults, name))
+    try:
+        return SamplingParams(**s)
+    except ValueError as e:
+        raise APIError(400, with_hint(str(e), parsed)) from None
+
+
+def with_hint(message: str, parsed: ParsedRequest) -> str:
+    if parsed.summary_from_max_tokens and "max_summary_tokens" in message:
+        return f"{message} ('{parsed.summary_from_max_tokens}' sets max_summary_tokens, " \
+               "the summary template included)"
+    return message
+
+
+# ----- responses
+def finish_reason(summary_finish: str) -> str:
+    return FINISH_REASONS.get(summary_finish, summary_finish)
+
+
+def reasoning_text(out: RequestOutput) -> str:
+    return "\n".join(f"<think{p.index}>{p.text}</think{p.index}>" for p in out.paths)
+
+
+def path_list(out: RequestOutput, with_text: bool = True) -> list[dict[str, Any]]:
+    return [{"index": p.index, **({"text": p.text} if with_text else {}),
+             "finish_reason": p.finish_reason, "num_tokens": len(p.token_ids)} for p in out.paths]
+
+
+def usage(out: RequestOutput) -> dict[str, Any]:
+    prompt, paths, summary = (len(out.prompt_token_ids), out.num_path_tokens,
+                              len(out.summary.token_ids))
+    return {"prompt_tokens": prompt, "completion_tokens": paths + summary,
+            "total_tokens": prompt + paths + summary, "path_tokens": paths,
+            "summary_tokens": summary, "completion_tokens_details": {"reasoning_tokens": paths}}
+
+
+def chat_response(rid: str, created: int, model: str, out: RequestOutput) -> dict[str, Any]:
+    message = {"role": "assistant", "content": out.summary.text,
+               "reasoning_content": reasoning_text(out), "paths": path_list(out),
+               "answer": out.answer}
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason(out.summary.finish_reason)}],
+            "usage": usage(out)}
+
+
+def completion_response(rid: str, created: int, model: str, out: RequestOutput) -> dict[str, Any]:
+    choice = {"index": 0, "text": out.summary.text, "logprobs": None,
+              "finish_reason": finish_reason(out.summary.finish_reason),
+              "reasoning_content": reasoning_text(out), "paths": path_list(out),
+              "answer": out.answer}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [choice], "usage": usage(out)}
+
+
+def chunk(kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]],
+          usage_: dict[str, Any] | None = None) -> dict[str, Any]:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    body: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
+                            "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def stream_choice(kind: str, *, content: str | None = None, reasoning: str | None = None,
+                  path_index: int | None = None, path_finish: str | None = None,
+                  role: bool = False, finish: str | None = None,
+                  paths: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One choice of a chunk. Chat puts text in `delta`; completions in the choice itself."""
+    fields: dict[str, Any] = {}
+    if role:
+        fields["role"] = "assistant"
+    if content is not None or role:
+        fields["content" if kind == "chat" else "text"] = content or ""
+    if reasoning is not None:
+        fields["reasoning_content"] = reasoning
+        fields["path_index"] = path_index
+    if path_finish is not None:
+        fields["path_finish_reason"] = path_finish
+    if kind == "chat":
+        choice: dict[str, Any] = {"index": 0, "delta": fields, "logprobs": None,
+                                  "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish, **fields}
+    if paths is not None:
+        choice["paths"] = paths
+    return choice
