@@ -1,6 +1,12 @@
-"""Command line: `parathinker generate|eval|train|build-data|serve ...`.
+"""Command line: `parathinker generate|eval|train|build-data|convert-reference|serve ...`.
 
     parathinker generate --model Leslie04/ParaThinker-1.5B --paths 4 "What is 1+1?"
+    parathinker eval --model M --benchmark aime24 --paths 1,2,4,8 --output runs/aime24
+    parathinker build-data --teacher M --problems problems.jsonl --output data.jsonl
+    parathinker train --model BASE --data data.jsonl --output ckpt
+    parathinker serve --model M --port 8000
+
+Each subcommand's flags: `parathinker <command> --help`.
 """
 
 from __future__ import annotations
@@ -58,17 +64,31 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Subcommand modules are imported here, not at the top: `parathinker generate` should not pay
+    # for FastAPI, and `parathinker serve` should not need the training extras.
+    from parathinker.eval.cli import add_eval_args, run_eval
+    from parathinker.serve.cli import add_serve_args, run_serve
+    from parathinker.train.cli import (add_build_data_args, add_convert_args, add_train_args,
+                                       run_build_data, run_convert, run_train)
+
     parser = argparse.ArgumentParser(prog="parathinker", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_args(sub.add_parser("generate", help="answer one question with P parallel paths"))
+    commands = {
+        "generate": (add_generate_args, run_generate, "answer one question with P parallel paths"),
+        "eval": (add_eval_args, run_eval, "accuracy on math benchmarks (parathinker / sequential / majority)"),
+        "build-data": (add_build_data_args, run_build_data, "SFT samples from a teacher model or endpoint"),
+        "train": (add_train_args, run_train, "supervised fine-tuning for native parallel thinking"),
+        "convert-reference": (add_convert_args, run_convert, "reference pre-tokenized rows -> JSONL samples"),
+        "serve": (add_serve_args, run_serve, "OpenAI-compatible server"),
+    }
+    for name, (add_args, _, help_text) in commands.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
     try:
-        if args.command == "generate":
-            return run_generate(args)
+        return commands[args.command][1](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

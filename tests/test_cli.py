@@ -37,3 +37,16 @@ def test_generate_bad_input_is_a_clear_error(ckpt_dir, tmp_path):
     assert r.returncode == 2 and "num_paths must be >= 1" in r.stderr
     r = run("generate", "--model", str(tmp_path / "nope"), "--device", "cpu", "q")
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_every_subcommand_is_reachable_from_the_umbrella_command():
+    for command in ("generate", "eval", "build-data", "train", "convert-reference", "serve"):
+        r = run(command, "--help")
+        assert r.returncode == 0 and "usage: parathinker " + command in r.stdout, (command, r.stderr)
+
+
+def test_eval_through_the_umbrella_reports_a_missing_data_file(ckpt_dir, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    r = run("eval", "--model", str(ckpt_dir), "--device", "cpu", "--data", str(missing),
+            "--output", str(tmp_path / "out"))
+    assert r.returncode == 2 and str(missing) in r.stderr, r.stderr
