@@ -86,3 +86,25 @@ def test_mismatched_weights_are_refused(tmp_path, ckpt_dir):
     (d / "model.safetensors").symlink_to(ckpt_dir / "model.safetensors")
     with pytest.raises(ValueError, match="missing"):
         load_model(d)
+
+
+@pytest.mark.parametrize("tokenizer_class", [None, "LlamaTokenizerFast"])  # ours; DeepSeek-R1-Distill's
+def test_tokenizer_loads_exactly_as_saved(tmp_path, tokenizer_class):
+    """tokenizer.json is honoured verbatim: transformers 5's AutoTokenizer would rebuild it from
+    Qwen2's (digits split) or Llama's (Metaspace: spaces dropped) defaults."""
+    import json
+
+    from parathinker.model import load_tokenizer
+    from parathinker.tiny import train_tokenizer
+
+    text = "Codes: 59 q, 63 e. The answer is \\boxed{63} after 1234 tries."
+    tok = train_tokenizer([text] * 20 + ["The sum of 12 and 30 is 42."] * 20, vocab_size=400)
+    d = make_checkpoint(tmp_path / "c", tokenizer=tok)
+    if tokenizer_class:
+        cfg_file = d / "tokenizer_config.json"
+        cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"tokenizer_class": tokenizer_class}))
+    loaded = load_tokenizer(d)
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded.convert_ids_to_tokens(tok(" 59 q")["input_ids"])[1] == "Ġ59"
+    assert loaded.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert (loaded.bos_token, loaded.eos_token) == (tok.bos_token, tok.eos_token)

@@ -162,9 +162,19 @@ def save_model(model: ParaThinkerForCausalLM, out_dir: str | Path, tokenizer: An
 
 
 def load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
+    """The checkpoint's tokenizer exactly as its tokenizer.json defines it.
+
+    transformers 5's AutoTokenizer rebuilds a tokenizer from the class that tokenizer_config.json
+    or config.json names, replacing tokenizer.json's pre-tokenizer and decoder with that class's
+    defaults: DeepSeek-R1-Distill checkpoints say `LlamaTokenizerFast` and get a Metaspace
+    pre-tokenizer (spaces vanish), Qwen2 checkpoints get Qwen2's digit splitting (transformers
+    issues #45488, #45920). PreTrainedTokenizerFast loads tokenizer.json verbatim, with the
+    special tokens and chat template of tokenizer_config.json."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
+        if (model_dir / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(model_dir)
         return AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:
         raise ValueError(f"could not load a tokenizer from {model_dir}: {e}") from e
