@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from parathinker.reference import RawRequestOutput, generate_request
 from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
                                 SEQUENTIAL_PROMPT_TEMPLATE, ControlTokens, last_boxed)
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,7 +78,12 @@ class LLM:
         self.config = self.model.config
         self.linear_backend = apply_linear_backend(self.model, linear)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.ctrl = ControlTokens.from_tokenizer(self.tokenizer)
+        # a base model (no ParaThinker tokens) still runs plain traces: the sequential and
+        # majority baselines; generate() refuses it in validate()
+        self.ctrl = ControlTokens.from_tokenizer(self.tokenizer, allow_base=True)
+        if not self.ctrl.max_paths:
+            log.info("%s has no ParaThinker control tokens: plain traces only (generate_sequential)",
+                     self.model_dir)
         self.prompt_template = prompt_template
         self.summary_template = summary_template
         self.summary_template_ids: list[int] = self.tokenizer.encode(
@@ -114,6 +121,13 @@ class LLM:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Every check that can fail, before anything runs."""
+        if not self.ctrl.max_paths:
+            raise ValueError(
+                f"{self.model_dir} has no ParaThinker control tokens (<think1>, <summary>, ...): it is a "
+                "base model, which runs plain traces only (LLM.generate_sequential, eval --mode "
+                "sequential/majority); add the tokens with parathinker.tokens.add_parathinker_tokens "
+                "and train them (parathinker train) for parallel thinking"
+            )
         if params.num_paths > self.max_paths:
             raise ValueError(
                 f"num_paths={params.num_paths} exceeds what this checkpoint supports "

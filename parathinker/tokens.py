@@ -46,10 +46,10 @@ def _vocab(tokenizer: Any) -> dict[str, int]:
 class ControlTokens:
     """Ids of the ParaThinker control tokens in one tokenizer."""
 
-    think_open: tuple[int, ...]  # index k-1 -> id of <think{k}>
+    think_open: tuple[int, ...]  # index k-1 -> id of <think{k}>; () for a base model
     think_close: tuple[int, ...]  # index k-1 -> id of </think{k}>
-    summary_open: int
-    summary_close: int
+    summary_open: int | None  # None only for a base model (plain traces only)
+    summary_close: int | None
     eos: int
     pad: int | None = None  # <vllm_pad>
     base_think_open: int | None = None  # <think>
@@ -60,7 +60,10 @@ class ControlTokens:
         return len(self.think_open)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> ControlTokens:
+    def from_tokenizer(cls, tokenizer: Any, allow_base: bool = False) -> ControlTokens:
+        """The tokenizer's control tokens. With `allow_base`, a tokenizer without any ParaThinker
+        token (a base model such as DeepSeek-R1-Distill-Qwen-1.5B) gives ids with no path or
+        summary tokens: enough for plain traces, and `max_paths == 0` says what it is."""
         vocab = _vocab(tokenizer)
         opens, closes = [], []
         k = 1
@@ -74,11 +77,15 @@ class ControlTokens:
         eos = tokenizer.eos_token_id
         if eos is None:
             missing.append("an EOS token")
-        if missing:
+        base = allow_base and eos is not None and not opens and len(missing) == 3
+        if missing and not base:
             raise ValueError(
                 f"tokenizer lacks the ParaThinker control tokens {missing}; "
                 "add them with parathinker.tokens.add_parathinker_tokens(tokenizer, model)"
             )
+        if base:
+            return cls((), (), None, None, int(eos), vocab.get(PAD), vocab.get(THINK_OPEN),
+                       vocab.get(THINK_CLOSE))
         return cls(
             think_open=tuple(opens),
             think_close=tuple(closes),
@@ -99,18 +106,20 @@ class ControlTokens:
 
     def path_banned_ids(self) -> list[int]:
         """Never emitted inside a path: <think{j}>, <think>, <summary>, </summary>, <vllm_pad>."""
-        ids = list(self.think_open) + [self.summary_open, self.summary_close]
-        ids += [t for t in (self.base_think_open, self.pad) if t is not None]
+        ids = list(self.think_open)
+        ids += [t for t in (self.summary_open, self.summary_close, self.base_think_open, self.pad)
+                if t is not None]
         return sorted(set(ids))
 
     def summary_banned_ids(self) -> list[int]:
         """Never emitted in the summary: every path tag, <think>, </think>, <summary>, pad."""
-        ids = list(self.think_open) + list(self.think_close) + [self.summary_open]
-        ids += [t for t in (self.base_think_open, self.base_think_close, self.pad) if t is not None]
+        ids = list(self.think_open) + list(self.think_close)
+        ids += [t for t in (self.summary_open, self.base_think_open, self.base_think_close, self.pad)
+                if t is not None]
         return sorted(set(ids))
 
     def summary_end_ids(self) -> list[int]:
-        return sorted({self.summary_close, self.eos})
+        return sorted({t for t in (self.summary_close, self.eos) if t is not None})
 
     @property
     def path_end_set(self) -> frozenset[int]:

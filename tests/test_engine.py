@@ -2,6 +2,8 @@
 
 import pytest
 
+from tiny import make_checkpoint
+
 from parathinker import LLM, SamplingParams
 
 QUESTIONS = ["What is 2+3?", "Find x if 2x + 3 = 11.", "Let me check 7*3 mod 10.", "abc", "Sum 1..10"]
@@ -129,3 +131,19 @@ def test_plain_traces_match_naive_decoding(llm):
         assert o.token_ids == naive_plain_greedy(llm.model, o.prompt_token_ids, 20, llm.ctrl.eos)
         assert o.finish_reason in ("end", "budget") and o.error is None
     assert llm.tokenizer.decode(outs[0].prompt_token_ids).endswith("<think>\n")
+
+
+def test_base_model_runs_plain_traces_and_refuses_parallel_thinking(tmp_path):
+    """A checkpoint without ParaThinker tokens (DeepSeek-R1-Distill-Qwen-1.5B, say) is the
+    sequential / majority baseline: plain traces work, generate() says what is missing."""
+    from parathinker import LLM, PlainParams
+    from parathinker.tiny import train_tokenizer
+
+    base_tok = train_tokenizer(["What is 2+3? The answer is 5. Think step by step."] * 20,
+                               vocab_size=300, with_paths=False)
+    llm = LLM(make_checkpoint(tmp_path / "base", tokenizer=base_tok), device="cpu", dtype="float32")
+    assert llm.ctrl.max_paths == 0
+    (o,) = llm.generate_sequential(["What is 2+3?"], PlainParams(max_tokens=12, temperature=0.0))
+    assert o.error is None and o.token_ids == naive_plain_greedy(llm.model, o.prompt_token_ids, 12, llm.ctrl.eos)
+    with pytest.raises(ValueError, match="no ParaThinker control tokens.*plain traces only"):
+        llm.generate(["What is 2+3?"], params(num_paths=1))

@@ -236,3 +236,24 @@ def test_seeds_are_per_sample_and_stable() -> None:
     assert all(p.max_tokens == cfg.max_path_tokens for p in params)  # maj@N at P x per-path budget
     assert unit.seed(3) == derive_seed(3, "b", "majority", 4, "q", 2) == 1117713903  # fixed forever
     assert unit.seed(3) != unit.seed(4) != Unit("b", unit.problem, "majority", 4, 1).seed(4)
+
+
+def test_baselines_run_on_a_base_model_and_parathinker_mode_is_refused(custom_file, tmp_path):
+    """Sequential and majority on a checkpoint without ParaThinker tokens (the paper's
+    DeepSeek-R1-Distill baseline); asking it for parallel paths is a clear error."""
+    from tiny import make_checkpoint
+
+    from parathinker.tiny import train_tokenizer
+
+    tok = train_tokenizer(["What is 2+3? The answer is 5."] * 20, vocab_size=300, with_paths=False)
+    base = make_checkpoint(tmp_path / "base", tokenizer=tok)
+    out = tmp_path / "out"
+    args = ["--model", str(base), "--device", "cpu", "--benchmark", "mine", "--data", f"mine={custom_file}",
+            "--max-path-tokens", "12", "--max-tokens", "12", "--majority-n", "2", "--output", str(out)]
+    assert main([*args, "--mode", "sequential,majority"]) == 0
+    records = _records(out / "samples.jsonl")
+    assert sorted((r["mode"], r["id"]) for r in records) == [("majority", "c1"), ("majority", "c2"),
+                                                             ("sequential", "c1"), ("sequential", "c2")]
+    assert all(r["error"] is None for r in records)
+    assert main([*args, "--mode", "parathinker", "--paths", "2", "--resume"]) == 2
+    assert len(_records(out / "samples.jsonl")) == 4  # nothing lost

@@ -50,14 +50,16 @@ class SeqWork:
 
 class Request:
     def __init__(self, request_id: str, arrival: int, prompt_ids: list[int],
-                 params: SamplingParams, ctrl: ControlTokens, template_ids: list[int]) -> None:
+                 params: SamplingParams, ctrl: ControlTokens, template_ids: list[int],
+                 num_paths: int | None = None) -> None:
         self.request_id, self.arrival, self.params, self.ctrl = request_id, arrival, params, ctrl
         self.template_ids = list(template_ids)
         prompt_len = len(prompt_ids)
         self.prompt = Seq(list(prompt_ids), 0, 0)
+        num_paths = params.num_paths if num_paths is None else num_paths
         self.paths = [Seq([ctrl.think_open[k]], path_segment(k + 1), prompt_len)
-                      for k in range(params.num_paths)]
-        self.path_finish: list[str | None] = [None] * params.num_paths
+                      for k in range(num_paths)]
+        self.path_finish: list[str | None] = [None] * num_paths
         self.summary: Seq | None = None
         self.summary_finish: str | None = None
         self.status = WAITING
@@ -175,9 +177,8 @@ class PlainRequest(Request):
     def __init__(self, request_id: str, arrival: int, prompt_ids: list[int],
                  params: PlainParams, ctrl: ControlTokens) -> None:
         dummy = SamplingParams(num_paths=1, max_summary_tokens=params.max_tokens)
-        super().__init__(request_id, arrival, prompt_ids, dummy, ctrl, [])
+        super().__init__(request_id, arrival, prompt_ids, dummy, ctrl, [], num_paths=0)
         self.params = params  # type: ignore[assignment]
-        self.paths, self.path_finish = [], []
         self.summary = Seq([], 0, len(prompt_ids))
 
     def work(self) -> list[SeqWork]:
