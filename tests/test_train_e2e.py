@@ -269,3 +269,16 @@ def test_endpoint_teacher_and_selection(tmp_path, endpoint, api):
                  "--select", "all-correct"]) == 0
     assert len(requests) == 6
     assert all(all("\\boxed{5}" in p for p in s["paths"]) for s in read_jsonl(out2))
+
+
+def test_build_data_from_a_local_base_model_teacher(work, base_dir, tmp_path):
+    """A base model (no ParaThinker tokens) is a valid local teacher for plain traces."""
+    problems = write_problems(tmp_path / "problems.jsonl", PROBLEMS[:2])
+    out = tmp_path / "data.jsonl"
+    args = ["build-data", "--teacher", str(base_dir), "--problems", str(problems), "--output", str(out),
+            "--traces-per-problem", "2", "--paths", "2", "--select", "all", "--include-truncated",
+            "--max-tokens", "10", "--device", "cpu", "--seed", "2"]
+    assert main(args) == 0
+    samples = read_jsonl(out)
+    assert len(samples) == 2 and all(len(s["paths"]) == 2 for s in samples)
+    assert main([*args[:-2], "--seed", "3", "--teacher-mode", "paths", "--output", str(tmp_path / "x.jsonl")]) == 2

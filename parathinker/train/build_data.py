@@ -121,14 +121,10 @@ class LocalTeacher:
         from parathinker import LLM
 
         self.cfg = cfg
-        try:
-            self.llm = LLM(cfg.teacher, device=cfg.device, dtype=cfg.dtype)
-        except ValueError as e:
-            if "control tokens" not in str(e):
-                raise
-            raise ValueError(f"the local teacher {cfg.teacher} has no ParaThinker tokens, which this "
-                             "project's engine needs; serve it with vLLM (or any OpenAI-compatible "
-                             "server) and pass --teacher http://HOST:PORT/v1") from e
+        self.llm = LLM(cfg.teacher, device=cfg.device, dtype=cfg.dtype)  # a base model is fine
+        if cfg.teacher_mode == "paths" and not self.llm.max_paths:
+            raise ValueError(f"--teacher-mode paths needs a ParaThinker teacher; {cfg.teacher} has no "
+                             "ParaThinker tokens (use --teacher-mode sequential)")
         if cfg.teacher_mode == "paths" and cfg.traces_per_problem > self.llm.max_paths:
             raise ValueError(f"--teacher-mode paths samples all traces of a problem as paths of one "
                              f"request: at most {self.llm.max_paths} for this model")
