@@ -1,0 +1,1 @@
+"""A self-contained CPU demonstration that native parallel thinking helps: `python -m parathinker.demo`."""
