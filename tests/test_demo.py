@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from parathinker.demo.pipeline import PRESETS, check_claims, run_demo, teacher_accuracy
+from parathinker.demo.pipeline import PRESETS, run_demo
+from parathinker.demo.report import check_claims, teacher_accuracy
 from parathinker.demo.task import (MODULUS, all_problems, build, make_problem, split_problems, teacher_path,
                                    teacher_sample)
 from parathinker.tokens import last_boxed
