@@ -46,16 +46,24 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class BodyLimit:
     """ASGI middleware: reads the whole body first and answers 413 beyond `max_bytes`, whether
     Content-Length says so up front or a chunked body grows too large; the app then gets the
-    buffered body and, after it, the real receive (so disconnects are still seen)."""
+    buffered body and, after it, the real receive (so disconnects are still seen).
 
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int) -> None:
+    Before a 413 the rest of the body (up to `drain_bytes` in all) is read and dropped: a
+    server that answers and closes while the client is still sending resets the connection,
+    and the client sees a broken connection instead of the 413."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int,
+                 drain_bytes: int | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.drain_bytes = 16 * max_bytes if drain_bytes is None else drain_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            if length.isdigit() and int(length) <= self.drain_bytes:
+                await self._drain(receive, 0)
             return await self._too_large(send)
         chunks, size = [], 0
         while True:
@@ -65,6 +73,8 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
+                if message.get("more_body"):
+                    await self._drain(receive, size)
                 return await self._too_large(send)
             if not message.get("more_body"):
                 break
@@ -78,6 +88,13 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _drain(self, receive: Receive, size: int) -> None:
+        while size <= self.drain_bytes:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                return
 
     async def _too_large(self, send: Send) -> None:
         err = P.APIError(413, f"request body larger than {self.max_bytes} bytes "
