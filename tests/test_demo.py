@@ -101,3 +101,15 @@ def test_reduced_demo_loop_shows_accuracy_rising_with_paths(tmp_path):
     assert len(ordering) == 3 and all(c["holds"] for c in ordering), ordering
     assert (tmp_path / "demo" / "accuracy_vs_paths.png").stat().st_size > 0
     assert (tmp_path / "demo" / "model" / "model.safetensors").exists()
+
+
+def test_summary_accuracy_by_number_of_verifying_paths():
+    from parathinker.demo.report import by_verifying_paths
+
+    records = [{"num_paths": 4, "gold": "5", "path_answers": answers, "correct": correct}
+               for answers, correct in [(["5", None, "5", "3"], True), (["5", "5", "5", None], False),
+                                        ([None, None, None, None], False), (["5", None, None, None], True),
+                                        (["3", "5", None, None], True)]]
+    records.append({"num_paths": 2, "gold": "5", "path_answers": ["5", "5"], "correct": True})
+    assert by_verifying_paths(records, 4) == {0: (0, 1), 1: (2, 2), 2: (1, 1), 3: (0, 1)}
+    assert by_verifying_paths(records, 2) == {2: (1, 1)}

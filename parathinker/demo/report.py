@@ -94,6 +94,18 @@ def summary_breakdown(records: list[dict[str, Any]], num_paths: int) -> dict[str
     return out
 
 
+def by_verifying_paths(records: list[dict[str, Any]], num_paths: int) -> dict[int, tuple[int, int]]:
+    """(summary right, samples) at P = num_paths, by how many paths verified the gold answer."""
+    out: dict[int, list[int]] = {}
+    for r in records:
+        if r["num_paths"] == num_paths:
+            k = sum(a == r["gold"] for a in r["path_answers"])
+            out.setdefault(k, [0, 0])
+            out[k][0] += int(bool(r["correct"]))
+            out[k][1] += 1
+    return {k: (v[0], v[1]) for k, v in sorted(out.items())}
+
+
 def entropy_floor(train_file: Path, model_dir: Path, num_samples: int = 2000) -> float:
     """The teacher's own randomness in nats per target token (its candidates, and its guess when
     no path verified the answer): the lowest training loss a model of it can reach."""
@@ -133,9 +145,18 @@ def teacher_accuracy(cfg: DemoConfig, problems: list[dict[str, Any]], samples: i
     return out
 
 
+def _slips_by_agreement(verifying: dict[int, tuple[int, int]]) -> str:
+    one_ok, one_n = verifying.get(1, (0, 0))
+    many_ok = sum(v[0] for k, v in verifying.items() if k >= 2)
+    many_n = sum(v[1] for k, v in verifying.items() if k >= 2)
+    return (f"By agreement: with exactly one verifying path the summary missed {one_n - one_ok} of "
+            f"{one_n}; with two or more it missed "
+            f"{many_n - many_ok} of {many_n}.")
+
+
 def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]],
-           teacher: dict[int, float], metrics: list[dict[str, Any]], vocab_size: int,
-           breakdown: dict[int, dict[str, int]], floor: float, output: Path) -> str:
+           records: list[dict[str, Any]], teacher: dict[int, float], metrics: list[dict[str, Any]],
+           vocab_size: int, breakdown: dict[int, dict[str, int]], floor: float, output: Path) -> str:
     def pct(s: dict[str, Any], name: str) -> str:
         return f"{100 * s[name]:.1f} ± {100 * s[name + '_se']:.1f}"
 
@@ -144,9 +165,12 @@ def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]
         "# Demo: native parallel thinking that measurably helps, trained and evaluated on a CPU", "",
         "Regenerate everything (data, training, evaluation, this page) with:", "",
         "```bash", "python -m parathinker.demo --output docs/demo", "```", "",
-        f"(This page comes from a run with `--output {output}`: the paths recorded in `summary.json` "
-        "and `model/train_config.json` point there. Seeds are fixed; the run takes about 15 minutes "
-        "of training and 3 of evaluation on 2 CPU cores.)", "",
+        f"(This page comes from a run with `--output {output}`, which the paths recorded in "
+        "`summary.json` and `model/train_config.json` name. It takes 8 to 15 minutes of training and "
+        "3 of evaluation on 2 CPU cores. Seeds are fixed: a rerun builds the same data, batches and "
+        "sampling seeds, but float32 sums on the CPU differ between runs in the last bits (the loss "
+        f"at step 20 in its 8th digit), which {cfg.max_steps} steps compound, so a rerun trains a close but not "
+        "bit-identical model and its accuracies move within the standard errors.)", "",
         "**Task.** Find the x in 1..12 with a·x + c = b modulo 13 (`Solve 5x + 4 = 7 modulo 13.`). A "
         f"reasoning path may check at most {cfg.tries} candidates: it picks them at random, writes "
         "each one's a·x and a·x + c with b beside it, and whether they match "
@@ -179,6 +203,14 @@ def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]
               "| | " + " | ".join(f"P={p}" for p in cfg.paths) + " |", "|---|" + "---:|" * len(cfg.paths)]
     for key in breakdown[cfg.paths[0]]:
         lines.append(f"| {key} | " + " | ".join(str(breakdown[p][key]) for p in cfg.paths) + " |")
+    verifying = {p: by_verifying_paths(records, p) for p in cfg.paths}
+    lines += ["", "The summary's accuracy by how many paths verified the answer (right / samples):", "",
+              "| paths that verified it | " + " | ".join(f"P={p}" for p in cfg.paths) + " |",
+              "|---:|" + "---:|" * len(cfg.paths)]
+    for k in range(max(cfg.paths) + 1):
+        cells = [f"{verifying[p][k][0]} / {verifying[p][k][1]}" if k in verifying[p] else "" for p in cfg.paths]
+        if any(cells):
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
     for p in cfg.paths:
         s, b = summary[f"P={p}"], breakdown[p]
         if s["accuracy"] >= s["majority_accuracy"]:
@@ -192,7 +224,8 @@ def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]
                   f"verified answer out of up to {p} paths is where the trained summary still slips, and "
                   f"at P={p} these slips outweigh its right guesses when no path verified the answer "
                   f"({b['... and the summary' + chr(39) + 's guess was right']} of {b['no path verified it']}); "
-                  "a vote needs only the verified answers to agree."]
+                  "a vote needs only the verified answers to agree. "
+                  + _slips_by_agreement(verifying[p])]
     lines += ["", "\"Beyond the standard errors\": mean − s.e. at P above mean + s.e. at the smaller P, and "
               "the paired gain over the same problems more than two of its standard errors above zero.",
               "The teacher's column is the scripted teacher's own accuracy on the same problems: the "
