@@ -21,6 +21,8 @@ from typing import Any
 from parathinker.demo.report import (check_claims, entropy_floor, render, summary_breakdown,
                                      teacher_accuracy)
 from parathinker.demo.task import build
+from parathinker.eval.data import read_jsonl
+from parathinker.train.data import read_samples
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,9 @@ def make_initial_checkpoint(cfg: DemoConfig, train_file: Path, out_dir: Path) ->
     from parathinker.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE
 
     corpus = []
-    with open(train_file) as f:
-        for line in f:
-            s = json.loads(line)
-            corpus += [DEFAULT_PROMPT_TEMPLATE.format(question=s["question"]), *s["paths"],
-                       DEFAULT_SUMMARY_TEMPLATE + s["summary"]]
+    for s in read_samples(train_file)[0]:
+        corpus += [DEFAULT_PROMPT_TEMPLATE.format(question=s.question), *s.paths,
+                   DEFAULT_SUMMARY_TEMPLATE + s.summary]
     tokenizer = train_tokenizer(corpus, vocab_size=cfg.vocab_size)
     config = tiny_config(len(tokenizer), hidden_size=cfg.hidden_size,
                          intermediate_size=4 * cfg.hidden_size, num_hidden_layers=cfg.num_layers,
@@ -107,10 +107,13 @@ def eval_argv(cfg: DemoConfig, model_dir: Path, eval_file: Path, out_dir: Path) 
             "--device", "cpu", "--dtype", "float32", "--output", str(out_dir), "--resume"]
 
 
+def _jsonl(path: Path) -> list[Any]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def _finished(eval_dir: Path) -> bool:
-    runs = eval_dir / "runs.jsonl"
-    lines = runs.read_text().splitlines() if runs.exists() else []
-    return bool(lines) and json.loads(lines[-1])["status"] == "finished" and (eval_dir / "summary.json").exists()
+    runs = _jsonl(eval_dir / "runs.jsonl")
+    return bool(runs) and runs[-1]["status"] == "finished" and (eval_dir / "summary.json").exists()
 
 
 def run_demo(cfg: DemoConfig, output: Path, log: Any = print) -> list[dict[str, Any]]:
@@ -134,13 +137,13 @@ def run_demo(cfg: DemoConfig, output: Path, log: Any = print) -> list[dict[str, 
         _run(eval_argv(cfg, model, data / "eval.jsonl", work / "eval"), log)
 
     summary = json.loads((work / "eval" / "summary.json").read_text())["summary"]["modeq"]
-    records = [json.loads(line) for line in (work / "eval" / "samples.jsonl").read_text().splitlines()]
-    problems = [json.loads(line) for line in (data / "eval.jsonl").read_text().splitlines()]
+    records = _jsonl(work / "eval" / "samples.jsonl")
+    problems = read_jsonl(data / "eval.jsonl")  # as `parathinker eval` read them
     claims = check_claims(summary, records, cfg.paths)
     teacher = teacher_accuracy(cfg, problems)
     for name in ("report.md", "accuracy_vs_paths.png", "summary.json"):
         shutil.copy(work / "eval" / name, output / name)
-    metrics = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    metrics = _jsonl(trained / "metrics.jsonl")
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     floor = entropy_floor(data / "train.jsonl", model)
     breakdown = {p: summary_breakdown(records, p) for p in cfg.paths}

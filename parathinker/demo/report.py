@@ -3,7 +3,6 @@ its paths, the teacher's entropy floor and accuracy, and the README page (`pipel
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,20 +110,21 @@ def entropy_floor(train_file: Path, model_dir: Path, num_samples: int = 2000) ->
     no path verified the answer): the lowest training loss a model of it can reach."""
     import re
 
+    from parathinker.demo.task import MODULUS
     from parathinker.model import load_tokenizer
     from parathinker.tokens import DEFAULT_SUMMARY_TEMPLATE
+    from parathinker.train.data import read_samples
 
     tok = load_tokenizer(model_dir)
+    candidates = MODULUS - 1
     nats = targets = 0.0
-    with open(train_file) as f:
-        for _, line in zip(range(num_samples), f):
-            s = json.loads(line)
-            checked = [re.findall(r" (yes|no) (\d+)\.", p) for p in s["paths"]]
-            nats += sum(math.log(12 - j) for steps in checked for j in range(len(steps)))
-            if not any(v == "yes" for steps in checked for v, _ in steps):
-                nats += math.log(12 - len({x for steps in checked for _, x in steps}))
-            targets += sum(len(tok.encode(p, add_special_tokens=False)) + 1 for p in s["paths"])
-            targets += len(tok.encode(DEFAULT_SUMMARY_TEMPLATE + s["summary"], add_special_tokens=False))
+    for s in read_samples(train_file)[0][:num_samples]:
+        checked = [re.findall(r" (yes|no) (\d+)\.", p) for p in s.paths]
+        nats += sum(math.log(candidates - j) for steps in checked for j in range(len(steps)))
+        if not any(v == "yes" for steps in checked for v, _ in steps):
+            nats += math.log(candidates - len({x for steps in checked for _, x in steps}))
+        targets += sum(len(tok.encode(p, add_special_tokens=False)) + 1 for p in s.paths)
+        targets += len(tok.encode(DEFAULT_SUMMARY_TEMPLATE + s.summary, add_special_tokens=False))
     return nats / targets
 
 

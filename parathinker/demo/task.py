@@ -31,6 +31,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from parathinker.train.data import parse_sample, write_samples
+
 MODULUS = 13
 
 
@@ -87,7 +89,7 @@ def teacher_sample(problem: dict[str, Any], num_paths: int, rng: random.Random,
     return {"question": problem["problem"], "paths": paths, "summary": f" \\boxed{{{answer}}}."}
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:  # the held-out problems
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for r in rows:
@@ -103,6 +105,6 @@ def build(out_dir: Path, seed: int, num_train: int, tries: int, num_held_out: in
     train = [teacher_sample(rng.choice(problems), rng.randint(1, max_train_paths), rng, tries)
              for _ in range(num_train)]
     files = {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
-    write_jsonl(files["train"], train)
+    write_samples(files["train"], [parse_sample(t, f"teacher sample {i}") for i, t in enumerate(train)])
     write_jsonl(files["eval"], held_out)
     return files
