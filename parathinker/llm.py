@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from parathinker.config import PlainParams, SamplingParams, normalize_rope_scaling
-from parathinker.engine import Engine
+from parathinker.engine import LAYOUTS, Engine
 from parathinker.engine.request import FINISHED, Request
 from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from parathinker.model.fast_linear import apply_linear_backend
@@ -63,7 +63,11 @@ class LLM:
                  summary_template: str = DEFAULT_SUMMARY_TEMPLATE,
                  rope_scaling: dict[str, Any] | None = None, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 max_num_batched_tokens: int = 8192, linear: str = "auto") -> None:
+                 max_num_batched_tokens: int = 8192, linear: str = "auto",
+                 layout: str = "native") -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+        self.layout = layout
         if "{question}" not in prompt_template:
             raise ValueError("prompt_template must contain '{question}'")
         self.device = resolve_device(device)
@@ -90,7 +94,8 @@ class LLM:
             summary_template, add_special_tokens=False)
         self.max_paths = min(self.ctrl.max_paths, self.config.max_segments - 1)
         self.engine = Engine(self.model, self.ctrl, self.summary_template_ids, block_size,
-                             num_kv_blocks, kv_cache_memory, max_num_batched_tokens)
+                             num_kv_blocks, kv_cache_memory, max_num_batched_tokens,
+                             layout=layout)
         self._ids = itertools.count()
 
     # ----- input handling

@@ -1,5 +1,5 @@
 """The batched engine: paged KV blocks, continuous batching, zero-copy summary."""
 
-from parathinker.engine.engine import Engine
+from parathinker.engine.engine import LAYOUTS, Engine
 
-__all__ = ["Engine"]
+__all__ = ["LAYOUTS", "Engine"]

@@ -27,6 +27,10 @@ from parathinker.sampler import LogitMasks, make_generator, sample
 from parathinker.tokens import ControlTokens
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
+# "native": SPEC §4-5 (train-consistent, the default); "reference": SPEC §6, the released vLLM
+# fork's own layout (pads, lock-step first-finish, 2·Lp + L summary positions), for reproducing
+# the model card.
+LAYOUTS = ("native", "reference")
 
 
 def default_num_blocks(model: ParaThinkerForCausalLM, block_size: int,
@@ -47,7 +51,13 @@ def default_num_blocks(model: ParaThinkerForCausalLM, block_size: int,
 class Engine:
     def __init__(self, model: ParaThinkerForCausalLM, ctrl: ControlTokens, template_ids: list[int],
                  block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192) -> None:
+                 kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
+                 layout: str = "native") -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+        if layout == "reference":
+            raise NotImplementedError("the reference layout (SPEC §6) is not implemented yet")
+        self.layout = layout
         if num_kv_blocks is None:
             num_kv_blocks = default_num_blocks(model, block_size, kv_cache_memory)
         self.ctrl, self.template_ids = ctrl, list(template_ids)
