@@ -13,7 +13,7 @@ DEFAULT_PROMPT_TEMPLATE = (
     "<｜User｜>{question} You FIRST think about the reasoning process as an internal monologue "
     "and then summarize the reasoning process to get the final answer. The summary process MUST "
     "BE enclosed within <summary> </summary> tags. The final answer MUST BE put in "
-    "\\boxed{{}}.<｜Assistant｜><think>"
+    "\\boxed{}.<｜Assistant｜><think>"
 )
 DEFAULT_SUMMARY_TEMPLATE = (
     "<summary>By analyzing multiple reasoning processes above, I concluded that: "
@@ -22,7 +22,7 @@ DEFAULT_SUMMARY_TEMPLATE = (
 # A plain single-trace prompt (sequential baselines), the DeepSeek-R1-Distill chat format.
 SEQUENTIAL_PROMPT_TEMPLATE = (
     "<｜User｜>{question} Please reason step by step, and put your final answer within "
-    "\\boxed{{}}.<｜Assistant｜><think>\n"
+    "\\boxed{}.<｜Assistant｜><think>\n"
 )
 
 NUM_DEFAULT_PATH_TOKENS = 8
@@ -152,17 +152,28 @@ def add_parathinker_tokens(tokenizer: Any, model: Any = None, num_paths: int = 8
     return missing
 
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` in `text` (braces matched), or None."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
+    """Content of the last complete `\\boxed{...}`/`\\fbox{...}` (braces matched, stripped), or of
+    `\\boxed 5` (the next word). The one extractor: `RequestOutput.answer`, eval grading, build-data.
+
+    An unclosed box at the end (a truncated response) is skipped in favour of the one before it.
+    """
+    for m in reversed(list(_BOX_RE.finditer(text))):
+        i = m.end()
+        while i < len(text) and text[i].isspace():
             i += 1
-        if depth == 0:
-            return text[start : i - 1]
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    return text[i + 1 : j].strip()
+            continue  # unclosed: try an earlier box
+        if i > m.end():  # "\\boxed 5": the next word, up to whitespace or `$`
+            word = re.match(r"[^\s$]+", text[i:])
+            if word:
+                return word.group(0).rstrip(".")
     return None

@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("math_verify")
 
-from parathinker.eval.grade import _get_pool, extract_boxed, grade, majority_vote, verify_in_process
+from parathinker.eval.grade import _get_pool, grade, majority_vote, verify_in_process
+from parathinker.tokens import last_boxed
 
 B = "\\boxed"
 CASES = [
@@ -104,27 +105,10 @@ def test_table_is_large() -> None:
     assert len(CASES) >= 40
 
 
-@pytest.mark.parametrize(
-    "text,expected",
-    [
-        ("x \\boxed{\\frac{1}{2}} y", "\\frac{1}{2}"),
-        ("\\boxed{1} then \\boxed{ {2} }", "{2}"),
-        ("\\fbox{a}", "a"),
-        ("$\\boxed 5$.", "5"),
-        ("\\boxed{3} \\boxed{4", "3"),
-        ("no box", None),
-        ("\\boxedx{3}", None),
-        ("\\boxed{\\text{(C)}}", "\\text{(C)}"),
-    ],
-)
-def test_extract_boxed(text: str, expected: str | None) -> None:
-    assert extract_boxed(text) == expected
-
-
 @pytest.mark.parametrize("gold,response,expected", [c for c in CASES if "\\boxed" in c[1]][:12])
 def test_worker_matches_in_process(gold: str, response: str, expected: bool) -> None:
     # the slow twin: math-verify on this thread, same inputs as the worker path
-    box = extract_boxed(response)
+    box = last_boxed(response)
     assert verify_in_process(f"$\\boxed{{{gold}}}$", f"$\\boxed{{{box}}}$") is expected
 
 

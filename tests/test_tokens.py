@@ -42,11 +42,18 @@ def test_add_tokens_and_resize_only_when_outgrown():
 
 @pytest.mark.parametrize("text,expected", [
     ("so \\boxed{4}.", "4"),
-    ("\\boxed{1} then \\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),
-    ("\\boxed{x^{2}+1}", "x^{2}+1"),
+    ("\\boxed{1} then \\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),  # several boxes: the last wins
+    ("\\boxed{1} then \\boxed{ {2} }", "{2}"),
+    ("\\boxed{x^{2}+1}", "x^{2}+1"),  # nested braces
+    ("x \\boxed{\\frac{1}{2}} y", "\\frac{1}{2}"),
     ("no answer here", None),
     ("broken \\boxed{unclosed", None),
+    ("\\boxed{3} \\boxed{4", "3"),  # a truncated last box falls back to the one before
     ("\\fbox{7}", "7"),
+    ("$\\boxed 5$.", "5"),  # without braces: the next word
+    ("so \\boxed 12.", "12"),
+    ("\\boxedx{3}", None),
+    ("\\boxed{\\text{(C)}}", "\\text{(C)}"),
 ])
 def test_last_boxed(text, expected):
     assert last_boxed(text) == expected

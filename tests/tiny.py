@@ -14,7 +14,7 @@ from parathinker.tiny import EOS, tiny_config, train_tokenizer
 from parathinker.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE
 
 CORPUS = [
-    DEFAULT_PROMPT_TEMPLATE.format(question="What is 2+3?"),
+    DEFAULT_PROMPT_TEMPLATE.replace("{question}", "What is 2+3?"),
     DEFAULT_SUMMARY_TEMPLATE + " \\boxed{5}.",
     "Let x be a number. Then 2x + 3 = 11, so x = 4. Check: 2*4+3 = 11. The answer is \\boxed{4}.",
     "We try n = 1, 2, 3, ... and check each; 7 * 3 mod 10 = 1, so n = 3 works.",

@@ -76,7 +76,7 @@ def make_initial_checkpoint(cfg: DemoConfig, train_file: Path, out_dir: Path) ->
 
     corpus = []
     for s in read_samples(train_file)[0]:
-        corpus += [DEFAULT_PROMPT_TEMPLATE.format(question=s.question), *s.paths,
+        corpus += [DEFAULT_PROMPT_TEMPLATE.replace("{question}", s.question), *s.paths,
                    DEFAULT_SUMMARY_TEMPLATE + s.summary]
     tokenizer = train_tokenizer(corpus, vocab_size=cfg.vocab_size)
     config = tiny_config(len(tokenizer), hidden_size=cfg.hidden_size,

@@ -24,8 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from parathinker.config import PlainParams, SamplingParams
-from parathinker.eval.grade import extract_boxed
-from parathinker.tokens import SEQUENTIAL_PROMPT_TEMPLATE
+from parathinker.tokens import SEQUENTIAL_PROMPT_TEMPLATE, last_boxed
 
 
 class EndpointError(RuntimeError):
@@ -56,7 +55,7 @@ class Trace:
 
     @property
     def answer(self) -> str | None:
-        return extract_boxed(self.text)
+        return last_boxed(self.text)
 
 
 @dataclass

@@ -92,14 +92,14 @@ def _from_hub(name: str) -> list[dict[str, Any]]:
         rows = json.loads(local.read_text(encoding="utf-8"))
     else:
         rows = [json.loads(line) for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from parathinker.eval.grade import extract_boxed
+    from parathinker.tokens import last_boxed
 
     records = []
     for i, row in enumerate(rows):
         problem = row.get("problem") or row.get("question") or row.get("Problem")
         answer = row.get("answer", row.get("Answer"))
         if answer is None and isinstance(row.get("solution"), str):
-            answer = extract_boxed(row["solution"])
+            answer = last_boxed(row["solution"])
         rid = row.get("id", row.get("unique_id", row.get("ID")))
         if isinstance(answer, float) and answer.is_integer():
             answer = int(answer)

@@ -1,10 +1,11 @@
 """Grade a model response against a reference answer with math-verify, safely and with a time limit.
 
-    from parathinker.eval.grade import grade, extract_boxed, majority_vote
+    from parathinker.eval import grade   # the function; `from parathinker.eval.grade import grade` too
     grade("\\frac{1}{2}", "... so the answer is $\\boxed{0.5}$")   # True
 
 How a response is graded (`grade(gold, response)`):
-1. the last complete `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`) of the response is the answer; without
+1. the last complete `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`) of the response is the answer
+   (`parathinker.tokens.last_boxed`, the extractor `RequestOutput.answer` uses too); without
    one, math-verify searches the whole response, as it does by default;
 2. fast path: equal after light string normalisation -> True;
 3. multiple choice: when the gold is a letter A-E (`C`, `(C)`, `\\text{(C)}`) and the boxed answer is or
@@ -38,29 +39,6 @@ _WRAPPER_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}
 _SPACING_RE = re.compile(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\[!,;: ]|~")
 _CHOICE_RE = re.compile(r"\(([A-E])\)|answer is:?\s*([A-E])\b")
 _STARTUP_TIMEOUT_S = 120.0
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last complete `\\boxed{...}`/`\\fbox{...}` (braces matched), or of `\\boxed 5`.
-
-    An unclosed box at the end (a truncated response) is skipped in favour of the one before it.
-    """
-    for m in reversed(list(_BOX_RE.finditer(text))):
-        i = m.end()
-        while i < len(text) and text[i].isspace():
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    return text[i + 1 : j].strip()
-            continue  # unclosed: try an earlier box
-        if i > m.end():  # "\boxed 5": the next word, up to whitespace or `$`
-            word = re.match(r"[^\s$]+", text[i:])
-            if word:
-                return word.group(0).rstrip(".")
-    return None
 
 
 def _normalize(s: str) -> str:
@@ -245,8 +223,11 @@ def shutdown_workers() -> None:
 
 def grade(gold: str, response: str, timeout_s: float = 5.0) -> bool:
     """True when the response's final answer is equivalent to `gold`. Never raises on bad input."""
+    # imported here: the grading workers load this file alone, without the package (and torch)
+    from parathinker.tokens import last_boxed
+
     try:
-        boxed = extract_boxed(response)
+        boxed = last_boxed(response)
         answer = response if boxed is None else boxed
         if _normalize(answer) and _normalize(answer) == _normalize(gold):
             return True
@@ -267,10 +248,10 @@ def majority_vote(
 ) -> str | None:
     """Most common answer, equivalent answers grouped; None answers are ignored.
 
-    Answers are bare final answers (e.g. extract_boxed output). Each answer joins the first earlier
-    group whose first member (as gold) grades it correct, or with use_grader=False whose normalised
-    string is equal. Deterministic: ties go to the group that appeared first. Returns that group's first
-    member, or None when there is no answer.
+    Answers are bare final answers (e.g. `parathinker.tokens.last_boxed` output). Each answer joins
+    the first earlier group whose first member (as gold) grades it correct, or with use_grader=False
+    whose normalised string is equal. Deterministic: ties go to the group that appeared first.
+    Returns that group's first member, or None when there is no answer.
     """
     groups: list[tuple[str, int]] = []  # (first member, count) in order of first appearance
     for a in answers:

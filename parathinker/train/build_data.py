@@ -240,7 +240,8 @@ def build_data(cfg: BuildConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from parathinker.eval.data import read_jsonl
-    from parathinker.eval.grade import extract_boxed, grade
+    from parathinker.eval.grade import grade
+    from parathinker.tokens import last_boxed
     from parathinker.eval.results import SampleStore
 
     problems = read_jsonl(cfg.problems)[: cfg.limit]
@@ -265,7 +266,7 @@ def build_data(cfg: BuildConfig) -> dict[str, Any]:
                     full = clean_trace(tr.text, "full", eos)  # graded whole, answer included
                     path = clean_trace(tr.text, cfg.path_text, eos)
                     store.append({"benchmark": "build-data", "mode": "trace", "num_paths": 1,
-                                  "id": p["id"], "sample": j, "answer": extract_boxed(full),
+                                  "id": p["id"], "sample": j, "answer": last_boxed(full),
                                   "correct": bool(full) and grade(p["answer"], full),
                                   "finish_reason": tr.finish_reason, "path": path})
                     bar.update(1)
