@@ -8,17 +8,20 @@ that the batched engine is tested against; the test oracle checks it with full r
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
 
-from parathinker.attention.reference import CacheAttention, KVCache
+from parathinker.attention.paged import PagedAttention, PagedKVCache, runs_of
 from parathinker.config import SamplingParams
+from parathinker.engine.request import SUMMARY_STREAM
 from parathinker.layout import path_segment, summary_start
 from parathinker.model.decoder import ParaThinkerForCausalLM
 from parathinker.rules import (BUDGET, CUT, can_end, is_at_budget, path_choice, should_stop_thinking,
                                summary_choice)
-from parathinker.sampler import LogitMasks, make_generator, sample
+from parathinker import sampler as sampling
+from parathinker.sampler import LogitMasks
 from parathinker.tokens import ControlTokens
 
 
@@ -42,7 +45,7 @@ class _Runner:
         cfg = model.config
         p = next(model.parameters())
         self.model, self.device, self.record = model, p.device, record
-        self.cache = KVCache.allocate(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
+        self.cache = PagedKVCache.allocate(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
                                       cfg.head_dim, p.dtype, p.device)
         self.next_slot = 0
         self.num_forward_tokens = 0
@@ -63,7 +66,8 @@ class _Runner:
             ids += tokens
             pos += positions
             seg += [segment] * len(tokens)
-        meta = CacheAttention.build([len(s[0]) for s in seqs], [s[3] for s in seqs], self.device)
+        meta = PagedAttention.build([len(s[0]) for s in seqs], [runs_of(s[3]) for s in seqs],
+                                    self.device, backend="reference")
         as_tensor = lambda x: torch.tensor([x], dtype=torch.long, device=self.device)  # noqa: E731
         hidden = self.model(as_tensor(ids), as_tensor(pos), as_tensor(seg), meta, self.cache)[0]
         self.num_forward_tokens += len(ids)
@@ -86,7 +90,22 @@ def generate_request(model: ParaThinkerForCausalLM, ctrl: ControlTokens, prompt_
     num_slots = prompt_len + num_paths * params.max_path_tokens + params.max_summary_tokens
     run = _Runner(model, num_slots, record_logits)
     masks = LogitMasks(ctrl, run.device)
-    gen = make_generator(params.seed)
+    seed = random.getrandbits(63) if params.seed is None else params.seed % (1 << 63)
+
+    def sample(rows: torch.Tensor, counters: list[int]) -> list[int]:
+        """The engine's sampler, with the engine's counters: (stream << 32) + token index."""
+        n = len(counters)
+        if not hasattr(sampling, "sample_rows"):  # TEMPORARY until the batched sampler lands
+            out = []
+            for r in range(n):
+                g = torch.Generator()
+                g.manual_seed((seed * 1000003 + counters[r]) % (1 << 63))
+                out += sampling.sample(rows[r:r + 1].clone(), params.temperature, params.top_p,
+                                       params.top_k, g)
+            return out
+        st = sampling.SamplingTensors.from_rows([params.temperature] * n, [params.top_p] * n,
+                                                [params.top_k] * n, [seed] * n, counters, rows.device)
+        return sampling.sample_rows(rows, st).tolist()
 
     # 1. Prefill the prompt once.
     prompt_slots = run.alloc(prompt_len)
@@ -117,7 +136,7 @@ def generate_request(model: ParaThinkerForCausalLM, ctrl: ControlTokens, prompt_
         if to_sample:
             rows = torch.stack([logits[k] for k in to_sample])
             masks.paths(rows, [can_end(len(tokens[k]), params) for k in to_sample])
-            chosen = sample(rows, params.temperature, params.top_p, params.top_k, gen)
+            chosen = sample(rows, [((k + 1) << 32) + len(tokens[k]) for k in to_sample])
             for k, c in zip(to_sample, chosen):
                 token, reason = path_choice(ctrl, k + 1, c)
                 tokens[k].append(token)
@@ -144,7 +163,7 @@ def generate_request(model: ParaThinkerForCausalLM, ctrl: ControlTokens, prompt_
         (last,) = run.forward([(summary[done:], positions, 0,
                                 prompt_slots + path_slots + summary_slots, (-1, done))])
         row = masks.summary(last[None].clone())
-        (token,) = sample(row, params.temperature, params.top_p, params.top_k, gen)
+        (token,) = sample(row, [(SUMMARY_STREAM << 32) + len(summary)])
         summary.append(token)
         summary_finish = summary_choice(ctrl, token, len(summary), params)
     return RawRequestOutput(tokens, [str(f) for f in finish], summary, summary_finish,

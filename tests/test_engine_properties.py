@@ -74,12 +74,20 @@ def test_random_workloads_keep_the_pool_consistent(reqs, num_blocks, block_size,
         scheduled, failed = sched.schedule()
         for req in failed:  # only a request bigger than the whole pool may fail
             assert req.status == FAILED and req.num_blocks_needed(block_size) > num_blocks
-        for req in scheduled:
+        for req, budget in scheduled:
             held = {b for seq in req.seqs() for b in seq.blocks + seq.forked}
-            for w in req.work():
-                assert len(w.context_slots) == len(set(w.context_slots))
-                assert {s // block_size for s in w.context_slots} <= held
-            req.mark_computed()
+            work = req.work(budget)
+            assert 0 < sum(len(w.token_ids) for w in work) <= max(budget, 1)
+            for w in work:
+                slots = [s for a, n in w.context for s in range(a, a + n)]
+                assert len(slots) == len(set(slots))
+                assert {s // block_size for s in slots} <= held
+                # the new tokens are the context's last slots, and the sequence's own
+                assert slots[len(slots) - len(w.token_ids):] == \
+                    w.seq.slots[w.seq.num_computed: w.seq.num_computed + len(w.token_ids)]
+            req.mark_computed(work)
+            if not req.is_computed():  # a chunk of a long prefill or recompute: no sampling
+                continue
             if req.summary is None:
                 ks = req.paths_to_sample()
                 choices = [rng.choice([9, 10, 11, CTRL.eos, 110, 124]) for _ in ks]
@@ -101,18 +109,18 @@ def test_context_of_summary_is_prompt_then_every_path():
     req = Request("r", 0, [7] * 5, p, CTRL, TEMPLATE)
     sched = Scheduler(bm, 100)
     sched.add(req)
-    (r,), _ = sched.schedule()
-    r.mark_computed()
+    ((r, _),), _ = sched.schedule()
+    r.mark_computed(r.work())
     r.apply_paths([0, 1], [9, 9])  # both paths now hold 2 tokens: at budget next step
-    (r,), _ = sched.schedule()
-    r.mark_computed()
+    ((r, _),), _ = sched.schedule()
+    r.mark_computed(r.work())
     r.apply_paths([], [])
     assert r.path_finish == ["budget", "budget"] and r.summary is not None
-    (r,), _ = sched.schedule()
+    ((r, _),), _ = sched.schedule()
     work = r.work()
     summary = work[-1]
     expected = r.prompt.slots + r.paths[0].slots + r.paths[1].slots + r.summary.slots
-    assert summary.context_slots == expected
+    assert [s for a, n in summary.context for s in range(a, a + n)] == expected
     assert summary.positions == [5 + 3 + i for i in range(len(TEMPLATE))]
     # The paths share the prompt's blocks by reference: the prompt's 2 blocks have 4 readers.
     assert [bm.ref_counts[b] for b in r.prompt.blocks] == [4, 4]

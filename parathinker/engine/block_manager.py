@@ -3,12 +3,20 @@
 The pool itself (tensors) lives in the runner; here a block is an int. A block's reference count
 is the number of sequences that read it: the prompt's blocks are referenced by the prompt, every
 path and the summary; a path's blocks by the path and the summary.
+
+Allocation keeps each sequence's blocks consecutive where it can: a growing sequence takes the
+block right after its last one when that is free, and a sequence that cannot starts a new
+extent in the middle of the largest free run (or at its start, at the pool's start), leaving
+room on both sides. Consecutive blocks are consecutive slots, so attention reads a context as a
+few long runs of the pool (`attention.paged`); correctness never depends on it, only speed.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import re
 from collections.abc import Iterable
+
+_FREE_RUN = re.compile(rb"\x01+")
 
 
 class BlockManager:
@@ -17,27 +25,43 @@ class BlockManager:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.ref_counts = [0] * num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self._is_free = bytearray(b"\x01") * num_blocks
+        self._num_free = num_blocks
         self.peak_used = 0
 
     @property
     def num_free(self) -> int:
-        return len(self.free_blocks)
+        return self._num_free
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self.free_blocks)
+        return self.num_blocks - self._num_free
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self.free_blocks)
+        return n <= self._num_free
+
+    def allocate_next(self, after: int | None = None) -> int:
+        """One block for a sequence whose last block is `after` (None: a new sequence)."""
+        if not self._num_free:
+            raise RuntimeError("out of KV blocks: need 1, 0 free")
+        if after is not None and after + 1 < self.num_blocks and self._is_free[after + 1]:
+            b = after + 1
+        else:
+            run = max(_FREE_RUN.finditer(self._is_free), key=lambda m: m.end() - m.start())
+            b = run.start() if run.start() == 0 else (run.start() + run.end()) // 2
+        self._is_free[b] = 0
+        self._num_free -= 1
+        self.ref_counts[b] = 1
+        self.peak_used = max(self.peak_used, self.num_used)
+        return b
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self.free_blocks):
-            raise RuntimeError(f"out of KV blocks: need {n}, {len(self.free_blocks)} free")
-        blocks = [self.free_blocks.popleft() for _ in range(n)]
-        for b in blocks:
-            self.ref_counts[b] = 1
-        self.peak_used = max(self.peak_used, self.num_used)
+        """n blocks for one new sequence, consecutive where possible."""
+        if n > self._num_free:
+            raise RuntimeError(f"out of KV blocks: need {n}, {self._num_free} free")
+        blocks: list[int] = []
+        for _ in range(n):
+            blocks.append(self.allocate_next(blocks[-1] if blocks else None))
         return blocks
 
     def fork(self, blocks: Iterable[int]) -> None:
@@ -54,4 +78,5 @@ class BlockManager:
                 raise RuntimeError(f"double free of block {b}")
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
-                self.free_blocks.append(b)
+                self._is_free[b] = 1
+                self._num_free += 1

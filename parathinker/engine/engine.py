@@ -5,44 +5,60 @@
     while engine.has_unfinished():
         for req in engine.step(): ...     # requests that finished, failed or were aborted
 
-Data flows one way: scheduler (ints) -> SeqWork lists -> runner (tensors) -> logits -> sampler
--> the requests' state update. Sampling uses one generator per request, in the same order as the
-reference generator, so a seed gives the same tokens whatever else is in the batch.
+Data flows one way: scheduler (ints) -> SeqWork lists -> runner (tensors) -> logits -> masks ->
+one batched sampling call -> the requests' state update. Sampling noise is counter-based (the
+request's seed and the index of the token drawn), so a seed gives the same tokens alone, in any
+batch and after preemption. A step that raises is re-run request by request, so a request that
+breaks a step fails alone and the others go on.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import random
 import time
 
 import torch
 
 from parathinker.config import PlainParams, SamplingParams
 from parathinker.engine.block_manager import BlockManager
-from parathinker.engine.request import ABORTED, FINISHED, PlainRequest, Request
-from parathinker.engine.runner import ModelRunner, kv_bytes_per_block
+from parathinker.engine.reference_request import ReferenceRequest
+from parathinker.engine.request import ABORTED, FAILED, FINISHED, PlainRequest, Request, SeqGroup
+from parathinker.engine.runner import ModelRunner, kv_bytes_per_block, profile_activation_bytes
 from parathinker.engine.scheduler import Scheduler
 from parathinker.model.decoder import ParaThinkerForCausalLM
-from parathinker.sampler import LogitMasks, make_generator, sample
+from parathinker import sampler
+from parathinker.sampler import LogitMasks
 from parathinker.tokens import ControlTokens
 
+log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 4 << 30
+GPU_MEMORY_UTILIZATION = 0.9
 # "native": SPEC §4-5 (train-consistent, the default); "reference": SPEC §6, the released vLLM
 # fork's own layout (pads, lock-step first-finish, 2·Lp + L summary positions), for reproducing
 # the model card.
 LAYOUTS = ("native", "reference")
+SEED_BITS = 63
 
 
 def default_num_blocks(model: ParaThinkerForCausalLM, block_size: int,
-                       kv_cache_memory: int | None) -> int:
-    """Blocks from a memory budget; by default 90% of free GPU memory, or up to 4 GiB on CPU
-    (allocated lazily: untouched pages cost nothing)."""
+                       kv_cache_memory: int | None, max_num_batched_tokens: int) -> int:
+    """Blocks from a memory budget. On CUDA by default: 90% of the GPU's memory, less the
+    weights and the peak activations of a forward of `max_num_batched_tokens` (measured); on
+    CPU, 4 GiB (the pool is never zeroed: pages are only backed once written)."""
     p = next(model.parameters())
     per_block = kv_bytes_per_block(model, block_size, p.dtype)
     if kv_cache_memory is None:
         if p.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(p.device)
-            kv_cache_memory = int(free * 0.9)
+            activations = profile_activation_bytes(model, max_num_batched_tokens)
+            total = torch.cuda.get_device_properties(p.device).total_memory
+            kv_cache_memory = int(total * GPU_MEMORY_UTILIZATION
+                                  - torch.cuda.memory_allocated(p.device) - activations)
+            if kv_cache_memory < per_block:
+                raise ValueError(f"no GPU memory left for the KV cache after the weights and "
+                                 f"{activations / 2**30:.1f} GiB of activations; lower "
+                                 "max_num_batched_tokens or pass kv_cache_memory")
         else:
             kv_cache_memory = DEFAULT_CPU_KV_BYTES
     return max(1, kv_cache_memory // per_block)
@@ -52,41 +68,59 @@ class Engine:
     def __init__(self, model: ParaThinkerForCausalLM, ctrl: ControlTokens, template_ids: list[int],
                  block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
-                 layout: str = "native") -> None:
+                 layout: str = "native", attention: str = "auto") -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
-        if layout == "reference":
-            raise NotImplementedError("the reference layout (SPEC §6) is not implemented yet")
+        if ctrl.summary_open is not None and (not template_ids or template_ids[0] != ctrl.summary_open):
+            raise ValueError("the summary template must start with <summary> (SPEC §3), got token "
+                             f"ids {list(template_ids)[:8]}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         self.layout = layout
         if num_kv_blocks is None:
-            num_kv_blocks = default_num_blocks(model, block_size, kv_cache_memory)
+            num_kv_blocks = default_num_blocks(model, block_size, kv_cache_memory,
+                                               max_num_batched_tokens)
         self.ctrl, self.template_ids = ctrl, list(template_ids)
+        self.vocab_size = model.vocab_size
         self.block_manager = BlockManager(num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_kv_blocks, block_size)
+        self.runner = ModelRunner(model, num_kv_blocks, block_size, attention)
         self.masks = LogitMasks(ctrl, self.runner.device)
-        self.generators: dict[str, torch.Generator] = {}
-        self.requests: dict[str, Request] = {}
+        self.seeds: dict[str, int] = {}
+        self.requests: dict[str, SeqGroup] = {}
         self._arrivals = itertools.count()
-        self._aborted: list[Request] = []
+        self._aborted: list[SeqGroup] = []
         self.num_steps = 0
 
     def add_request(self, request_id: str, prompt_ids: list[int],
-                    params: SamplingParams | PlainParams) -> Request:
-        """A ParaThinker request (SamplingParams) or one plain trace (PlainParams)."""
+                    params: SamplingParams | PlainParams) -> SeqGroup:
+        """A ParaThinker request (SamplingParams) or one plain trace (PlainParams). Everything
+        that could fail a step is checked here: a bad request never reaches the batch."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt has token ids outside 0..{self.vocab_size - 1}: {bad[:5]}")
+        arrival = next(self._arrivals)
         if isinstance(params, PlainParams):
-            req: Request = PlainRequest(request_id, next(self._arrivals), prompt_ids, params, self.ctrl)
+            req: SeqGroup = PlainRequest(request_id, arrival, prompt_ids, params, self.ctrl)
+        elif isinstance(params, SamplingParams):
+            if params.num_paths > self.ctrl.max_paths:
+                raise ValueError(f"num_paths={params.num_paths} but the tokenizer has "
+                                 f"{self.ctrl.max_paths} <think{{k}}> tokens")
+            cls = ReferenceRequest if self.layout == "reference" else Request
+            req = cls(request_id, arrival, prompt_ids, params, self.ctrl, self.template_ids)
         else:
-            req = Request(request_id, next(self._arrivals), prompt_ids, params, self.ctrl,
-                          self.template_ids)
+            raise TypeError(f"params must be SamplingParams or PlainParams, got {type(params).__name__}")
+        seed = params.seed
+        self.seeds[request_id] = random.getrandbits(SEED_BITS) if seed is None else seed % (1 << SEED_BITS)
         self.requests[request_id] = req
-        self.generators[request_id] = make_generator(params.seed)
         self.scheduler.add(req)
         return req
 
-    def abort(self, request_id: str) -> Request | None:
+    def abort(self, request_id: str) -> SeqGroup | None:
         """Stop a request now and free its blocks; it is returned by the next step()."""
         req = self.scheduler.abort(request_id)
         if req is not None:
@@ -96,48 +130,98 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 
-    def step(self) -> list[Request]:
+    def step(self) -> list[SeqGroup]:
         """Run one forward over every scheduled request; return the requests that ended."""
         ended = self._aborted
         self._aborted = []
         scheduled, failed = self.scheduler.schedule()
         ended += failed
         if scheduled:
-            work = [req.work() for req in scheduled]
-            logits = self.runner.run([w for ws in work for w in ws])
-            row = 0
-            for req, ws in zip(scheduled, work):
-                num_rows = sum(w.needs_logits for w in ws)
-                req.mark_computed()
-                self._advance(req, logits[row: row + num_rows])
-                row += num_rows
-                if req.status == FINISHED:
-                    self.scheduler.finish(req)
+            try:
+                self._run(scheduled)
+            except Exception:  # noqa: BLE001 - find the request that broke the step
+                log.exception("engine step failed; re-running its %d requests one by one",
+                              len(scheduled))
+                for item in scheduled:
+                    try:
+                        self._run([item])
+                    except Exception as e:  # noqa: BLE001
+                        self.scheduler.fail(item[0], f"step failed: {type(e).__name__}: {e}")
+            for req, _ in scheduled:
+                if req.status in (FINISHED, FAILED):
+                    if req.status == FINISHED:
+                        self.scheduler.finish(req)
                     ended.append(req)
             self.num_steps += 1
         for req in ended:
             req.finish_time = time.perf_counter()
             self.requests.pop(req.request_id, None)
-            self.generators.pop(req.request_id, None)
+            self.seeds.pop(req.request_id, None)
         return ended
 
-    def _advance(self, req: Request, logits: torch.Tensor) -> None:
-        p, gen = req.params, self.generators[req.request_id]
-        if isinstance(req, PlainRequest):
-            (token,) = sample(logits.clone(), p.temperature, p.top_p, p.top_k, gen)
-            req.apply_token(token)
-        elif req.summary is None:
-            ks = req.paths_to_sample()
-            chosen: list[int] = []
-            if ks:
-                rows = self.masks.paths(logits.clone(), req.path_can_end(ks))
-                chosen = sample(rows, p.temperature, p.top_p, p.top_k, gen)
-            req.apply_paths(ks, chosen)
-        else:
-            (token,) = sample(self.masks.summary(logits.clone()), p.temperature, p.top_p, p.top_k, gen)
-            req.apply_summary(token)
+    @torch.inference_mode()
+    def _run(self, scheduled: list[tuple[SeqGroup, int]]) -> None:
+        """Forward, mask and sample first; only then change the requests (so a failure leaves
+        them as they were, and re-running is safe: the same K/V go to the same slots)."""
+        work = [req.work(budget) for req, budget in scheduled]
+        logits = self.runner.run([w for ws in work for w in ws])
+        rows: list[tuple[SeqGroup, int, int]] = []  # request, first row, number of rows
+        row = 0
+        for (req, _), ws in zip(scheduled, work):
+            n = sum(w.needs_logits for w in ws)
+            if n:
+                self._mask(req, logits[row: row + n])
+                rows.append((req, row, n))
+            row += n
+        tokens = self._sample(logits, rows)
+        for (req, _), ws in zip(scheduled, work):
+            req.mark_computed(ws)
+        for req, a, n in rows:
+            self._apply(req, tokens[a: a + n])
+        for (req, _), ws in zip(scheduled, work):
+            if req.is_computed() and not any(w.needs_logits for w in ws):
+                self._apply(req, [])  # e.g. every path closed by its budget: nothing to sample
 
-    def run_to_completion(self) -> list[Request]:
+    def _mask(self, req: SeqGroup, logits: torch.Tensor) -> None:
+        if not isinstance(req, Request) or not req.uses_logit_masks:
+            return
+        if req.summary is None:
+            self.masks.paths(logits, req.path_can_end(req.paths_to_sample()))
+        else:
+            self.masks.summary(logits)
+
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[SeqGroup, int, int]]) -> list[int]:
+        if not rows:
+            return []
+        cols: dict[str, list] = {"temperature": [], "top_p": [], "top_k": [], "seed": [], "counter": []}
+        for req, _, n in rows:
+            p = req.params
+            cols["temperature"] += [p.temperature] * n
+            cols["top_p"] += [p.top_p] * n
+            cols["top_k"] += [p.top_k] * n
+            cols["seed"] += [self.seeds[req.request_id]] * n
+            cols["counter"] += req.sample_counters()
+        if not hasattr(sampler, "sample_rows"):  # TEMPORARY until the batched sampler lands
+            out = []
+            for r in range(logits.shape[0]):
+                g = torch.Generator()
+                g.manual_seed((cols["seed"][r] * 1000003 + cols["counter"][r]) % (1 << 63))
+                out += sampler.sample(logits[r:r + 1].clone(), cols["temperature"][r],
+                                      cols["top_p"][r], cols["top_k"][r], g)
+            return out
+        st = sampler.SamplingTensors.from_rows(device=logits.device, **cols)
+        return sampler.sample_rows(logits, st).tolist()
+
+    @staticmethod
+    def _apply(req: SeqGroup, tokens: list[int]) -> None:
+        if isinstance(req, PlainRequest):
+            req.apply_token(tokens[0])
+        elif req.summary is None:
+            req.apply_paths(req.paths_to_sample(), tokens)
+        else:
+            req.apply_summary(tokens[0])
+
+    def run_to_completion(self) -> list[SeqGroup]:
         ended = []
         while self.has_unfinished():
             ended += self.step()

@@ -1,10 +1,14 @@
 """One request's state in the engine, in pure Python: its sequences, their KV slots, SPEC §5.
 
-A request owns 1 + P (+ 1) sequences: the prompt, P paths and, once thinking ends, the summary.
-Each sequence keeps its tokens, how many of them are in the KV cache, its own blocks and slots,
-and the blocks it reads from other sequences (forked by reference, never copied). Every step
-forwards each sequence's pending tokens, so a preempted request (all blocks freed) is recomputed
-by the same code path, and the summary's template is prefilled in one step over the reused KV.
+A request is a group of sequences over one KV pool (`SeqGroup`): the prompt, then the sequences
+that read it: P paths and, once thinking ends, the summary (`Request`), or one plain trace
+(`PlainRequest`). Each sequence keeps its tokens, how many of them are in the KV cache, its own
+blocks, its slots as runs of consecutive slots (extended as tokens are placed: O(1) per block,
+never a list of every slot), and the blocks of other sequences it reads (forked by reference,
+never copied). A step forwards pending tokens in order, a sequence only once everything it
+reads is in the cache, chunked to the step's token budget: long prompts, the summary's template
+and the recompute of a preempted request (all blocks freed, tokens kept) run through the same
+code path in bounded chunks.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from parathinker.rules import (BUDGET, CUT, END, can_end, is_at_budget, path_cho
 from parathinker.tokens import ControlTokens
 
 WAITING, RUNNING, FINISHED, FAILED, ABORTED = "waiting", "running", "finished", "failed", "aborted"
+SUMMARY_STREAM = 1 << 20  # sampling counter stream of the summary; path k uses k, a trace 0
 
 
 @dataclass
@@ -29,12 +34,46 @@ class Seq:
     first_position: int
     num_computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)  # own blocks
-    slots: list[int] = field(default_factory=list)  # one per token placed in the cache
+    runs: list[list[int]] = field(default_factory=list)  # own slots as [start, length], in order
+    num_placed: int = 0  # tokens that have a slot
     forked: list[int] = field(default_factory=list)  # blocks of other sequences it reads
 
     @property
     def num_pending(self) -> int:
         return len(self.tokens) - self.num_computed
+
+    @property
+    def slots(self) -> list[int]:
+        """Every slot, in token order (O(tokens): for tests and tools, not the step)."""
+        return [s for a, n in self.runs for s in range(a, a + n)]
+
+    def place(self, bm: BlockManager) -> None:
+        """Give every token a slot: fill the last block, then new blocks, block by block."""
+        bs = bm.block_size
+        while self.num_placed < len(self.tokens):
+            offset = self.num_placed % bs
+            if offset == 0:
+                self.blocks.append(bm.allocate_next(self.blocks[-1] if self.blocks else None))
+            n = min(bs - offset, len(self.tokens) - self.num_placed)
+            start = self.blocks[-1] * bs + offset
+            if self.runs and self.runs[-1][0] + self.runs[-1][1] == start:
+                self.runs[-1][1] += n
+            else:
+                self.runs.append([start, n])
+            self.num_placed += n
+
+    def runs_upto(self, n: int) -> list[tuple[int, int]]:
+        """The runs holding this sequence's first n tokens."""
+        out, left = [], n
+        for a, m in self.runs:
+            if left <= 0:
+                break
+            out.append((a, min(m, left)))
+            left -= m
+        return out
+
+    def reset_cache(self) -> None:
+        self.blocks, self.runs, self.forked, self.num_placed, self.num_computed = [], [], [], 0, 0
 
 
 @dataclass
@@ -44,24 +83,19 @@ class SeqWork:
     token_ids: list[int]
     positions: list[int]
     segment: int
-    context_slots: list[int]  # prompt's, (paths'), own slots; the new tokens' slots are last
+    context: list[tuple[int, int]]  # runs: what it reads, then its own slots up to the new ones
     needs_logits: bool
+    seq: Seq = field(repr=False, compare=False)
 
 
-class Request:
+class SeqGroup:
+    """Sequences of one request and their KV; subclasses say which sequences read which, and
+    which are sampled after a step."""
+
     def __init__(self, request_id: str, arrival: int, prompt_ids: list[int],
-                 params: SamplingParams, ctrl: ControlTokens, template_ids: list[int],
-                 num_paths: int | None = None) -> None:
-        self.request_id, self.arrival, self.params, self.ctrl = request_id, arrival, params, ctrl
-        self.template_ids = list(template_ids)
-        prompt_len = len(prompt_ids)
+                 ctrl: ControlTokens) -> None:
+        self.request_id, self.arrival, self.ctrl = request_id, arrival, ctrl
         self.prompt = Seq(list(prompt_ids), 0, 0)
-        num_paths = params.num_paths if num_paths is None else num_paths
-        self.paths = [Seq([ctrl.think_open[k]], path_segment(k + 1), prompt_len)
-                      for k in range(num_paths)]
-        self.path_finish: list[str | None] = [None] * num_paths
-        self.summary: Seq | None = None
-        self.summary_finish: str | None = None
         self.status = WAITING
         self.error: str | None = None
         self.num_preemptions = 0
@@ -69,12 +103,24 @@ class Request:
         self.finish_time: float | None = None
         self.num_forward_tokens = 0
 
-    # ----- sequences and their KV
+    # ----- what subclasses define
     def seqs(self) -> list[Seq]:
-        return [self.prompt, *self.paths] + ([self.summary] if self.summary else [])
+        raise NotImplementedError
 
+    def readable(self, seq: Seq) -> list[Seq]:
+        """The sequences `seq` reads before its own tokens, in context order."""
+        return [] if seq is self.prompt else [self.prompt]
+
+    def sample_seqs(self) -> list[Seq]:
+        """Sequences whose last token's logits are sampled after this step, in seqs() order."""
+        raise NotImplementedError
+
+    # ----- KV bookkeeping
     def num_pending_tokens(self) -> int:
         return sum(s.num_pending for s in self.seqs())
+
+    def is_computed(self) -> bool:
+        return all(not s.num_pending for s in self.seqs())
 
     def num_blocks_needed(self, block_size: int) -> int:
         """New blocks for placing every pending token (forks need none)."""
@@ -82,37 +128,99 @@ class Request:
 
     def allocate(self, bm: BlockManager) -> None:
         """Give every pending token a slot; a sequence forks what it reads on its first slot."""
-        bs = bm.block_size
         for seq in self.seqs():
-            if len(seq.slots) == len(seq.tokens):
+            if seq.num_placed == len(seq.tokens):
                 continue
-            if not seq.slots and seq is not self.prompt:
-                seq.forked = self._readable_blocks(seq)
+            if not seq.num_placed and seq is not self.prompt:
+                seq.forked = [b for r in self.readable(seq) for b in r.blocks]
                 bm.fork(seq.forked)
-            while len(seq.slots) < len(seq.tokens):
-                i = len(seq.slots)
-                if i % bs == 0:
-                    seq.blocks += bm.allocate(1)
-                seq.slots.append(seq.blocks[-1] * bs + i % bs)
-
-    def _readable_blocks(self, seq: Seq) -> list[int]:
-        if seq is self.summary:
-            return self.prompt.blocks + [b for p in self.paths for b in p.blocks]
-        return list(self.prompt.blocks)
+            seq.place(bm)
 
     def free(self, bm: BlockManager) -> None:
         """Drop every reference this request holds; tokens are kept for recomputation."""
         for seq in self.seqs():
             bm.free(seq.blocks)
             bm.free(seq.forked)
-            seq.blocks, seq.slots, seq.forked, seq.num_computed = [], [], [], 0
+            seq.reset_cache()
 
-    def context_slots(self, seq: Seq) -> list[int]:
+    def context(self, seq: Seq, upto: int) -> list[tuple[int, int]]:
+        runs = [(a, n) for r in self.readable(seq) for a, n in r.runs]
+        return runs + seq.runs_upto(upto)
+
+    # ----- one step
+    def work(self, budget: int | None = None) -> list[SeqWork]:
+        """This step's pending tokens, sequence by sequence, at most `budget` of them; a
+        sequence waits until what it reads is computed (or fully forwarded in this step)."""
+        left = self.num_pending_tokens() if budget is None else budget
+        complete = left >= self.num_pending_tokens()  # every pending token goes this step
+        sampled = {id(s) for s in self.sample_seqs()} if complete else set()
+        out: list[SeqWork] = []
+        blocked = False
+        for seq in self.seqs():
+            if blocked or left <= 0:
+                break
+            if not seq.num_pending:
+                continue
+            if any(r.num_pending and not any(w.seq is r and r.num_computed + len(w.token_ids)
+                                             == len(r.tokens) for w in out)
+                   for r in self.readable(seq)):
+                break
+            take = min(seq.num_pending, left)
+            start = seq.first_position + seq.num_computed
+            upto = seq.num_computed + take
+            out.append(SeqWork(seq.tokens[seq.num_computed:upto], list(range(start, start + take)),
+                               seq.segment, self.context(seq, upto),
+                               take == seq.num_pending and id(seq) in sampled, seq))
+            left -= take
+            blocked = take < seq.num_pending
+        return out
+
+    def mark_computed(self, work: list[SeqWork]) -> None:
+        for w in work:
+            w.seq.num_computed += len(w.token_ids)
+            self.num_forward_tokens += len(w.token_ids)
+
+
+class Request(SeqGroup):
+    """A ParaThinker request: prompt, P paths (reading the prompt), then the summary (reading
+    the prompt and every path), with the control flow of SPEC §5."""
+
+    uses_logit_masks = True
+
+    def __init__(self, request_id: str, arrival: int, prompt_ids: list[int],
+                 params: SamplingParams, ctrl: ControlTokens, template_ids: list[int],
+                 num_paths: int | None = None) -> None:
+        super().__init__(request_id, arrival, prompt_ids, ctrl)
+        self.params = params
+        self.template_ids = list(template_ids)
+        prompt_len = len(prompt_ids)
+        num_paths = params.num_paths if num_paths is None else num_paths
+        self.paths = [Seq([ctrl.think_open[k]], path_segment(k + 1), prompt_len)
+                      for k in range(num_paths)]
+        self.path_finish: list[str | None] = [None] * num_paths
+        self.summary: Seq | None = None
+        self.summary_finish: str | None = None
+
+    def seqs(self) -> list[Seq]:
+        return [self.prompt, *self.paths] + ([self.summary] if self.summary else [])
+
+    def readable(self, seq: Seq) -> list[Seq]:
         if seq is self.prompt:
-            return seq.slots
+            return []
         if seq is self.summary:
-            return self.prompt.slots + [s for p in self.paths for s in p.slots] + seq.slots
-        return self.prompt.slots + seq.slots
+            return [self.prompt, *self.paths]
+        return [self.prompt]
+
+    def sample_seqs(self) -> list[Seq]:
+        if self.summary is not None:
+            return [self.summary]
+        return [self.paths[k] for k in self.paths_to_sample()]
+
+    def sample_counters(self) -> list[int]:
+        """Sampling counter of each row of sample_seqs(): (stream << 32) + index of the token."""
+        if self.summary is not None:
+            return [(SUMMARY_STREAM << 32) + len(self.summary.tokens)]
+        return [((k + 1) << 32) + len(self.paths[k].tokens) for k in self.paths_to_sample()]
 
     # ----- one step
     def paths_to_sample(self) -> list[int]:
@@ -124,24 +232,6 @@ class Request:
 
     def path_can_end(self, ks: list[int]) -> list[bool]:
         return [can_end(len(self.paths[k].tokens), self.params) for k in ks]
-
-    def work(self) -> list[SeqWork]:
-        """This step's pending tokens, sequence by sequence (prompt, paths, summary)."""
-        sampled = set(self.paths_to_sample())
-        out = []
-        for i, seq in enumerate(self.seqs()):
-            if not seq.num_pending:
-                continue
-            start = seq.first_position + seq.num_computed
-            needs = seq is self.summary or (i - 1) in sampled
-            out.append(SeqWork(seq.tokens[seq.num_computed:], list(range(start, start + seq.num_pending)),
-                               seq.segment, self.context_slots(seq), needs))
-        return out
-
-    def mark_computed(self) -> None:
-        for seq in self.seqs():
-            self.num_forward_tokens += seq.num_pending
-            seq.num_computed = len(seq.tokens)
 
     def apply_paths(self, sampled: list[int], chosen: list[int]) -> None:
         """After a thinking step: budget closes, sampled tokens, the termination policy."""
@@ -169,29 +259,34 @@ class Request:
             self.status = FINISHED
 
 
-class PlainRequest(Request):
+class PlainRequest(SeqGroup):
     """One ordinary trace (sequential and majority baselines): the prompt, then tokens until EOS
-    or `max_tokens`, with nothing masked. It reuses Request's bookkeeping with no paths and the
-    continuation in the summary's place (segment 0, positions right after the prompt)."""
+    or `max_tokens`, with nothing masked; the trace continues right after the prompt (segment 0).
+    Its first token is sampled from the prompt's last logits."""
+
+    uses_logit_masks = False
 
     def __init__(self, request_id: str, arrival: int, prompt_ids: list[int],
                  params: PlainParams, ctrl: ControlTokens) -> None:
-        dummy = SamplingParams(num_paths=1, max_summary_tokens=params.max_tokens)
-        super().__init__(request_id, arrival, prompt_ids, dummy, ctrl, [], num_paths=0)
-        self.params = params  # type: ignore[assignment]
-        self.summary = Seq([], 0, len(prompt_ids))
+        super().__init__(request_id, arrival, prompt_ids, ctrl)
+        self.params = params
+        self.trace = Seq([], 0, len(prompt_ids))
+        self.trace_finish: str | None = None
 
-    def work(self) -> list[SeqWork]:
-        out = super().work()
-        out[-1].needs_logits = True  # the prompt's last token on the first step
-        return out
+    def seqs(self) -> list[Seq]:
+        return [self.prompt, self.trace]
+
+    def sample_seqs(self) -> list[Seq]:
+        return [self.trace if self.trace.tokens else self.prompt]
+
+    def sample_counters(self) -> list[int]:
+        return [len(self.trace.tokens)]
 
     def apply_token(self, token: int) -> None:
-        assert self.summary is not None
-        self.summary.tokens.append(token)
+        self.trace.tokens.append(token)
         if token == self.ctrl.eos:
-            self.summary_finish = END
-        elif len(self.summary.tokens) >= self.params.max_tokens:
-            self.summary_finish = BUDGET
-        if self.summary_finish is not None:
+            self.trace_finish = END
+        elif len(self.trace.tokens) >= self.params.max_tokens:
+            self.trace_finish = BUDGET
+        if self.trace_finish is not None:
             self.status = FINISHED

@@ -1,16 +1,16 @@
-"""Turns one scheduled step into flat tensors, runs the model, returns the logits that are needed.
+"""The model runner: one flat forward over every scheduled sequence's new tokens.
 
-The KV pool is one preallocated tensor pair per device, [num_layers, num_blocks * block_size,
-Hkv, D]; a slot is block * block_size + offset. Each sequence's context is its list of slots
-(the prompt's, the paths', its own), so partially filled blocks need no padding: the summary
-attends to exactly the tokens of SPEC §4.
+Each sequence attends to its context, given as runs of consecutive slots of the paged pool (the
+prompt's, (the paths'), its own), read in place by the attention backend: partially filled
+blocks need no padding, and the summary attends to exactly the tokens of SPEC §4. The metadata
+of a step is O(runs): nothing here walks the slots of a context.
 """
 
 from __future__ import annotations
 
 import torch
 
-from parathinker.attention.reference import CacheAttention, KVCache
+from parathinker.attention.paged import BACKENDS, PagedAttention, PagedKVCache
 from parathinker.engine.request import SeqWork
 from parathinker.model.decoder import ParaThinkerForCausalLM
 
@@ -21,24 +21,42 @@ def kv_bytes_per_block(model: ParaThinkerForCausalLM, block_size: int, dtype: to
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """"auto": the runs backend on CPU (it wins there, BENCHMARKS.md), FlexAttention on CUDA."""
+    if attention == "auto":
+        return "flex" if device.type == "cuda" else "runs"
+    if attention not in BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r}; use auto or one of {BACKENDS}")
+    return attention
+
+
 class ModelRunner:
-    def __init__(self, model: ParaThinkerForCausalLM, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: ParaThinkerForCausalLM, num_blocks: int, block_size: int,
+                 attention: str = "auto") -> None:
         cfg = model.config
         p = next(model.parameters())
         self.model, self.device = model, p.device
-        self.kv_cache = KVCache.allocate(cfg.num_hidden_layers, num_blocks * block_size,
-                                         cfg.num_key_value_heads, cfg.head_dim, p.dtype, p.device)
+        self.attention = resolve_attention(attention, self.device)
+        self.kv_cache = PagedKVCache.allocate(cfg.num_hidden_layers, num_blocks * block_size,
+                                              cfg.num_key_value_heads, cfg.head_dim, p.dtype,
+                                              p.device)
+
+    def build(self, work: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  PagedAttention]:
+        """-> token ids, positions, segment ids ([1, N] each) and the attention metadata."""
+        ids = [t for w in work for t in w.token_ids]
+        positions = [p for w in work for p in w.positions]
+        segments = [w.segment for w in work for _ in w.token_ids]
+        meta = PagedAttention.build([len(w.token_ids) for w in work], [w.context for w in work],
+                                    self.device, self.attention)
+        flat = lambda x: torch.tensor([x], dtype=torch.long, device=self.device)  # noqa: E731
+        return flat(ids), flat(positions), flat(segments), meta
 
     @torch.inference_mode()
     def run(self, work: list[SeqWork]) -> torch.Tensor:
         """-> float32 logits [R, V] of the last token of each sequence with needs_logits, in order."""
-        ids = [t for w in work for t in w.token_ids]
-        positions = [p for w in work for p in w.positions]
-        segments = [w.segment for w in work for _ in w.token_ids]
-        meta = CacheAttention.build([len(w.token_ids) for w in work],
-                                    [w.context_slots for w in work], self.device)
-        flat = lambda x: torch.tensor([x], dtype=torch.long, device=self.device)  # noqa: E731
-        hidden = self.model(flat(ids), flat(positions), flat(segments), meta, self.kv_cache)[0]
+        ids, positions, segments, meta = self.build(work)
+        hidden = self.model(ids, positions, segments, meta, self.kv_cache)[0]
         ends, end = [], 0
         for w in work:
             end += len(w.token_ids)
@@ -47,3 +65,28 @@ class ModelRunner:
         if not ends:
             return torch.empty(0, self.model.vocab_size, device=self.device)
         return self.model.compute_logits(hidden[torch.tensor(ends, device=self.device)])
+
+
+@torch.inference_mode()
+def profile_activation_bytes(model: ParaThinkerForCausalLM, num_tokens: int) -> int:
+    """Peak CUDA memory of one forward of `num_tokens` new tokens beyond what is allocated now
+    (the KV pool is sized from it, not from a fixed fraction of free memory)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    cache = PagedKVCache.allocate(cfg.num_hidden_layers, num_tokens, cfg.num_key_value_heads,
+                                  cfg.head_dim, dtype, device)
+    cache_bytes = 2 * cache.k.numel() * cache.k.element_size()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    meta = PagedAttention.build([num_tokens], [[(0, num_tokens)]], device,
+                                resolve_attention("auto", device))
+    ids = torch.zeros(1, num_tokens, dtype=torch.long, device=device)
+    hidden = model(ids, torch.arange(num_tokens, device=device)[None], ids, meta, cache)
+    model.compute_logits(hidden[0, -1:])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del cache, hidden
+    torch.cuda.empty_cache()
+    return max(0, peak - cache_bytes)

@@ -1,58 +1,65 @@
 """Continuous batching over whole requests, in pure Python (no torch).
 
-Each step runs every running request (all its paths advance together: SPEC §5 is lock-step) and
-admits waiting requests, first come first served, while KV blocks and the token budget allow.
-When blocks run out, the most recently admitted running requests are preempted: their blocks are
-freed and their tokens recomputed when they are admitted again, so results do not change. A
-request that cannot fit even in an empty pool fails alone.
+Each step runs the running requests (all the paths of a request advance together: SPEC §5 is
+lock-step) and admits waiting requests, first come first served, while KV blocks and the step's
+token budget (`max_num_batched_tokens`) allow; a request gets what is left of the budget, and
+forwards its pending tokens in chunks of at most that (long prompts, recomputes). When blocks
+run out, the latest-arrived running requests are preempted: their blocks are freed and their
+tokens recomputed when they are admitted again, in their arrival order, so results do not
+change and a request once preempted is not the next victim again for that alone. A request that
+cannot fit even in an empty pool fails alone.
 """
 
 from __future__ import annotations
 
 from parathinker.engine.block_manager import BlockManager
-from parathinker.engine.request import ABORTED, FAILED, RUNNING, WAITING, Request
+from parathinker.engine.request import ABORTED, FAILED, RUNNING, WAITING, SeqGroup
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int) -> None:
         self.bm = block_manager
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: list[Request] = []  # ordered by arrival
-        self.running: list[Request] = []  # ordered by arrival
+        self.waiting: list[SeqGroup] = []  # ordered by arrival
+        self.running: list[SeqGroup] = []  # ordered by arrival
 
-    def add(self, req: Request) -> None:
+    def add(self, req: SeqGroup) -> None:
         req.status = WAITING
         self._enqueue(req)
 
-    def _enqueue(self, req: Request) -> None:
-        i = len(self.waiting)
-        while i > 0 and self.waiting[i - 1].arrival > req.arrival:
-            i -= 1
-        self.waiting.insert(i, req)
+    def _enqueue(self, req: SeqGroup) -> None:
+        _insert_by_arrival(self.waiting, req)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _fail(self, req: Request, why: str) -> None:
+    def _fail(self, req: SeqGroup, why: str) -> None:
         req.free(self.bm)
         req.status, req.error = FAILED, why
 
-    def _too_big(self, req: Request) -> str:
+    def fail(self, req: SeqGroup, why: str) -> None:
+        """A running request that broke a step: out of the batch, its blocks freed."""
+        if req in self.running:
+            self.running.remove(req)
+        self._fail(req, why)
+
+    def _too_big(self, req: SeqGroup) -> str:
         return (f"request {req.request_id} needs {req.num_blocks_needed(self.bm.block_size)} more KV "
                 f"blocks of {self.bm.block_size} tokens but the pool has {self.bm.num_blocks} in all; "
                 "raise num_kv_blocks (or the KV memory) or lower the budgets")
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: SeqGroup) -> None:
         req.free(self.bm)
         req.num_preemptions += 1
         self.running.remove(req)
         self.add(req)
 
-    def schedule(self) -> tuple[list[Request], list[Request]]:
-        """-> (requests to run this step, with slots for all their pending tokens; failed ones)."""
-        scheduled: list[Request] = []
-        failed: list[Request] = []
-        num_tokens = 0
+    def schedule(self) -> tuple[list[tuple[SeqGroup, int]], list[SeqGroup]]:
+        """-> ((request, its token budget this step) to run, with slots for all their pending
+        tokens; failed requests)."""
+        scheduled: list[tuple[SeqGroup, int]] = []
+        failed: list[SeqGroup] = []
+        budget = self.max_num_batched_tokens
         for req in list(self.running):
             if req not in self.running:  # preempted earlier in this loop
                 continue
@@ -68,13 +75,11 @@ class Scheduler:
                     self._preempt(req)
                 continue
             req.allocate(self.bm)
-            scheduled.append(req)
-            num_tokens += req.num_pending_tokens()
-        while self.waiting:
+            if budget > 0:
+                scheduled.append((req, budget))
+                budget -= req.num_pending_tokens()
+        while self.waiting and budget > 0:
             req = self.waiting[0]
-            pending = req.num_pending_tokens()
-            if scheduled and num_tokens + pending > self.max_num_batched_tokens:
-                break
             need = req.num_blocks_needed(self.bm.block_size)
             if not self.bm.can_allocate(need):
                 if not self.running and need > self.bm.num_blocks:
@@ -86,16 +91,16 @@ class Scheduler:
             self.waiting.pop(0)
             req.allocate(self.bm)
             req.status = RUNNING
-            self.running.append(req)
-            scheduled.append(req)
-            num_tokens += pending
+            _insert_by_arrival(self.running, req)
+            scheduled.append((req, budget))
+            budget -= req.num_pending_tokens()
         return scheduled, failed
 
-    def finish(self, req: Request) -> None:
+    def finish(self, req: SeqGroup) -> None:
         self.running.remove(req)
         req.free(self.bm)
 
-    def abort(self, request_id: str) -> Request | None:
+    def abort(self, request_id: str) -> SeqGroup | None:
         for queue in (self.waiting, self.running):
             for req in queue:
                 if req.request_id == request_id:
@@ -104,3 +109,10 @@ class Scheduler:
                     req.status = ABORTED
                     return req
         return None
+
+
+def _insert_by_arrival(queue: list[SeqGroup], req: SeqGroup) -> None:
+    i = len(queue)
+    while i > 0 and queue[i - 1].arrival > req.arrival:
+        i -= 1
+    queue.insert(i, req)

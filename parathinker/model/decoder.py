@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from parathinker.attention.reference import CacheAttention, DenseAttention, KVCache, attend
+from parathinker.attention.paged import PagedAttention
+from parathinker.attention.paged import PagedKVCache as KVCache
+from parathinker.attention.reference import DenseAttention, attend
 from parathinker.config import ModelConfig
 from parathinker.model.rope import apply_rope, rope_cos_sin, rope_parameters
 
-AttentionMeta = DenseAttention | CacheAttention | Any  # Any: attention.flex.FlexAttention
+AttentionMeta = DenseAttention | PagedAttention | Any  # Any: attention.flex.FlexAttention
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,211 @@
+"""Attention over the paged KV pool, reading K/V in place (no copy of any context).
+
+The pool holds, per layer, `[Hkv, num_slots, D]` (head-major): a run of consecutive slots is one
+contiguous `[n, D]` matrix per KV head, so attention can read it as a view. A sequence's context
+(the prompt's slots, a path's or every path's, its own) is a short list of such runs, kept
+incrementally by the engine's sequences, so the metadata of one step is O(runs), not O(tokens):
+
+    slot_mapping [N]     slot of each new token, in flat token order (written before attending)
+    qo_indptr   [S+1]    sequence s owns flat tokens qo_indptr[s] : qo_indptr[s+1] (its queries)
+    kv_indptr   [S+1]    sequence s's context is runs kv_indptr[s] : kv_indptr[s+1], in order
+    run_start   [R]      first slot of each run
+    run_len     [R]      number of slots in each run
+
+A sequence's new tokens are the last q_len slots of its context; its queries are causal among
+them and see the whole rest of the context. Backends, one `if` each:
+
+- "runs" (CPU default): per sequence, the scores against each run are one matmul over a view of
+  the pool; one softmax over the concatenated scores; the output is the sum over runs.
+- "flex" (GPU; also compiles on CPU): FlexAttention over the whole pool with a block mask built
+  from the same runs (`parathinker.attention.flex_paged`).
+- "reference": gathers each context into a new tensor and runs masked SDPA: the slow,
+  obviously-correct twin the others are tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("runs", "flex", "reference")
+# Score buffers of the runs backend stay under this many bytes (queries are chunked to fit).
+MAX_SCORE_BYTES = 64 << 20
+
+
+@dataclass
+class PagedKVCache:
+    """The KV pool: one slot per cached token, per layer, head-major."""
+
+    k: torch.Tensor  # [num_layers, Hkv, num_slots, D]
+    v: torch.Tensor  # [num_layers, Hkv, num_slots, D]
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> PagedKVCache:
+        # torch.empty: on CPU the pages are only backed by memory once written (no 4 GiB of
+        # zeros at start); every slot is written before any attention reads it.
+        shape = (num_layers, num_kv_heads, num_slots, head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device),
+                   torch.empty(shape, dtype=dtype, device=device))
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[2]
+
+
+@dataclass
+class PagedAttention:
+    """Metadata of one step (see the module docstring). Host lists drive the runs and reference
+    backends; `state` holds what a device backend builds once per step (the flex block mask)."""
+
+    slot_mapping: torch.Tensor  # [N] int64, on the model's device
+    qo_indptr: list[int]  # [S+1]
+    kv_indptr: list[int]  # [S+1]
+    run_start: list[int]  # [R]
+    run_len: list[int]  # [R]
+    backend: str = "runs"
+    state: Any = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, query_lens: Sequence[int], contexts: Sequence[Sequence[tuple[int, int]]],
+              device: torch.device | str, backend: str = "runs") -> PagedAttention:
+        """contexts[s]: runs (start slot, length) of sequence s's context, whose last
+        query_lens[s] slots are its new tokens."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
+        qo, kv, starts, lens, slots = [0], [0], [], [], []
+        for s, (q, runs) in enumerate(zip(query_lens, contexts)):
+            if not 1 <= q <= sum(n for _, n in runs):
+                raise ValueError(f"sequence {s}: {q} new tokens for a context of runs {runs}")
+            slots += _tail_slots(runs, q)
+            for a, n in runs:
+                starts.append(a)
+                lens.append(n)
+            qo.append(qo[-1] + q)
+            kv.append(len(starts))
+        slot_mapping = torch.cat(slots).to(device)
+        meta = cls(slot_mapping, qo, kv, starts, lens, backend)
+        if backend == "flex":
+            from parathinker.attention.flex_paged import build_flex_state
+
+            meta.state = build_flex_state(meta, device)
+        return meta
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.qo_indptr) - 1
+
+    def runs(self, s: int) -> list[tuple[int, int]]:
+        a, b = self.kv_indptr[s], self.kv_indptr[s + 1]
+        return list(zip(self.run_start[a:b], self.run_len[a:b]))
+
+
+def _tail_slots(runs: Sequence[tuple[int, int]], q: int) -> list[torch.Tensor]:
+    """The last q slots of a context, as aranges in order."""
+    out = []
+    for a, n in reversed(runs):
+        take = min(n, q)
+        out.append(torch.arange(a + n - take, a + n))
+        q -= take
+        if not q:
+            break
+    return out[::-1]
+
+
+def write_kv(kv_cache: PagedKVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [N, Hkv, D] -> the pool's slots."""
+    kv_cache.k[layer][:, slot_mapping] = k.transpose(0, 1)
+    kv_cache.v[layer][:, slot_mapping] = v.transpose(0, 1)
+
+
+def paged_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: PagedAttention, kv_cache: PagedKVCache) -> torch.Tensor:
+    """q: [1, N, Hq, D], k/v: [1, N, Hkv, D] (flat tokens) -> [1, N, Hq, D]."""
+    write_kv(kv_cache, layer, k[0], v[0], meta.slot_mapping)
+    k_pool, v_pool = kv_cache.k[layer], kv_cache.v[layer]
+    if meta.backend == "flex":
+        from parathinker.attention.flex_paged import flex_paged_attend
+
+        return flex_paged_attend(q, k_pool, v_pool, meta)
+    fn = _attend_runs if meta.backend == "runs" else _attend_gathered
+    out = torch.empty_like(q[0])
+    for s in range(meta.num_seqs):
+        a, b = meta.qo_indptr[s], meta.qo_indptr[s + 1]
+        out[a:b] = fn(q[0, a:b], k_pool, v_pool, meta.runs(s))
+    return out[None]
+
+
+def _fold(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[T, Hq, D] -> [Hkv, T*G, D]: the G query heads of a KV head share its K/V reads."""
+    t, hq, d = q.shape
+    g = hq // num_kv_heads
+    return q.view(t, num_kv_heads, g, d).permute(1, 0, 2, 3).reshape(num_kv_heads, t * g, d)
+
+
+def _unfold(o: torch.Tensor, t: int) -> torch.Tensor:
+    """[Hkv, T*G, D] -> [T, Hq, D]."""
+    hkv, tg, d = o.shape
+    return o.view(hkv, t, tg // t, d).permute(1, 0, 2, 3).reshape(t, -1, d)
+
+
+def _causal_tail(t: int, c: int, g: int, device: torch.device) -> torch.Tensor:
+    """[T*G, C] bool: query row (t, g) sees context index <= C - T + t."""
+    last = torch.arange(c - t, c, device=device).repeat_interleave(g)
+    return torch.arange(c, device=device)[None, :] <= last[:, None]
+
+
+def _attend_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                 runs: list[tuple[int, int]]) -> torch.Tensor:
+    """One sequence: q [T, Hq, D]; K/V read as views of each run of the pool [Hkv, S, D]."""
+    t, _, d = q.shape
+    hkv = k_pool.shape[0]
+    g = q.shape[1] // hkv
+    c = sum(n for _, n in runs)
+    qf = _fold(q, hkv) * d ** -0.5  # [Hkv, T*G, D]
+    chunk = max(1, MAX_SCORE_BYTES // (4 * hkv * g * c))  # query tokens per score buffer
+    outs = []
+    for t0 in range(0, t, chunk):
+        t1 = min(t, t0 + chunk)
+        rows = qf[:, t0 * g: t1 * g]
+        scores = torch.cat([torch.matmul(rows, k_pool[:, a: a + n].transpose(1, 2))
+                            for a, n in runs], -1).float()  # [Hkv, rows, C]
+        if t > 1:  # queries see the context up to themselves
+            visible = _causal_tail(t, c, g, q.device)[t0 * g: t1 * g]
+            scores = scores.masked_fill(~visible, float("-inf"))
+        p = scores.softmax(-1).to(q.dtype)
+        o, off = None, 0
+        for a, n in runs:
+            part = torch.matmul(p[..., off: off + n], v_pool[:, a: a + n])
+            o = part if o is None else o + part
+            off += n
+        outs.append(o)
+    return _unfold(torch.cat(outs, 1), t)
+
+
+def _attend_gathered(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                     runs: list[tuple[int, int]]) -> torch.Tensor:
+    """The slow twin: copy the context's K/V out of the pool, masked SDPA over them."""
+    t, _, _ = q.shape
+    slots = torch.cat([torch.arange(a, a + n) for a, n in runs]).to(k_pool.device)
+    k, v = k_pool[:, slots][None], v_pool[:, slots][None]  # [1, Hkv, C, D]
+    c = slots.numel()
+    visible = torch.arange(c, device=q.device)[None, :] <= torch.arange(c - t, c, device=q.device)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=visible,
+                                         enable_gqa=True)  # [1, Hq, T, D]
+    return out[0].transpose(0, 1)
+
+
+def runs_of(slots: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive slots as (start, length) runs: [3, 4, 5, 9] -> [(3, 3), (9, 1)]."""
+    runs: list[tuple[int, int]] = []
+    for s in slots:
+        if runs and runs[-1][0] + runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((s, 1))
+    return runs
