@@ -16,12 +16,12 @@ import json
 import sys
 import time
 
+from parathinker.cli_args import add_model_args, llm_kwargs, rope_for_args
+
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("question", help="the question (the prompt template is applied)")
-    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    add_model_args(p)
     p.add_argument("--paths", type=int, default=4, help="number of parallel paths P")
     p.add_argument("--max-path-tokens", type=int, default=16384)
     p.add_argument("--min-path-tokens", type=int, default=0)
@@ -43,7 +43,8 @@ def run_generate(args: argparse.Namespace) -> int:
         min_path_tokens=args.min_path_tokens, max_summary_tokens=args.max_summary_tokens,
         min_finished_paths=args.min_finished_paths, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    rope = rope_for_args(args, args.model, args.max_path_tokens)  # YaRN for 16K paths (SPEC §5.6)
+    llm = LLM(args.model, **llm_kwargs(args, rope))
     start = time.perf_counter()
     (out,) = llm.generate([args.question], params)
     elapsed = time.perf_counter() - start

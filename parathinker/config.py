@@ -119,6 +119,53 @@ def reference_yarn(max_path_tokens: int) -> dict[str, Any] | None:
     }
 
 
+ROPE_SCALING_CHOICES = ("auto", "none", "reference")  # or a JSON object
+
+
+def resolve_rope_scaling(choice: str | dict[str, Any], checkpoint: dict[str, Any],
+                         max_path_tokens: int, parallel: bool = True) -> dict[str, Any] | None:
+    """The rope scaling a checkpoint runs with (None: plain RoPE), from `--rope-scaling`.
+
+    `checkpoint` is its config.json; `max_path_tokens` the path budget; `parallel` False for plain
+    traces (the sequential and majority baselines).
+    - "auto": the checkpoint's own `rope_scaling` when it has one (a Llama's llama3 is never
+      overridden); else, for a Qwen2 checkpoint running ParaThinker paths, the reference's YaRN for
+      that budget (SPEC §5.6: none up to 8192 tokens); else none.
+    - "none": nothing added (the checkpoint's own scaling, if any, stays).
+    - "reference": the reference's YaRN for the budget in place of anything the checkpoint has, as
+      its engine's `hf_overrides` do (plain RoPE up to 8192 tokens).
+    - a dict: that scaling (`{"rope_type": "default"}` is plain RoPE).
+    """
+    own = normalize_rope_scaling(checkpoint.get("rope_scaling") or checkpoint.get("rope_parameters"))
+    if isinstance(choice, dict):
+        return normalize_rope_scaling(choice)
+    if choice == "none":
+        return own
+    if choice == "reference":
+        return reference_yarn(max_path_tokens)
+    if choice == "auto":
+        if own is not None or checkpoint.get("model_type") != "qwen2" or not parallel:
+            return own
+        return reference_yarn(max_path_tokens)
+    raise ValueError(f"unknown rope scaling {choice!r}; use one of {ROPE_SCALING_CHOICES} or a "
+                     "JSON object")
+
+
+def parse_rope_scaling(text: str) -> str | dict[str, Any]:
+    """A `--rope-scaling` value: one of ROPE_SCALING_CHOICES, or a JSON object (checked)."""
+    if text in ROPE_SCALING_CHOICES:
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"--rope-scaling takes {', '.join(ROPE_SCALING_CHOICES)} or a JSON object, "
+                         f"got {text!r}")
+    normalize_rope_scaling(value)  # an unsupported rope_type fails here, not after loading
+    return value
+
+
 def check_sampling(temperature: float, top_p: float) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")

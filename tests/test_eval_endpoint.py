@@ -18,7 +18,7 @@ fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from parathinker.eval.cli import main
-from parathinker.eval.runner import derive_seed
+from parathinker.eval.plan import derive_seed
 from parathinker.tokens import SEQUENTIAL_PROMPT_TEMPLATE
 
 PROBLEMS = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(1, 4)]

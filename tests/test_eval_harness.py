@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from parathinker.eval.cli import main
-from parathinker.eval.runner import EvalConfig, Unit, build_record, derive_seed, request_params
+from parathinker.eval.config import EvalConfig
+from parathinker.eval.plan import Unit, derive_seed, request_params
+from parathinker.eval.records import build_record
 from parathinker.outputs import PathOutput, RequestOutput, SummaryOutput
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"

@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from parathinker.cli_args import add_model_args
+
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -31,9 +33,10 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p, model_help="checkpoint directory or hub id; with --endpoint, the served model "
+                                 "name (the other model flags apply to the project's engine only)",
+                   layout_list=True)
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--model", required=True,
-                   help="checkpoint directory or hub id; with --endpoint, the served model name")
     g.add_argument("--benchmark", type=_names, default=("aime24",),
                    help="comma list of aime24, aime25, amc23, math500 or custom names (with --data); "
                         "default aime24")
@@ -83,21 +86,15 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="seconds per HTTP request with --endpoint (default 3600)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="requests in flight at once (engine batch / HTTP concurrency); default 64")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    g.add_argument("--rope-scaling", default="auto", choices=("auto", "reference", "checkpoint"),
-                   help="auto: the reference's YaRN for parathinker paths above 8192 tokens (SPEC §5.6), "
-                        "the checkpoint's own setting for plain traces; reference: that YaRN for every "
-                        "mode; checkpoint: never override config.json")
-    g.add_argument("--linear", default="auto", help="CPU linear backend: auto, packed, int8 or plain")
 
 
 def config_from_args(args: argparse.Namespace) -> object:
-    from parathinker.eval.runner import EvalConfig
+    from parathinker.eval.config import EvalConfig
 
     return EvalConfig(
         model=args.model, output=args.output, benchmarks=tuple(args.benchmark), data=tuple(args.data or ()),
         modes=tuple(args.mode), paths=tuple(args.paths), majority_n=tuple(args.majority_n or ()),
+        layouts=tuple(args.layout),
         samples=args.samples, max_path_tokens=args.max_path_tokens, max_summary_tokens=args.max_summary_tokens,
         min_finished_paths=args.min_finished_paths, max_tokens=args.max_tokens,
         majority_max_tokens=args.majority_max_tokens, temperature=args.temperature, top_p=args.top_p,

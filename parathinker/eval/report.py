@@ -4,7 +4,8 @@
     summary = summarize(store.records())
     write_report(summary, config, out_dir)   # summary.json, report.md, accuracy_vs_paths.png
 
-A configuration is a mode and a path count: "sequential", "P=4" (parathinker), "majority@8", or
+A configuration is a mode, a path count and a layout: "sequential", "P=4" (parathinker, native
+layout), "P=4 (reference)" (the reference layout, next to its native twin), "majority@8", or
 "<mode>@<n>" for any other mode. pass@1 is the mean over problems of the mean over samples of
 `correct`; its standard error is the sample std (ddof=1) of the per-problem means over sqrt(n), 0 for
 n < 2. The path-majority (`majority_over_paths_correct`) and any-path oracle (`any_path_correct`)
@@ -24,16 +25,17 @@ from typing import Any
 import numpy as np
 
 from parathinker.eval.data import BENCHMARKS
+from parathinker.eval.results import layout_of
 
 TOKEN_FIELDS = ("total_tokens", "path_tokens", "summary_tokens")
 _MODE_ORDER = {"sequential": 0, "parathinker": 1, "majority": 2}
 
 
-def config_label(mode: str, num_paths: int) -> str:
+def config_label(mode: str, num_paths: int, layout: str | None = None) -> str:
     if mode == "sequential":
         return "sequential"
     if mode == "parathinker":
-        return f"P={num_paths}"
+        return f"P={num_paths}" if layout in (None, "native") else f"P={num_paths} ({layout})"
     return f"{mode}@{num_paths}"
 
 
@@ -74,22 +76,24 @@ def _stats(values: list[float], quantiles: tuple[str, ...]) -> dict[str, float]:
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """{benchmark: {configuration: stats}}, benchmarks and configurations in a stable, readable order."""
-    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, str, int, str | None], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        groups[(str(r["benchmark"]), str(r["mode"]), int(r["num_paths"]))].append(r)
+        mode = str(r["mode"])
+        groups[(str(r["benchmark"]), mode, int(r["num_paths"]), layout_of(mode, r.get("layout")))].append(r)
 
-    def order(key: tuple[str, str, int]) -> tuple[Any, ...]:
-        bench, mode, n = key
+    def order(key: tuple[str, str, int, str | None]) -> tuple[Any, ...]:
+        bench, mode, n, layout = key
         rank = BENCHMARKS.index(bench) if bench in BENCHMARKS else len(BENCHMARKS)
-        return (rank, bench, _MODE_ORDER.get(mode, 3), mode, n)
+        # each reference-layout configuration right after its native twin: side by side
+        return (rank, bench, _MODE_ORDER.get(mode, 3), mode, n, layout not in (None, "native"), layout or "")
 
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for key in sorted(groups, key=order):
-        bench, mode, num_paths = key
+        bench, mode, num_paths, layout = key
         rs = groups[key]
         acc, acc_se = _mean_se(_problem_means(rs, "correct"))
         stats: dict[str, Any] = {
-            "mode": mode, "num_paths": num_paths,
+            "mode": mode, "num_paths": num_paths, "layout": layout,
             "num_problems": len({str(r["id"]) for r in rs}), "num_samples": len(rs),
             "accuracy": acc, "accuracy_se": acc_se,
         }
@@ -100,7 +104,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str
         stats["tokens"] = {f: _stats(v, ("p50", "max")) for f in TOKEN_FIELDS if (v := _values(rs, f))}
         if latency := _values(rs, "latency_s"):
             stats["latency_s"] = _stats(latency, ("p50", "p90"))
-        summary.setdefault(bench, {})[config_label(mode, num_paths)] = stats
+        summary.setdefault(bench, {})[config_label(mode, num_paths, layout)] = stats
     return summary
 
 
@@ -154,12 +158,17 @@ def plot_accuracy(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> 
     xs_all: set[int] = set()
     for k, (bench, by_config) in enumerate(summary.items()):
         color = f"C{k}"
-        par = sorted((s for s in by_config.values() if s["mode"] == "parathinker"), key=lambda s: s["num_paths"])
-        xs = [s["num_paths"] for s in par]
+        par = sorted((s for s in by_config.values() if s["mode"] == "parathinker"
+                      and s.get("layout") in (None, "native")), key=lambda s: s["num_paths"])
+        ref = sorted((s for s in by_config.values() if s["mode"] == "parathinker"
+                      and s.get("layout") == "reference"), key=lambda s: s["num_paths"])
+        xs = [s["num_paths"] for s in par + ref]
         xs_all.update(xs)
-        if par:
-            ax.errorbar(xs, [100 * s["accuracy"] for s in par], [100 * s["accuracy_se"] for s in par],
-                        color=color, marker="o", capsize=3, label=f"{bench} summary")
+        for series, style, what in ((par, "-", "summary"), (ref, "-.", "summary, reference layout")):
+            if series:
+                ax.errorbar([s["num_paths"] for s in series], [100 * s["accuracy"] for s in series],
+                            [100 * s["accuracy_se"] for s in series], color=color, marker="o",
+                            linestyle=style, capsize=3, label=f"{bench} {what}")
         for name, marker in (("majority", "s"), ("oracle", "^")):
             pts = [s for s in par if f"{name}_accuracy" in s]
             if pts:

@@ -7,7 +7,8 @@
 One JSON object per line, written, flushed and fsynced as soon as a sample is graded. A run killed
 mid-write leaves a last line without its newline: on open it is dropped (with a warning) and the file
 truncated to the last complete line, so that sample is simply run again, never counted twice.
-A record's key is (benchmark, mode, num_paths, id, sample).
+A record's key is (benchmark, mode, num_paths, id, sample, layout); a parathinker record written
+before layouts existed is a native one, plain traces have no layout (None).
 """
 
 from __future__ import annotations
@@ -20,14 +21,23 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-SampleKey = tuple[str, str, int, str, int]
+SampleKey = tuple[str, str, int, str, int, str | None]
 REQUIRED_FIELDS = ("benchmark", "id", "mode", "num_paths", "sample", "answer", "correct")
 
 
+def layout_of(mode: str, layout: str | None) -> str | None:
+    """A sample's layout: parathinker requests are native unless said otherwise; plain traces
+    (sequential, majority, build-data's) have none."""
+    if mode == "parathinker":
+        return layout or "native"
+    return None
+
+
 def sample_key(record: dict[str, Any]) -> SampleKey:
+    mode = str(record["mode"])
     return (
-        str(record["benchmark"]), str(record["mode"]), int(record["num_paths"]),
-        str(record["id"]), int(record["sample"]),
+        str(record["benchmark"]), mode, int(record["num_paths"]),
+        str(record["id"]), int(record["sample"]), layout_of(mode, record.get("layout")),
     )
 
 

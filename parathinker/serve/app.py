@@ -292,7 +292,9 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
     def model_card() -> dict[str, Any]:
         return {"id": server.model_name, "object": "model", "created": server.created,
                 "owned_by": "parathinker",
-                "max_model_len": llm.config.max_position_embeddings, "max_paths": llm.max_paths}
+                "max_model_len": llm.config.max_position_embeddings, "max_paths": llm.max_paths,
+                # what the engine runs with: --rope-scaling resolved from the path budget, --layout
+                "rope_scaling": llm.config.rope_scaling, "layout": llm.layout}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:

@@ -16,11 +16,13 @@ import logging
 import os
 import sys
 
+from parathinker.cli_args import add_model_args, llm_kwargs, rope_for_args
+
 API_KEY_ENV = "PARATHINKER_API_KEY"
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub id")
+    add_model_args(p)
     p.add_argument("--served-model-name", default=None,
                    help="the name clients send as 'model' (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1",
@@ -35,18 +37,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", choices=("parathinker", "tokenizer"), default="parathinker",
                    help="parathinker: the model's prompt template (SPEC §3) around the last user "
                         "message; tokenizer: the tokenizer's own chat template")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV cache blocks (default: 90%% of free GPU memory, or 4 GiB on CPU)")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--linear", default="auto", help="auto, packed, plain or int8 (CPU linears)")
     g = p.add_argument_group("request defaults (a request's own fields override them)")
     g.add_argument("--num-paths", type=int, default=4)
     g.add_argument("--max-path-tokens", type=int, default=16384,
-                   help="cap; a request that sets none gets what the context leaves, up to this")
+                   help="cap; a request that sets none gets what the context leaves, up to this; "
+                        "--rope-scaling auto derives the YaRN factor from it")
     g.add_argument("--min-path-tokens", type=int, default=0)
     g.add_argument("--max-summary-tokens", type=int, default=1024, help="template included")
     g.add_argument("--min-finished-paths", type=int, default=1,
@@ -73,9 +73,11 @@ def run_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         logging.warning("serving on %s without --api-key: anyone who can reach it can use it",
                         args.host)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-              num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
-              max_num_batched_tokens=args.max_num_batched_tokens, linear=args.linear)
+    rope = rope_for_args(args, args.model, args.max_path_tokens)  # from the largest path budget
+    llm = LLM(args.model, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+              kv_cache_memory=args.kv_cache_memory,
+              max_num_batched_tokens=args.max_num_batched_tokens, **llm_kwargs(args, rope))
+    logging.info("rope scaling %s, layout %s", llm.config.rope_scaling, llm.layout)
     if defaults.num_paths > llm.max_paths:
         raise ValueError(f"--num-paths {defaults.num_paths} exceeds this checkpoint's "
                          f"{llm.max_paths} paths")

@@ -76,6 +76,9 @@ class BuildConfig:
     request_timeout: float = 3600.0
     device: str = "auto"
     dtype: str = "auto"
+    rope_scaling: str | dict[str, Any] = "auto"  # local teacher: --rope-scaling (cli_args)
+    layout: str = "native"  # local teacher, paths mode
+    linear: str = "auto"
     limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -120,8 +123,16 @@ class LocalTeacher:
     def __init__(self, cfg: BuildConfig) -> None:
         from parathinker import LLM
 
+        from parathinker.cli_args import PLAIN_ROPE, checkpoint_config
+        from parathinker.config import resolve_rope_scaling
+
         self.cfg = cfg
-        self.llm = LLM(cfg.teacher, device=cfg.device, dtype=cfg.dtype)  # a base model is fine
+        paths = cfg.teacher_mode == "paths"
+        rope = resolve_rope_scaling(cfg.rope_scaling, checkpoint_config(cfg.teacher),
+                                    cfg.max_tokens + 2 if paths else cfg.max_tokens, parallel=paths)
+        # a base model is fine for plain traces
+        self.llm = LLM(cfg.teacher, device=cfg.device, dtype=cfg.dtype, linear=cfg.linear,
+                       layout=cfg.layout, rope_scaling=PLAIN_ROPE if rope is None else rope)
         if cfg.teacher_mode == "paths" and not self.llm.max_paths:
             raise ValueError(f"--teacher-mode paths needs a ParaThinker teacher; {cfg.teacher} has no "
                              "ParaThinker tokens (use --teacher-mode sequential)")

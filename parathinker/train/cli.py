@@ -116,8 +116,11 @@ def _paths_range(text: str) -> tuple[int, int]:
 
 
 def add_build_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True,
-                   help="local checkpoint (directory or hub id) or an OpenAI-compatible base URL")
+    from parathinker.cli_args import add_model_args
+
+    add_model_args(p, model_flag="--teacher",
+                   model_help="local checkpoint (directory or hub id) or an OpenAI-compatible base "
+                              "URL (the other model flags apply to a local teacher only)")
     p.add_argument("--problems", required=True, help='JSONL of {"id", "problem", "answer"}')
     p.add_argument("--output", required=True, help="output JSONL of samples")
     p.add_argument("--traces-per-problem", type=int, default=8)
@@ -146,8 +149,6 @@ def add_build_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="problems per engine call")
     p.add_argument("--concurrency", type=int, default=8, help="endpoint requests in flight")
     p.add_argument("--request-timeout", type=float, default=3600.0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--limit", type=int, default=None, help="first N problems only")
 
 
@@ -164,7 +165,8 @@ def run_build_data(args: argparse.Namespace) -> int:
         teacher_model=args.teacher_model, api_key=args.api_key, max_tokens=args.max_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
         concurrency=args.concurrency, request_timeout=args.request_timeout, device=args.device,
-        dtype=args.dtype, limit=args.limit, **extra)
+        dtype=args.dtype, rope_scaling=args.rope_scaling, layout=args.layout, linear=args.linear,
+        limit=args.limit, **extra)
     stats = build_data(cfg)
     print(f"wrote {stats['samples']} samples to {args.output} ({stats['traces']} traces, "
           f"{stats['correct_traces']} correct; {stats['problems_without_sample']} problems without a sample)")

@@ -1,0 +1,104 @@
+"""The model flags of `generate`, `serve`, `eval` and `build-data`, defined once.
+
+    g = add_model_args(parser)                        # --model --device --dtype --rope-scaling ...
+    llm = LLM(args.model, **llm_kwargs(args, rope_for_args(args, args.model, max_path_tokens)))
+
+`--rope-scaling` is resolved by `parathinker.config.resolve_rope_scaling` (one pure function);
+`--layout` picks the native (SPEC §4, default) or the reference engine's layout (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from parathinker.config import parse_rope_scaling, resolve_rope_scaling
+
+LAYOUTS = ("native", "reference")  # as parathinker.engine.LAYOUTS, without importing torch here
+LINEAR_BACKENDS = ("auto", "plain", "packed", "int8")  # as parathinker.model.fast_linear
+PLAIN_ROPE = {"rope_type": "default"}  # an LLM(rope_scaling=...) override meaning "no scaling"
+
+ROPE_HELP = (
+    "auto: the checkpoint's own rope_scaling if it has one (a Llama's llama3 stays), else for a "
+    "Qwen2 checkpoint running ParaThinker paths the reference's YaRN when paths exceed 8192 tokens "
+    "(factor = max path tokens / 8192, original length 9280, beta 32/1; SPEC §5.6); none: add "
+    "nothing (the checkpoint's own stays); reference: that YaRN for the path budget in place of "
+    "the checkpoint's own, as the reference engine does; or a JSON object, e.g. "
+    "'{\"rope_type\": \"yarn\", \"factor\": 4, \"original_max_position_embeddings\": 8192}'. "
+    "Default: %(default)s")
+LAYOUT_HELP = (
+    "native: the train-consistent layout (SPEC §4: no pads, every path closed, summary at "
+    "Lp + Lmax); reference: the released vLLM engine's layout (SPEC §6: prompt and finished paths "
+    "padded with <vllm_pad> to multiples of 16, lock-step first-finish with unfinished paths "
+    "truncated, summary at 2·Lp + L, template forced one token per step, summary capped at 128 "
+    "tokens), to reproduce the model card")
+
+
+def _rope(text: str) -> str | dict[str, Any]:
+    try:
+        return parse_rope_scaling(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _layout(text: str) -> str:
+    if text not in LAYOUTS:
+        raise argparse.ArgumentTypeError(f"--layout takes {' or '.join(LAYOUTS)}, got {text!r}")
+    return text
+
+
+def _layouts(text: str) -> tuple[str, ...]:
+    values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not values:
+        raise argparse.ArgumentTypeError("--layout needs at least one of native, reference")
+    return tuple(_layout(v) for v in values)
+
+
+def add_model_args(p: argparse.ArgumentParser, *, model_flag: str = "--model",
+                   model_help: str = "checkpoint directory or Hugging Face hub id",
+                   layout_list: bool = False) -> Any:
+    """Add the shared model flags to `p` as one group and return the group. `model_flag` names the
+    checkpoint flag (`--teacher` for build-data); `layout_list` lets --layout take a comma list
+    (eval runs each layout in turn)."""
+    g = p.add_argument_group("model")
+    g.add_argument(model_flag, required=True, help=model_help)
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    g.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16, float16 or auto: the checkpoint's dtype on GPU, float32 "
+                        "on CPU (default: %(default)s)")
+    g.add_argument("--rope-scaling", type=_rope, default="auto",
+                   metavar="{auto,none,reference,JSON}", help=ROPE_HELP)
+    if layout_list:
+        g.add_argument("--layout", type=_layouts, default=("native",), metavar="native,reference",
+                       help=LAYOUT_HELP + ". A comma list runs each layout in turn into one report "
+                                          "(default: native)")
+    else:
+        g.add_argument("--layout", type=_layout, default="native", metavar="{native,reference}",
+                       help=LAYOUT_HELP + " (default: %(default)s)")
+    g.add_argument("--linear", default="auto", choices=LINEAR_BACKENDS,
+                   help="CPU linear layers: auto (packed for float32 on CPU), packed, int8 or plain "
+                        "(default: %(default)s)")
+    return g
+
+
+def checkpoint_config(model: str) -> dict[str, Any]:
+    """config.json of a checkpoint directory or hub id ({} when it has none)."""
+    from parathinker.model.checkpoint import resolve_model_dir
+
+    f = resolve_model_dir(model) / "config.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def rope_for_args(args: argparse.Namespace, model: str, max_path_tokens: int,
+                  parallel: bool = True) -> dict[str, Any] | None:
+    """The resolved rope scaling (None: plain RoPE) of `model` for this path budget."""
+    return resolve_rope_scaling(args.rope_scaling, checkpoint_config(model), max_path_tokens, parallel)
+
+
+def llm_kwargs(args: argparse.Namespace, rope_scaling: dict[str, Any] | None,
+               layout: str | None = None) -> dict[str, Any]:
+    """`LLM(model, **llm_kwargs(...))` from the shared flags and a resolved rope scaling."""
+    return {"device": args.device, "dtype": args.dtype, "linear": args.linear,
+            "layout": layout or args.layout,
+            "rope_scaling": PLAIN_ROPE if rope_scaling is None else rope_scaling}

@@ -1,0 +1,156 @@
+"""`EvalConfig`: everything that decides what an eval run produces, validated once.
+
+    cfg = EvalConfig(model="Leslie04/ParaThinker-1.5B", output="runs/x", paths=(2, 4, 8),
+                     layouts=("native", "reference"))
+    cfg.configurations()   # [("parathinker", 2, "native"), ..., ("parathinker", 8, "reference")]
+
+A configuration is a mode, a number of paths and, for ParaThinker requests, a layout (SPEC §4
+native, SPEC §6 reference); plain traces (sequential, majority) have no layout (None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from parathinker.config import PlainParams, parse_rope_scaling, resolve_rope_scaling
+
+MODES = ("parathinker", "sequential", "majority")
+LAYOUTS = ("native", "reference")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The CLI builds it (docs/EVAL.md); `run` fills `checkpoint` from the model's config.json."""
+
+    model: str
+    output: str
+    benchmarks: tuple[str, ...] = ("aime24",)
+    data: tuple[str, ...] = ()  # JSONL files: NAME=FILE, or one FILE per benchmark; () = built-in
+    modes: tuple[str, ...] = ("parathinker",)
+    paths: tuple[int, ...] = (2, 4, 8)
+    majority_n: tuple[int, ...] = ()  # () = the same values as `paths`
+    layouts: tuple[str, ...] = ("native",)  # parathinker mode: each layout in turn
+    samples: int = 1
+    max_path_tokens: int = 16384
+    max_summary_tokens: int = 1024
+    min_finished_paths: int = 1  # clipped to P; 1 = first-finish
+    max_tokens: int | None = None  # sequential trace budget; None = 2 x max_path_tokens
+    majority_max_tokens: int | None = None  # each majority trace; None = max_path_tokens
+    temperature: float = 0.5
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    resume: bool = False
+    limit: int | None = None
+    endpoint: str | None = None
+    request_timeout: float = 3600.0
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
+    rope_scaling: str | dict[str, Any] = "auto"  # parathinker.config.resolve_rope_scaling
+    linear: str = "auto"
+    save_text: bool = False
+    api_key: str | None = field(default=None, repr=False)
+    checkpoint: dict[str, Any] = field(default_factory=dict, repr=False)  # its config.json
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"unknown mode(s) {', '.join(bad) or '(none)'}: use {', '.join(MODES)}")
+        if not self.benchmarks or any(not b for b in self.benchmarks):
+            raise ValueError("--benchmark needs at least one name")
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ValueError(f"--benchmark lists a name twice: {','.join(self.benchmarks)}")
+        self.data_files()  # checks the --data / --benchmark pairing
+        for name, values in (("--paths", self.paths), ("--majority-n", self.majority_n)):
+            if any(v < 1 for v in values):
+                raise ValueError(f"{name} values must be >= 1, got {','.join(map(str, values))}")
+        if "parathinker" in self.modes and not self.paths:
+            raise ValueError("--paths needs at least one value")
+        bad = [x for x in self.layouts if x not in LAYOUTS]
+        if bad or not self.layouts:
+            raise ValueError(f"unknown layout(s) {', '.join(bad) or '(none)'}: use {', '.join(LAYOUTS)}")
+        checks = (("--samples", self.samples, 1), ("--batch-size", self.batch_size, 1),
+                  ("--max-path-tokens", self.max_path_tokens, 2),
+                  ("--max-summary-tokens", self.max_summary_tokens, 1),
+                  ("--min-finished-paths", self.min_finished_paths, 1),
+                  ("--max-tokens", self.max_tokens or 1, 1),
+                  ("--majority-max-tokens", self.majority_max_tokens or 1, 1),
+                  ("--limit", 0 if self.limit is None else self.limit, 0))
+        for name, value, low in checks:
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if isinstance(self.rope_scaling, str):
+            parse_rope_scaling(self.rope_scaling)  # raises for an unknown choice
+        if self.request_timeout <= 0:
+            raise ValueError(f"--request-timeout must be > 0, got {self.request_timeout}")
+        if self.endpoint and "parathinker" in self.modes:
+            raise ValueError("--endpoint serves the sequential and majority modes only; run parathinker "
+                             "mode on the project's engine (drop --endpoint) in a separate invocation")
+        PlainParams(max_tokens=1, temperature=self.temperature, top_p=self.top_p)  # same checks as sampling
+
+    def data_files(self) -> dict[str, str]:
+        """--data entries by benchmark: `NAME=FILE`, or plain FILEs one per --benchmark name in order."""
+        named = dict(d.split("=", 1) for d in self.data if "=" in d and d.split("=", 1)[0] in self.benchmarks)
+        plain = [d for d in self.data if not ("=" in d and d.split("=", 1)[0] in self.benchmarks)]
+        if plain and (named or len(plain) != len(self.benchmarks)):
+            raise ValueError(f"{len(plain)} --data file(s) for {len(self.benchmarks)} benchmark(s): pass one "
+                             "--data FILE per --benchmark name in the same order, or --data NAME=FILE")
+        return named or dict(zip(self.benchmarks, plain))
+
+    @property
+    def sequential_max_tokens(self) -> int:
+        return self.max_tokens or 2 * self.max_path_tokens
+
+    @property
+    def vote_max_tokens(self) -> int:
+        return self.majority_max_tokens or self.max_path_tokens
+
+    @property
+    def vote_sizes(self) -> tuple[int, ...]:
+        return self.majority_n or self.paths
+
+    @property
+    def backend(self) -> str:
+        return "endpoint" if self.endpoint else "engine"
+
+    def configurations(self) -> list[tuple[str, int, str | None]]:
+        """(mode, num_paths, layout) in the order they run: each layout of parathinker mode in
+        turn (one engine each), plain traces once (layout None)."""
+        out: list[tuple[str, int, str | None]] = []
+        for mode in self.modes:
+            if mode == "parathinker":
+                out += [(mode, n, lay) for lay in self.layouts for n in dict.fromkeys(self.paths)]
+            else:
+                sizes = self.vote_sizes if mode == "majority" else (1,)
+                out += [(mode, n, None) for n in dict.fromkeys(sizes)]
+        return out
+
+    def rope_for(self, mode: str) -> dict[str, Any] | None:
+        """The rope scaling of the engine that runs `mode` (None: plain RoPE; always None for an
+        endpoint, which has its own): `--rope-scaling` resolved for this checkpoint."""
+        if self.backend != "engine":
+            return None
+        return resolve_rope_scaling(self.rope_scaling, self.checkpoint, self.max_path_tokens,
+                                    parallel=mode == "parathinker")
+
+    def settings(self, mode: str, num_paths: int) -> dict[str, Any]:
+        """What shaped a sample besides its seed and layout: stored with it, compared on --resume."""
+        out: dict[str, Any] = {"model": self.model, "backend": self.backend, "temperature": self.temperature,
+                               "top_p": self.top_p, "top_k": self.top_k, "base_seed": self.seed}
+        if mode == "parathinker":
+            out.update(max_path_tokens=self.max_path_tokens, max_summary_tokens=self.max_summary_tokens,
+                       min_finished_paths=min(self.min_finished_paths, num_paths))
+        else:
+            out.update(max_tokens=self.sequential_max_tokens if mode == "sequential" else self.vote_max_tokens)
+        out["rope_scaling"] = self.rope_for(mode)
+        return out
+
+    def public_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("api_key")
+        d.pop("checkpoint")
+        d.update(resolved_max_tokens=self.sequential_max_tokens,
+                 resolved_majority_max_tokens=self.vote_max_tokens, resolved_majority_n=list(self.vote_sizes))
+        return d

@@ -1,0 +1,74 @@
+"""Record building: a finished sample graded into its samples.jsonl line (fields in docs/EVAL.md).
+
+A response's answer is the last `\\boxed{}` of the summary / trace (`parathinker.tokens.last_boxed`,
+the extractor `RequestOutput.answer` uses); one without a box is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from parathinker.eval.backends import Trace
+from parathinker.eval.config import EvalConfig
+from parathinker.eval.grade import grade, majority_vote
+from parathinker.eval.plan import Unit
+from parathinker.tokens import last_boxed
+
+TAIL_CHARS = 400  # how much of a plain trace a record keeps without --save-text
+
+
+def is_correct(gold: str, answer: str | None) -> bool:
+    return answer is not None and grade(gold, f"\\boxed{{{answer}}}")
+
+
+def _vote(gold: str, answers: list[str | None]) -> dict[str, Any]:
+    """Each answer's correctness, the any-answer oracle and the majority vote."""
+    path_correct = [is_correct(gold, a) for a in answers]
+    voted = majority_vote(answers)
+    return {"path_answers": answers, "path_correct": path_correct, "any_path_correct": any(path_correct),
+            "majority_answer": voted, "majority_over_paths_correct": is_correct(gold, voted)}
+
+
+def build_record(cfg: EvalConfig, unit: Unit, outputs: Sequence[Any]) -> dict[str, Any]:
+    """The samples.jsonl line of a finished sample (field list in docs/EVAL.md)."""
+    gold = str(unit.problem["answer"])
+    rec: dict[str, Any] = {"benchmark": unit.benchmark, "id": str(unit.problem["id"]), "mode": unit.mode,
+                           "num_paths": unit.num_paths, "sample": unit.sample, "layout": unit.key[5],
+                           "seed": unit.seed(cfg.seed), "gold": gold}
+    if unit.mode == "parathinker":
+        (out,) = outputs
+        answer = last_boxed(out.summary.text)
+        rec.update(answer=answer, correct=is_correct(gold, answer), summary=out.summary.text,
+                   summary_finish=out.summary.finish_reason)
+        rec.update(_vote(gold, [last_boxed(p.text) for p in out.paths]))
+        path_tokens = [len(p.token_ids) for p in out.paths]
+        rec.update(path_tokens=path_tokens, path_finish=[p.finish_reason for p in out.paths],
+                   prompt_tokens=len(out.prompt_token_ids), summary_tokens=len(out.summary.token_ids),
+                   total_tokens=sum(path_tokens) + len(out.summary.token_ids),
+                   latency_s=out.metrics.get("latency_s"), error=out.error)
+        if cfg.save_text:
+            rec["path_texts"] = [p.text for p in out.paths]
+    else:
+        traces: list[Trace] = list(outputs)
+        counts = [t.num_tokens for t in traces]
+        total = None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+        common = {"prompt_tokens": traces[0].num_prompt_tokens, "total_tokens": total,
+                  "latency_s": max(t.latency_s for t in traces),
+                  "error": "; ".join(t.error for t in traces if t.error) or None}
+        if unit.mode == "sequential":
+            (t,) = traces
+            rec.update(answer=t.answer, correct=is_correct(gold, t.answer), finish_reason=t.finish_reason,
+                       **common)
+            rec["response" if cfg.save_text else "response_tail"] = t.text if cfg.save_text \
+                else t.text[-TAIL_CHARS:]
+        else:  # majority: the N traces play the part of paths, the vote is the answer
+            vote = _vote(gold, [t.answer for t in traces])
+            rec.update(answer=vote["majority_answer"], correct=vote["majority_over_paths_correct"])
+            rec.update({k: v for k, v in vote.items() if k not in ("majority_answer",
+                                                                     "majority_over_paths_correct")})
+            rec.update(path_tokens=counts, path_finish=[t.finish_reason for t in traces], **common)
+            if cfg.save_text:
+                rec["responses"] = [t.text for t in traces]
+    rec["settings"] = cfg.settings(unit.mode, unit.num_paths)
+    return rec
