@@ -166,11 +166,19 @@ def parse_rope_scaling(text: str) -> str | dict[str, Any]:
     return value
 
 
+# Bounds that keep the sampler finite in float32: logits / temperature must not overflow (a tiny
+# temperature) nor become inf / inf (one beyond float32's range), and top_p must stay above the
+# float32 zero it would round to (then every token is dropped and softmax gives NaN).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-5, 100.0
+MIN_TOP_P = 1e-6
+
+
 def check_sampling(temperature: float, top_p: float) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, "
+                         f"{MAX_TEMPERATURE}], got {temperature}")
+    if not MIN_TOP_P <= top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] and at least {MIN_TOP_P}, got {top_p}")
 
 
 @dataclass(frozen=True)

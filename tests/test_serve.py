@@ -10,74 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
+from serve_util import (JSON, LONG, MODEL, QUESTION, SMALL, chat, client, collect_stream,
+                        free_port, metrics, params, running_server, wait_for_idle)
 
-from parathinker import LLM, SamplingParams
+from parathinker import LLM
 from parathinker.serve.app import create_app
-from parathinker.serve.metrics import parse
-from parathinker.serve.protocol import ServeDefaults
 
 uvicorn = pytest.importorskip("uvicorn")
-
-MODEL = "tiny-parathinker"
-QUESTION = "What is 2+3?"
-SMALL = {"num_paths": 2, "max_path_tokens": 12, "max_summary_tokens": 90}
-LONG = {"num_paths": 2, "max_path_tokens": 2000, "min_path_tokens": 2000, "max_summary_tokens": 90}
-
-
-@contextmanager
-def running_server(llm: LLM, **kw):
-    """create_app(llm, MODEL, **kw) served by uvicorn on 127.0.0.1:<free port> in a thread."""
-    kw.setdefault("defaults", ServeDefaults(num_paths=2, max_path_tokens=12, max_summary_tokens=90))
-    app = create_app(llm, MODEL, **kw)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-def client(base: str, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def metrics(base: str) -> dict[str, float]:
-    return parse(httpx.get(f"{base}/metrics").text)
-
-
-def wait_for_idle(base: str, timeout: float = 10.0) -> dict[str, float]:
-    """Poll /metrics until no KV block is used and nothing is in flight."""
-    deadline = time.time() + timeout
-    while True:
-        m = metrics(base)
-        if m["parathinker_kv_cache_blocks_used"] == 0 and m["parathinker_requests_in_flight"] == 0:
-            return m
-        assert time.time() < deadline, f"server not idle: {m}"
-        time.sleep(0.05)
-
-
-def params(**kw) -> SamplingParams:
-    return SamplingParams(**{**SMALL, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -97,37 +44,6 @@ def guarded(ckpt_dir):
     llm = LLM(str(ckpt_dir), device="cpu", dtype="float32", num_kv_blocks=1024)
     with running_server(llm, api_key="sekret", max_queued=1) as url:
         yield url
-
-
-def chat(c: openai.OpenAI, question: str = QUESTION, parallel: dict | None = None, **kw):
-    return c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
-                                     extra_body={"parallel": parallel or SMALL}, **kw)
-
-
-def collect_stream(stream) -> dict:
-    """Rebuild paths, summary, finish reasons and usage from chat chunks, in arrival order."""
-    out = {"paths": {}, "path_finish": {}, "content": "", "events": [], "usage": None,
-           "finish": None, "role": None}
-    for ch in stream:
-        if ch.usage is not None:
-            out["usage"] = ch.usage
-        if not ch.choices:
-            continue
-        choice, delta = ch.choices[0], ch.choices[0].delta
-        extra = delta.model_extra or {}
-        out["role"] = out["role"] or delta.role
-        if extra.get("reasoning_content"):
-            k = extra["path_index"]
-            out["paths"][k] = out["paths"].get(k, "") + extra["reasoning_content"]
-            out["events"].append(("path", k))
-        if extra.get("path_finish_reason"):
-            out["path_finish"][extra["path_index"]] = extra["path_finish_reason"]
-        if delta.content:
-            out["content"] += delta.content
-            out["events"].append(("summary", None))
-        if choice.finish_reason:
-            out["finish"] = choice.finish_reason
-    return out
 
 
 # ----- pieces
@@ -173,17 +89,17 @@ def test_chat_matches_the_python_api(base, llm):
     paths = msg.model_extra["paths"]
     assert [(p["index"], p["text"], p["finish_reason"]) for p in paths] == \
         [(p.index, p.text, p.finish_reason) for p in ref.paths]
-    reasoning = msg.model_extra["reasoning_content"]
-    for p in ref.paths:
-        assert f"<think{p.index}>{p.text}</think{p.index}>" in reasoning
+    reasoning = "\n".join(f"<think{p.index}>{p.text}</think{p.index}>" for p in ref.paths)
+    assert msg.model_extra["reasoning_content"] == msg.model_extra["reasoning"] == reasoning
     expected_finish = {"end": "stop", "budget": "length"}[ref.summary.finish_reason]
     assert r.choices[0].finish_reason == expected_finish
     u = r.usage
     assert u.prompt_tokens == len(ref.prompt_token_ids)
     assert u.model_extra["path_tokens"] == ref.num_path_tokens
     assert u.completion_tokens_details.reasoning_tokens == ref.num_path_tokens
-    assert u.model_extra["summary_tokens"] == len(ref.summary.token_ids)
-    assert u.completion_tokens == ref.num_path_tokens + len(ref.summary.token_ids)
+    generated = len(ref.summary.token_ids) - len(llm.summary_template_ids)  # not the template
+    assert u.model_extra["summary_tokens"] == generated
+    assert u.completion_tokens == ref.num_path_tokens + generated
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
 
 
@@ -199,17 +115,19 @@ def test_streaming_chat_equals_non_streaming(base):
     c = client(base)
     kw = dict(temperature=0.9, seed=11)
     full = chat(c, **kw)
-    s = collect_stream(chat(c, stream=True, **kw))
+    s = collect_stream(chat(c, stream=True, stream_options={"include_usage": True,
+                                                            "include_paths": True}, **kw))
     msg = full.choices[0].message
     assert s["role"] == "assistant"
     assert s["content"] == msg.content
+    assert s["reasoning"] == s["reasoning_alt"] == msg.model_extra["reasoning_content"]
     assert s["paths"] == {p["index"]: p["text"] for p in msg.model_extra["paths"] if p["text"]}
     assert s["path_finish"] == {p["index"]: p["finish_reason"] for p in msg.model_extra["paths"]}
     assert s["finish"] == full.choices[0].finish_reason
     assert s["usage"].model_dump() == full.usage.model_dump()
     kinds = [e[0] for e in s["events"]]  # every path chunk comes before the summary's first
     assert "summary" in kinds and "summary" not in kinds[:kinds.index("summary")]
-    assert kinds.index("summary") == kinds.count("path")
+    assert kinds.index("summary") == kinds.count("path") + kinds.count("reasoning")
     assert kinds.count("path") > 2  # the paths came token by token, not in one piece each
 
 
@@ -224,19 +142,22 @@ def test_completions(base, llm):
     r_ids = c.completions.create(model=MODEL, prompt=ref.prompt_token_ids, temperature=0,
                                  extra_body={"parallel": SMALL})
     assert r_ids.choices[0].text == ref.summary.text
-    text, reasoning, usage = "", {}, None
+    text, readable, paths, usage = "", "", {}, None
     for ch in c.completions.create(model=MODEL, prompt=prompt, temperature=0, stream=True,
+                                   stream_options={"include_usage": True, "include_paths": True},
                                    extra_body={"parallel": SMALL}):
         usage = ch.usage or usage
         for choice in ch.choices:
             text += choice.text
             extra = choice.model_extra or {}
-            if extra.get("reasoning_content"):
-                reasoning[extra["path_index"]] = reasoning.get(extra["path_index"], "") \
-                    + extra["reasoning_content"]
+            readable += extra.get("reasoning_content") or ""
+            if extra.get("path_content"):
+                paths[extra["path_index"]] = paths.get(extra["path_index"], "") \
+                    + extra["path_content"]
     assert text == ref.summary.text
-    assert reasoning == {p.index: p.text for p in ref.paths if p.text}
-    assert usage.completion_tokens == ref.num_path_tokens + len(ref.summary.token_ids)
+    assert readable == r.choices[0].model_extra["reasoning_content"]
+    assert paths == {p.index: p.text for p in ref.paths if p.text}
+    assert usage.completion_tokens == r.usage.completion_tokens
 
 
 def test_twenty_concurrent_clients_are_batched(base, llm):
@@ -266,7 +187,7 @@ def test_disconnect_mid_stream_frees_blocks(base):
     stream = chat(client(base), parallel=LONG, stream=True)
     seen = 0
     for ch in stream:  # paths arrive while the request is still thinking
-        if ch.choices and (ch.choices[0].delta.model_extra or {}).get("reasoning_content"):
+        if (ch.choices[0].delta.model_extra or {}).get("reasoning_content"):
             seen += 1
             if seen == 3:
                 break
@@ -326,8 +247,8 @@ BAD_INPUT = [
      _chat_body(parallel={**SMALL, "max_path_tokens": 1}), 400, "max_path_tokens"),
     ("summary below template", "chat/completions",
      _chat_body(parallel={**SMALL, "max_summary_tokens": 5}), 400, "summary template"),
-    ("max_tokens below template", "chat/completions", _chat_body(max_tokens=5,
-     parallel={"num_paths": 2}), 400, "'max_tokens' sets max_summary_tokens"),
+    ("max_tokens below 2 paths", "chat/completions", _chat_body(max_tokens=4,
+     parallel={"num_paths": 2}), 400, "'max_tokens'=4 cannot hold 2 path(s)"),
     ("budgets beyond context", "chat/completions",
      _chat_body(parallel={**SMALL, "max_path_tokens": 5000}), 400, "exceed the model's context"),
     ("prompt beyond context", "chat/completions",
@@ -338,6 +259,7 @@ BAD_INPUT = [
     ("n 2", "chat/completions", _chat_body(n=2), 400, "'n' must be 1"),
     ("stop", "chat/completions", _chat_body(stop=["\n"]), 400, "stop"),
     ("seed too big", "chat/completions", _chat_body(seed=1 << 70), 400, "seed"),
+    ("seed above int64", "chat/completions", _chat_body(seed=1 << 63), 400, "int64"),
     ("prompt missing", "completions", json.dumps({"model": MODEL}), 400, "prompt"),
     ("prompt batch", "completions", json.dumps({"model": MODEL, "prompt": ["a", "b"]}), 400,
      "one prompt per request"),
@@ -351,8 +273,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("name,path,body,status,match", BAD_INPUT, ids=[b[0] for b in BAD_INPUT])
 def test_bad_input(base, name, path, body, status, match):
-    r = httpx.post(f"{base}/v1/{path}", content=body, timeout=30,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(f"{base}/v1/{path}", content=body, timeout=30, headers=JSON)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert match in err["message"] and err["type"]
@@ -363,7 +284,7 @@ def test_chunked_oversized_body_and_the_server_survives(base):
         for _ in range(40):
             yield b"x" * 65536  # 2.5 MiB, no Content-Length
 
-    r = httpx.post(f"{base}/v1/chat/completions", content=chunks(), timeout=30)
+    r = httpx.post(f"{base}/v1/chat/completions", content=chunks(), timeout=30, headers=JSON)
     assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
     wait_for_idle(base)  # no bad request left a block or a slot behind
     assert chat(client(base)).choices[0].message.content
@@ -377,7 +298,7 @@ def test_oversized_bodies_get_their_413_not_a_reset(base):
     for _ in range(40):
         try:
             statuses.append(httpx.post(f"{base}/v1/chat/completions", content=body, timeout=30,
-                                       headers={"content-type": "application/json"}).status_code)
+                                       headers=JSON).status_code)
         except httpx.TransportError as e:
             statuses.append(type(e).__name__)
     assert statuses == [413] * 40, statuses
@@ -396,15 +317,21 @@ def test_engine_failures_answer_errors_and_free_blocks(base, server_llm, ckpt_di
         chat(client(base))
     wait_for_idle(base)
     assert chat(client(base)).choices[0].message.content
-    # a request larger than the whole KV pool fails alone, as in the Python API: 400
-    small = LLM(str(ckpt_dir), device="cpu", dtype="float32", num_kv_blocks=4)
+    # a request that may grow larger than the whole KV pool is refused before it runs: 400
+    # worst case: the prompt's blocks, 2 paths x 1 block of 12 tokens, 6 blocks of 90 summary
+    # tokens; the pool holds one block less (so 70 summary tokens, 5 blocks, fit)
+    num_prompt_blocks = -(-len(server_llm.encode_prompts([QUESTION], None)[0]) // 16)
+    small = LLM(str(ckpt_dir), device="cpu", dtype="float32", block_size=16,
+                num_kv_blocks=num_prompt_blocks + 2 + 5)
     with running_server(small) as url:
-        with pytest.raises(openai.BadRequestError, match="KV blocks"):
-            chat(client(url))
-        s = chat(client(url), stream=True)
-        with pytest.raises(openai.APIError, match="KV blocks"):
-            collect_stream(s)
-        assert wait_for_idle(url)['parathinker_requests_total{status="failed"}'] == 2
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError, match="KV blocks") as e:
+                chat(client(url), stream=stream)
+            assert e.value.body["code"] == "kv_cache_too_small"
+        m = wait_for_idle(url)
+        assert m["parathinker_engine_steps_total"] == 0  # nothing ran, not even a prefill
+        assert m['parathinker_requests_total{status="rejected"}'] == 2
+        assert chat(client(url), parallel={**SMALL, "max_summary_tokens": 70}).choices
 
 
 def test_chat_prompts(server_llm):
@@ -432,7 +359,7 @@ def test_chat_prompts(server_llm):
 def test_api_key(guarded):
     with pytest.raises(openai.AuthenticationError):
         chat(client(guarded, "wrong"))
-    r = httpx.post(f"{guarded}/v1/chat/completions", content=_chat_body())
+    r = httpx.post(f"{guarded}/v1/chat/completions", content=_chat_body(), headers=JSON)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{guarded}/v1/models").status_code == 401
     assert chat(client(guarded, "sekret")).choices[0].message.content
@@ -444,8 +371,9 @@ def test_too_many_requests_queued(guarded):
     c = client(guarded, "sekret")
     stream = chat(c, parallel=LONG, stream=True)
     next(iter(stream))  # the long request is in flight (limit: 1)
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as e:
         chat(c)
+    assert int(e.value.response.headers["retry-after"]) >= 1
     stream.close()
     wait_for_idle(guarded)
     assert chat(c).choices[0].message.content
@@ -459,10 +387,7 @@ def test_cli_serves_on_loopback_by_default(ckpt_dir):
     add_serve_args(parser)
     args = parser.parse_args(["--model", "m"])
     assert (args.host, args.port, args.max_body_bytes) == ("127.0.0.1", 8000, 1 << 20)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     env = {**os.environ, "PARATHINKER_API_KEY": "k"}
     cmd = [sys.executable, "-m", "parathinker.serve.cli", "--model", str(ckpt_dir), "--port",
            str(port), "--num-paths", "2", "--max-summary-tokens", "90", "--max-path-tokens", "12",

@@ -1,128 +1,71 @@
-"""The OpenAI-compatible HTTP app: /v1/chat/completions, /v1/completions, /v1/models, /health,
+"""The OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, /health,
 /metrics. One EngineLoop (a background thread) runs every request, so concurrent clients share
 each forward.
 
     app = create_app(llm, "my-model", api_key=None, max_queued=256)
     uvicorn.run(app, host="127.0.0.1", port=8000)
+    await app.state.server.drain(timeout=30)     # graceful shutdown (the CLI does it on SIGTERM)
 
-Request shapes and extension fields: protocol.py and docs/SERVE.md. The LLM's engine belongs to
-the app while it runs: do not call llm.generate on the same LLM at the same time.
+Request shapes and extension fields: protocol.py and docs/SERVE.md; HTTP concerns (body limit,
+Content-Type, Host, errors, SSE framing): http.py. The LLM's engine belongs to the app while it
+runs: do not call llm.generate on the same LLM at the same time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from parathinker.config import SamplingParams
 from parathinker.llm import LLM
 from parathinker.serve import protocol as P
-from parathinker.serve.detokenize import IncrementalDetokenizer
 from parathinker.serve.engine_loop import Delta, EngineLoop
+from parathinker.serve.http import (DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS, BodyLimit,
+                                    RequestGuard, install_error_handlers, json_response, sse)
 from parathinker.serve.metrics import Metrics
+from parathinker.serve.stream import StreamText
 
 log = logging.getLogger("parathinker.serve")
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming handler checks its client is still there
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+LARGE_PROMPT_BYTES = 64 << 10  # larger prompts tokenize in their own thread (small ones never wait)
+RETRY_AFTER_S = "1"
 
 
-class BodyLimit:
-    """ASGI middleware: reads the whole body first and answers 413 beyond `max_bytes`, whether
-    Content-Length says so up front or a chunked body grows too large; the app then gets the
-    buffered body and, after it, the real receive (so disconnects are still seen).
-
-    Before a 413 the rest of the body (up to `drain_bytes` in all) is read and dropped: a
-    server that answers and closes while the client is still sending resets the connection,
-    and the client sees a broken connection instead of the 413."""
-
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int,
-                 drain_bytes: int | None = None) -> None:
-        self.app, self.max_bytes = app, max_bytes
-        self.drain_bytes = 16 * max_bytes if drain_bytes is None else drain_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            if length.isdigit() and int(length) <= self.drain_bytes:
-                await self._drain(receive, 0)
-            return await self._too_large(send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                if message.get("more_body"):
-                    await self._drain(receive, size)
-                return await self._too_large(send)
-            if not message.get("more_body"):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _drain(self, receive: Receive, size: int) -> None:
-        while size <= self.drain_bytes:
-            message = await receive()
-            size += len(message.get("body", b""))
-            if message["type"] == "http.disconnect" or not message.get("more_body"):
-                return
-
-    async def _too_large(self, send: Send) -> None:
-        err = P.APIError(413, f"request body larger than {self.max_bytes} bytes "
-                              "(parathinker serve --max-body-bytes)", code="request_too_large")
-        payload = json.dumps(err.body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": payload})
-
-
-class _Server:
+class Server:
     """What the handlers share. Touched only on the event loop's thread (no locks needed)."""
 
     def __init__(self, llm: LLM, model_name: str, api_key: str | None, max_queued: int,
-                 defaults: P.ServeDefaults, chat_template: str) -> None:
+                 defaults: SamplingParams, chat_template: str) -> None:
         self.llm, self.model_name, self.api_key = llm, model_name, api_key
         self.max_queued, self.defaults, self.chat_template = max_queued, defaults, chat_template
         self.metrics = Metrics(llm.engine.block_manager.num_blocks)
         self.loop = EngineLoop(llm.engine, self.metrics)
         self.num_in_flight = 0
+        self.is_draining = False
         self.created = int(time.time())
-        # one thread for tokenizer work off the event loop: encode/decode calls never overlap
-        self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="parathinker-tokenizer")
+        self.template_len = len(llm.summary_template_ids)
+        # a prompt of more bytes than context * (longest token) cannot fit: refused untokenized
+        self.max_prompt_bytes = llm.config.max_position_embeddings * _max_token_bytes(llm.tokenizer)
+        # tokenizer work off the event loop (the Rust tokenizer releases the GIL), small and
+        # large prompts in separate threads so that a small request never queues behind a
+        # megabyte one; encode with fixed settings does not mutate the tokenizer
+        self.small_pool = ThreadPoolExecutor(1, thread_name_prefix="parathinker-tokenize")
+        self.large_pool = ThreadPoolExecutor(1, thread_name_prefix="parathinker-tokenize-large")
 
-    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
+    async def off_loop(self, fn: Callable[..., Any], *args: Any, large: bool = False) -> Any:
+        pool = self.large_pool if large else self.small_pool
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     def encode(self, kind: str, parsed: P.ParsedRequest) -> list[int]:
         llm = self.llm
@@ -138,12 +81,48 @@ class _Server:
         text = P.chat_prompt(parsed.messages, llm.format_prompt)
         return llm.encode_prompts([text], None, apply_template=False)[0]
 
+    def num_blocks_worst_case(self, prompt_len: int, params: SamplingParams) -> int:
+        """KV blocks the request holds at its largest: the prompt, every path at its budget and
+        the summary at its budget."""
+        bs = self.llm.engine.block_manager.block_size
+        return (-(-prompt_len // bs) + params.num_paths * -(-params.max_path_tokens // bs)
+                + -(-params.max_summary_tokens // bs))
 
-class _Ticket:
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: new requests get 503 at once; those in flight have `timeout`
+        seconds to finish, then the rest end (a stream with an error event and [DONE], a
+        non-streaming request with a 503)."""
+        self.is_draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.num_in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.num_in_flight:
+            log.warning("shutdown: ending %d request(s) still in flight after %.0f s",
+                        self.num_in_flight, timeout)
+            self.loop.fail_all(f"the server is shutting down (requests in flight were given "
+                               f"{timeout:g} s to finish)")
+            deadline = loop.time() + 5
+            while self.num_in_flight and loop.time() < deadline:  # handlers send their answers
+                await asyncio.sleep(0.05)
+
+    def close(self) -> None:
+        self.loop.stop()
+        self.small_pool.shutdown(wait=False)
+        self.large_pool.shutdown(wait=False)
+
+
+def _max_token_bytes(tokenizer: Any) -> int:
+    """An upper bound on the text bytes one token covers: the longest token string in UTF-8
+    (a byte-level or SentencePiece token string is never shorter than the text it matches)."""
+    return max(len(t.encode("utf-8")) for t in tokenizer.get_vocab())
+
+
+class Ticket:
     """One accepted request's place in the --max-queued budget. `release` is idempotent: called
     when the handler ends however it ends, it aborts the request if it is still running."""
 
-    def __init__(self, server: _Server, request_id: str) -> None:
+    def __init__(self, server: Server, request_id: str) -> None:
         self.server, self.request_id = server, request_id
         self.is_submitted = self.is_done = self.is_released = False
         server.num_in_flight += 1
@@ -168,63 +147,218 @@ class _Ticket:
         self.server.metrics.set("parathinker_requests_in_flight", self.server.num_in_flight)
 
 
-class _StreamText:
-    """Turns Deltas into text: one detokenizer per path and one for the summary, dropping the
-    tags exactly as LLM.to_output does (so the streamed text equals the non-streamed text)."""
-
-    def __init__(self, llm: LLM, num_paths: int) -> None:
-        self.ctrl = llm.ctrl
-        self.paths = [IncrementalDetokenizer(llm.tokenizer) for _ in range(num_paths)]
-        self.num_seen = [0] * num_paths
-        self.summary = IncrementalDetokenizer(llm.tokenizer)
-        self.num_summary_seen = 0
-
-    def choices(self, kind: str, d: Delta) -> list[dict[str, Any]]:
-        out = []
-        for k in sorted(set(d.path_tokens) | set(d.path_finish)):
-            ids = d.path_tokens.get(k, [])
-            first = self.num_seen[k] == 0
-            self.num_seen[k] += len(ids)
-            ids = ids[1:] if first else ids  # <think{k}>
-            reason = d.path_finish.get(k)
-            if reason is not None:
-                ids = ids[:-1]  # </think{k}>
-            text = self.paths[k].add(ids) + (self.paths[k].flush() if reason else "")
-            if text:
-                out.append(P.stream_choice(kind, reasoning=text, path_index=k + 1))
-            if reason:
-                out.append(P.stream_choice(kind, reasoning="", path_index=k + 1,
-                                           path_finish=reason))
-        ids = d.summary_tokens
-        if ids and self.num_summary_seen == 0 and ids[0] == self.ctrl.summary_open:
-            ids = ids[1:]
-        self.num_summary_seen += len(d.summary_tokens)
-        if d.summary_finish == "end":
-            ids = ids[:-1]  # </summary> or EOS
-        text = self.summary.add(ids) + (self.summary.flush() if d.summary_finish else "")
-        if text:
-            out.append(P.stream_choice(kind, content=text))
-        return out
-
-
-def _sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
-
 def _delta_error(d: Delta) -> P.APIError:
+    if d.is_shutdown:
+        return P.APIError(503, d.error or "the server is shutting down", type="server_error",
+                          code="server_shutting_down", headers={"Retry-After": RETRY_AFTER_S})
     if d.is_internal:
         return P.APIError(500, d.error or "internal error", type="server_error")
     if d.request is not None and d.request.status == "aborted":
         return P.APIError(499, "the request was aborted", code="aborted")
-    return P.APIError(400, d.error or "the request failed")  # e.g. larger than the KV pool
+    return P.APIError(400, d.error or "the request failed")  # failed alone in the engine
+
+
+# ----- routes
+router = APIRouter()
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+def _rejected(server: Server, e: P.APIError) -> P.APIError:
+    server.metrics.inc("parathinker_requests_total", status="rejected")
+    return e
+
+
+async def check_key(request: Request) -> None:
+    server = _server(request)
+    if server.api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _rejected(server, P.APIError(401, "missing API key: send the header "
+                                                "'Authorization: Bearer <key>'",
+                                           code="invalid_api_key"))
+    if not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
+        raise _rejected(server, P.APIError(401, "incorrect API key", code="invalid_api_key"))
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    server = _server(request)
+    status = ("shutting down" if server.is_draining else
+              "ok" if server.loop.is_alive() else "engine loop stopped")
+    return json_response({"status": status}, 200 if status == "ok" else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(_server(request).metrics.render(),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _model_card(server: Server) -> dict[str, Any]:
+    llm = server.llm
+    return {"id": server.model_name, "object": "model", "created": server.created,
+            "owned_by": "parathinker", "max_model_len": llm.config.max_position_embeddings,
+            "max_paths": llm.max_paths,
+            # what the engine runs with: --rope-scaling resolved from the path budget, --layout
+            "rope_scaling": llm.config.rope_scaling, "layout": llm.layout}
+
+
+def _unknown_model(server: Server, name: str) -> P.APIError:
+    return P.APIError(404, f"the model '{name}' does not exist; this server serves "
+                           f"'{server.model_name}'", param="model", code="model_not_found")
+
+
+@router.get("/v1/models", dependencies=[Depends(check_key)])
+async def models(request: Request) -> Response:
+    return json_response({"object": "list", "data": [_model_card(_server(request))]})
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)])
+async def model(request: Request, model_id: str) -> Response:
+    server = _server(request)
+    if model_id != server.model_name:
+        raise _unknown_model(server, model_id)
+    return json_response(_model_card(server))
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+async def chat_completions(request: Request) -> Response:
+    return await generate(request, "chat")
+
+
+@router.post("/v1/completions", dependencies=[Depends(check_key)])
+async def completions(request: Request) -> Response:
+    return await generate(request, "completion")
+
+
+async def generate(request: Request, kind: str) -> Response:
+    server = _server(request)
+    try:
+        parsed, prompt_ids, params = await accept(server, request, kind)
+    except P.APIError as e:
+        raise _rejected(server, e) from None
+    ticket = Ticket(server, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}")
+    if parsed.stream:
+        events = stream_events(server, ticket, kind, parsed, prompt_ids, params)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(ticket.release))
+    return await answer(server, request, ticket, kind, parsed, prompt_ids, params)
+
+
+async def accept(server: Server, request: Request, kind: str
+                 ) -> tuple[P.ParsedRequest, list[int], SamplingParams]:
+    """Parse and validate a request and check the admission limits; nothing runs yet."""
+    if server.is_draining:
+        raise P.APIError(503, "the server is shutting down; retry on another replica",
+                         type="server_error", code="server_shutting_down",
+                         headers={"Retry-After": RETRY_AFTER_S})
+    body = P.parse_json(await request.body())
+    parsed = P.parse_chat(body) if kind == "chat" else P.parse_completion(body)
+    if parsed.model is not None and parsed.model != server.model_name:
+        raise _unknown_model(server, parsed.model)
+    llm, limit = server.llm, server.llm.config.max_position_embeddings
+    num_bytes = parsed.num_text_bytes
+    if num_bytes > server.max_prompt_bytes:
+        raise P.APIError(400, f"prompt of {num_bytes} bytes is longer than the model's context "
+                              f"({limit} positions) could hold at the tokenizer's longest token; "
+                              "shorten it", param=parsed.prompt_param)
+    try:
+        prompt_ids = await server.off_loop(server.encode, kind, parsed,
+                                           large=num_bytes > LARGE_PROMPT_BYTES)
+        params = P.sampling_params(parsed, server.defaults, len(prompt_ids), limit,
+                                   server.template_len)
+        llm.validate(prompt_ids, params)
+    except ValueError as e:
+        raise P.APIError(400, str(e), param=P.param_of(str(e), parsed)) from None
+    bm = llm.engine.block_manager
+    need = server.num_blocks_worst_case(len(prompt_ids), params)
+    if need > bm.num_blocks:
+        raise P.APIError(400, f"the request may need {need} KV blocks of {bm.block_size} tokens "
+                              f"(prompt {len(prompt_ids)}, {params.num_paths} x max_path_tokens "
+                              f"{params.max_path_tokens}, max_summary_tokens "
+                              f"{params.max_summary_tokens}) but the pool has {bm.num_blocks} in "
+                              "all; lower the budgets (or raise --num-kv-blocks)",
+                         param=parsed.sources.get("max_path_tokens"), code="kv_cache_too_small")
+    if server.num_in_flight >= server.max_queued:
+        raise P.APIError(429, f"too many requests in flight ({server.num_in_flight}; the limit is "
+                              f"--max-queued {server.max_queued}); retry later",
+                         type="rate_limit_error", code="rate_limit_exceeded",
+                         headers={"Retry-After": RETRY_AFTER_S})
+    return parsed, prompt_ids, params
+
+
+async def answer(server: Server, request: Request, ticket: Ticket, kind: str,
+                 parsed: P.ParsedRequest, prompt_ids: list[int], params: SamplingParams
+                 ) -> Response:
+    """A non-streaming request: wait for its last Delta, watching for the client to leave."""
+    created = int(time.time())
+    try:
+        queue = ticket.submit(prompt_ids, params, stream=False)
+        while True:
+            try:
+                d = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                break
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody is listening; release aborts
+        ticket.is_done = True
+    finally:
+        ticket.release()
+    if d.error is not None or d.request is None:
+        raise _delta_error(d)
+    out = await server.off_loop(server.llm.request_output, d.request)  # decodes every path
+    build = P.chat_response if kind == "chat" else P.completion_response
+    return json_response(build(ticket.request_id, created, server.model_name, out,
+                               server.template_len, parsed.include_reasoning))
+
+
+async def stream_events(server: Server, ticket: Ticket, kind: str, parsed: P.ParsedRequest,
+                        prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[str]:
+    """SSE events (docs/SERVE.md); on a client disconnect Starlette cancels this generator and
+    `finally` aborts the request at once."""
+    rid, created, name = ticket.request_id, int(time.time()), server.model_name
+
+    def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        return sse(P.chunk(kind, rid, created, name, choices, usage))
+
+    try:
+        queue = ticket.submit(prompt_ids, params, stream=True)
+        if kind == "chat":
+            yield event([P.stream_choice(kind, role=True)])
+        text = StreamText(server.llm.tokenizer, server.llm.ctrl, params.num_paths,
+                          parsed.include_reasoning, parsed.include_paths)
+        while True:
+            d = await queue.get()
+            for choice in text.choices(kind, d):
+                yield event([choice])
+            if d.is_final:
+                break
+        ticket.is_done = True
+        if d.error is not None or d.request is None:
+            yield sse(_delta_error(d).body())
+        else:
+            out = await server.off_loop(server.llm.request_output, d.request)
+            yield event([P.stream_choice(kind, finish=P.finish_reason(out.summary.finish_reason),
+                                         paths=P.path_list(out, with_text=False))])
+            if parsed.include_usage:
+                yield event([], P.usage(out, server.template_len))
+        yield sse("[DONE]")
+    finally:
+        ticket.release()
 
 
 def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
                max_queued: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               defaults: P.ServeDefaults | None = None,
-               chat_template: str = "parathinker") -> FastAPI:
+               defaults: SamplingParams | None = None, chat_template: str = "parathinker",
+               allowed_hosts: Iterable[str] | None = LOOPBACK_HOSTS) -> FastAPI:
     """chat_template: "parathinker" (SPEC §3's prompt template around the last user message; the
-    template the checkpoint was trained on) or "tokenizer" (the tokenizer's own chat template)."""
+    template the checkpoint was trained on) or "tokenizer" (the tokenizer's own chat template).
+    allowed_hosts: the Host header names accepted (None: any, e.g. behind a proxy that checks)."""
     if chat_template not in ("parathinker", "tokenizer"):
         raise ValueError(f"chat_template must be 'parathinker' or 'tokenizer', "
                          f"got {chat_template!r}")
@@ -232,8 +366,8 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
         raise ValueError("chat_template='tokenizer' but the tokenizer has no chat template")
     if max_queued < 1:
         raise ValueError(f"max_queued must be >= 1, got {max_queued}")
-    server = _Server(llm, served_model_name, api_key, max_queued,
-                     defaults or P.ServeDefaults(), chat_template)
+    server = Server(llm, served_model_name, api_key, max_queued, defaults or SamplingParams(),
+                    chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -241,173 +375,13 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
         try:
             yield
         finally:
-            await asyncio.to_thread(server.loop.stop)
-            server.tokenizer_pool.shutdown(wait=False)
+            await asyncio.to_thread(server.close)
 
     app = FastAPI(title="parathinker", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.server = server
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-
-    @app.exception_handler(P.APIError)
-    async def api_error(_: Request, e: P.APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(P.APIError(e.status_code, str(e.detail)).body(),
-                            status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(P.APIError(500, f"internal server error: {e!r}", "server_error").body(),
-                            status_code=500)
-
-    def rejected(e: P.APIError) -> P.APIError:
-        server.metrics.inc("parathinker_requests_total", status="rejected")
-        return e
-
-    async def check_key(request: Request) -> None:
-        if server.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise rejected(P.APIError(401, "missing API key: send the header 'Authorization: "
-                                           "Bearer <key>'", code="invalid_api_key"))
-        if not hmac.compare_digest(token.strip().encode(), server.api_key.encode()):
-            raise rejected(P.APIError(401, "incorrect API key", code="invalid_api_key"))
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        ok = server.loop.is_alive()
-        return JSONResponse({"status": "ok" if ok else "engine loop stopped"},
-                            status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(server.metrics.render(),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    def model_card() -> dict[str, Any]:
-        return {"id": server.model_name, "object": "model", "created": server.created,
-                "owned_by": "parathinker",
-                "max_model_len": llm.config.max_position_embeddings, "max_paths": llm.max_paths,
-                # what the engine runs with: --rope-scaling resolved from the path budget, --layout
-                "rope_scaling": llm.config.rope_scaling, "layout": llm.layout}
-
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)])
-    async def model(model_id: str) -> dict[str, Any]:
-        if model_id != server.model_name:
-            raise _unknown_model(model_id)
-        return model_card()
-
-    def _unknown_model(name: str) -> P.APIError:
-        return P.APIError(404, f"the model '{name}' does not exist; this server serves "
-                               f"'{server.model_name}'", param="model", code="model_not_found")
-
-    async def accept(request: Request, kind: str
-                     ) -> tuple[P.ParsedRequest, list[int], SamplingParams]:
-        """Parse and validate a request and check the queue limit; nothing runs yet."""
-        raw = await request.body()
-        try:
-            body = json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise P.APIError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise P.APIError(400, "request body must be a JSON object")
-        parsed = P.parse_chat(body) if kind == "chat" else P.parse_completion(body)
-        if parsed.model is not None and parsed.model != server.model_name:
-            raise _unknown_model(parsed.model)
-        try:
-            prompt_ids = await server.off_loop(server.encode, kind, parsed)
-            params = P.sampling_params(parsed, server.defaults, len(prompt_ids),
-                                       llm.config.max_position_embeddings)
-            llm.validate(prompt_ids, params)
-        except ValueError as e:
-            raise P.APIError(400, P.with_hint(str(e), parsed)) from None
-        if server.num_in_flight >= server.max_queued:
-            raise P.APIError(429, f"too many requests in flight ({server.num_in_flight}; the "
-                                  f"limit is --max-queued {server.max_queued}); retry later",
-                             type="rate_limit_error", code="rate_limit_exceeded")
-        return parsed, prompt_ids, params
-
-    async def generate(request: Request, kind: str) -> Response:
-        try:
-            parsed, prompt_ids, params = await accept(request, kind)
-        except P.APIError as e:
-            raise rejected(e) from None
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        ticket = _Ticket(server, rid)
-        created, model_name = int(time.time()), server.model_name
-        if parsed.stream:
-            events = _stream(ticket, kind, created, prompt_ids, params)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(ticket.release))
-        try:
-            queue = ticket.submit(prompt_ids, params, stream=False)
-            while True:
-                try:
-                    d = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-                    break
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)  # nobody is listening; release aborts
-            ticket.is_done = True
-        finally:
-            ticket.release()
-        if d.error is not None or d.request is None:
-            raise _delta_error(d)
-        out = await server.off_loop(llm.request_output, d.request)  # decodes every path
-        build = P.chat_response if kind == "chat" else P.completion_response
-        return JSONResponse(build(rid, created, model_name, out))
-
-    async def _stream(ticket: _Ticket, kind: str, created: int, prompt_ids: list[int],
-                      params: SamplingParams) -> AsyncIterator[str]:
-        """SSE events; on a client disconnect Starlette cancels this generator and `finally`
-        aborts the request at once."""
-        rid, name = ticket.request_id, server.model_name
-        try:
-            queue = ticket.submit(prompt_ids, params, stream=True)
-            if kind == "chat":
-                yield _sse(P.chunk(kind, rid, created, name, [P.stream_choice(kind, role=True)]))
-            text = _StreamText(llm, params.num_paths)
-            while True:
-                d = await queue.get()
-                for choice in text.choices(kind, d):
-                    yield _sse(P.chunk(kind, rid, created, name, [choice]))
-                if not d.is_final:
-                    continue
-                ticket.is_done = True
-                if d.error is not None or d.request is None:
-                    yield _sse(_delta_error(d).body())
-                else:
-                    out = await server.off_loop(llm.request_output, d.request)
-                    last = P.stream_choice(kind, finish=P.finish_reason(out.summary.finish_reason),
-                                           paths=P.path_list(out, with_text=False))
-                    yield _sse(P.chunk(kind, rid, created, name, [last]))
-                    yield _sse(P.chunk(kind, rid, created, name, [], P.usage(out)))
-                yield _sse("[DONE]")
-                return
-        finally:
-            ticket.release()
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(request: Request) -> Response:
-        return await generate(request, "chat")
-
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(request: Request) -> Response:
-        return await generate(request, "completion")
-
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)  # added last: runs first
     return app
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a valid JSON number")

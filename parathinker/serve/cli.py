@@ -15,10 +15,13 @@ import ipaddress
 import logging
 import os
 import sys
+from dataclasses import fields
 
 from parathinker.cli_args import add_model_args, llm_kwargs, rope_for_args
+from parathinker.config import SamplingParams
 
 API_KEY_ENV = "PARATHINKER_API_KEY"
+LOOPBACK_HOSTS = "localhost,127.0.0.1,::1"
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +37,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="requests in flight (running or waiting) before new ones get 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="larger request bodies get 413")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header names accepted, '*' for any (behind a proxy "
+                        f"that checks it); default {LOOPBACK_HOSTS} and --host (DNS rebinding)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT: seconds in-flight requests get to finish (new ones "
+                        "get 503), then they end with an error; a second signal exits at once")
     p.add_argument("--chat-template", choices=("parathinker", "tokenizer"), default="parathinker",
                    help="parathinker: the model's prompt template (SPEC §3) around the last user "
                         "message; tokenizer: the tokenizer's own chat template")
@@ -43,32 +52,29 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     g = p.add_argument_group("request defaults (a request's own fields override them)")
-    g.add_argument("--num-paths", type=int, default=4)
-    g.add_argument("--max-path-tokens", type=int, default=16384,
+    d = SamplingParams()  # the flags' defaults are SamplingParams' own
+    g.add_argument("--num-paths", type=int, default=d.num_paths)
+    g.add_argument("--max-path-tokens", type=int, default=d.max_path_tokens,
                    help="cap; a request that sets none gets what the context leaves, up to this; "
                         "--rope-scaling auto derives the YaRN factor from it")
-    g.add_argument("--min-path-tokens", type=int, default=0)
-    g.add_argument("--max-summary-tokens", type=int, default=1024, help="template included")
-    g.add_argument("--min-finished-paths", type=int, default=1,
+    g.add_argument("--min-path-tokens", type=int, default=d.min_path_tokens)
+    g.add_argument("--max-summary-tokens", type=int, default=d.max_summary_tokens,
+                   help="template included")
+    g.add_argument("--min-finished-paths", type=int, default=d.min_finished_paths,
                    help="1 = first-finish (the paper's default)")
-    g.add_argument("--temperature", type=float, default=0.5)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--top-p", type=float, default=d.top_p)
+    g.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from parathinker import LLM, SamplingParams
+    from parathinker import LLM
     from parathinker.serve.app import create_app
-    from parathinker.serve.protocol import ServeDefaults
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    defaults = ServeDefaults(args.num_paths, args.max_path_tokens, args.min_path_tokens,
-                             args.max_summary_tokens, args.min_finished_paths, args.temperature,
-                             args.top_p, args.top_k)
-    SamplingParams(**vars(defaults))  # the defaults themselves must be valid
+    defaults = SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)
+                                 if f.name != "seed"})  # validated here, before loading
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
         logging.warning("serving on %s without --api-key: anyone who can reach it can use it",
@@ -85,10 +91,55 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-summary-tokens must exceed the summary template "
                          f"({len(llm.summary_template_ids)} tokens)")
     app = create_app(llm, args.served_model_name or str(args.model), api_key, args.max_queued,
-                     args.max_body_bytes, defaults, args.chat_template)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+                     args.max_body_bytes, defaults, args.chat_template, allowed_hosts(args))
+    _run_draining(app, args)
     return 0
+
+
+def allowed_hosts(args: argparse.Namespace) -> list[str] | None:
+    if args.allowed_hosts is not None:
+        names = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+        return None if "*" in names else names
+    names = LOOPBACK_HOSTS.split(",")
+    host = args.host.strip("[]")
+    if host not in ("0.0.0.0", "::", "", *names):
+        names.append(host)
+    return names
+
+
+def _run_draining(app: object, args: argparse.Namespace) -> None:
+    """uvicorn, but the first SIGTERM/SIGINT drains (app.state.server.drain) before uvicorn's
+    own shutdown; a second one is uvicorn's (immediate) exit."""
+    import asyncio
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        is_draining = False
+        drain: asyncio.Task[None] | None = None  # held: a task nobody references may vanish
+
+        async def startup(self, sockets: list | None = None) -> None:
+            self.event_loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if self.is_draining or not hasattr(self, "event_loop"):
+                return super().handle_exit(sig, frame)
+            self.is_draining = True
+            logging.info("draining: new requests get 503; in-flight ones have %g s",
+                         args.shutdown_timeout)
+            self.event_loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            async def drain() -> None:
+                await app.state.server.drain(args.shutdown_timeout)  # type: ignore[attr-defined]
+                self.should_exit = True
+
+            self.drain = asyncio.ensure_future(drain())
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config).run()
 
 
 def _is_loopback(host: str) -> bool:

@@ -3,14 +3,16 @@
     loop = EngineLoop(llm.engine, metrics); loop.start()
     loop.add("r1", prompt_ids, params, publish, stream=True)   # publish(Delta), engine thread
     loop.abort("r1")                                           # frees its KV blocks at once
+    loop.fail_all("why")        # end everything in flight (shutdown drain timed out)
     loop.stop()
 
 Commands (add, abort, stop) are applied between steps, so every request in flight shares each
 forward (continuous batching across clients). After each step the thread publishes, per request,
 what is new since the last step as a `Delta` (token ids only: detokenizing is the handler's job);
 the last Delta of a request carries the ended Request. With nothing to run it blocks on the
-queue: no busy wait. An exception inside a step fails the requests in flight, frees their blocks
-and keeps the loop alive.
+queue: no busy wait. A request the engine fails alone (step() returns it with `error` set)
+fails alone here too; an exception out of a step fails the requests in flight, frees their
+blocks and keeps the loop alive.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Delta:
     request: Request | None = None  # the ended request, on its last Delta only
     error: str | None = None  # why it did not finish (with request, or alone if never added)
     is_internal: bool = False  # the error is the server's fault (HTTP 500), not the request's
+    is_shutdown: bool = False  # ended because the server is shutting down (HTTP 503)
 
     @property
     def is_final(self) -> bool:
@@ -80,6 +83,10 @@ class EngineLoop:
             self._commands.put(("stop",))
             self._thread.join(timeout)
 
+    def fail_all(self, why: str) -> None:
+        """End every request in flight now (blocks freed); handlers get `is_shutdown` Deltas."""
+        self._commands.put(("fail_all", why))
+
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -105,8 +112,11 @@ class EngineLoop:
                         break
                 for cmd in commands:
                     if cmd[0] == "stop":
-                        self._fail_all("the server is shutting down", is_internal=True)
+                        self._fail_all("the server is shutting down", is_shutdown=True)
                         return
+                    if cmd[0] == "fail_all":
+                        self._fail_all(cmd[1], is_shutdown=True)
+                        continue
                     self._apply(cmd)
                 if self.engine.has_unfinished():
                     self._step()
@@ -142,7 +152,7 @@ class EngineLoop:
             self._publish(t, is_final=rid in ended_ids)
 
     def _publish(self, t: _Tracked, is_final: bool, error: str | None = None,
-                 is_internal: bool = False) -> None:
+                 is_internal: bool = False, is_shutdown: bool = False) -> None:
         req, m, d = t.req, self.metrics, Delta()
         if not t.is_started and req.num_forward_tokens > 0:  # prefilled: its paths have started
             t.is_started = True
@@ -167,7 +177,7 @@ class EngineLoop:
         if req.status == FINISHED:
             d.summary_finish = req.summary_finish
         if is_final:
-            d.request, d.is_internal = req, is_internal
+            d.request, d.is_internal, d.is_shutdown = req, is_internal, is_shutdown
             d.error = error or (None if req.status == FINISHED else req.error or req.status)
             m.inc("parathinker_requests_total", status=req.status if error is None else "failed")
             if req.status == FINISHED and req.finish_time is not None:
@@ -177,7 +187,7 @@ class EngineLoop:
         if is_final or (t.stream and not d.is_empty()):
             _safe(t.publish, d)
 
-    def _fail_all(self, why: str, is_internal: bool) -> None:
+    def _fail_all(self, why: str, is_internal: bool = False, is_shutdown: bool = False) -> None:
         """Abort every tracked request (freeing its blocks) and tell its handler why."""
         for rid in list(self._tracked):
             try:
@@ -189,7 +199,8 @@ class EngineLoop:
         except Exception:
             log.exception("engine step after aborting everything failed")
         for t in list(self._tracked.values()):
-            self._publish(t, is_final=True, error=why, is_internal=is_internal)
+            self._publish(t, is_final=True, error=why, is_internal=is_internal,
+                          is_shutdown=is_shutdown)
         self._snapshot()
 
     def _snapshot(self) -> None:

@@ -1,22 +1,26 @@
 """The OpenAI wire format: request parsing and validation, prompts, response and chunk bodies.
 
-Requests are validated by hand (clear messages, exact types: a bool is not an int) into a
-`ParsedRequest`; `sampling_params` turns it into SamplingParams with the server's defaults, and
-the app then calls `llm.validate`, so a bad request gets the Python API's own message.
+Requests are validated by hand (clear messages, exact types: a bool is not an int, the field at
+fault named in `param`) into a `ParsedRequest`; `sampling_params` turns it into SamplingParams
+with the server's defaults, and the app then calls `llm.validate`, so a bad request gets the
+Python API's own message (`param_of` names the request field it came from).
 
 Extension fields (all optional; a plain OpenAI request uses the server's defaults):
 - request: "parallel": {"num_paths", "max_path_tokens", "min_path_tokens",
-  "max_summary_tokens", "min_finished_paths"}; "top_k" at the top level (as vLLM).
-- `max_tokens` / `max_completion_tokens` set max_summary_tokens (summary template included),
-  unless parallel.max_summary_tokens is given.
-- response: message.reasoning_content (every path as "<think{k}>text</think{k}>", one per line),
-  message.paths ([{index, text, finish_reason: end|budget|cut, num_tokens}]), message.answer
-  (the summary's last \\boxed{}), usage.path_tokens / summary_tokens and
+  "max_summary_tokens", "min_finished_paths"} (the SamplingParams fields, summary template
+  included in max_summary_tokens); "top_k" at the top level (as vLLM);
+  "include_reasoning" (default true); "stream_options": {"include_usage", "include_paths"}.
+- `max_completion_tokens` (else `max_tokens`) caps what is generated: path tokens plus the
+  summary after its template, so usage.completion_tokens never exceeds it (`fit_to_cap`).
+- response: message.reasoning_content and .reasoning (every path as "<think{k}>text</think{k}>",
+  one per line), message.paths ([{index, text, finish_reason: end|budget|cut, num_tokens}]),
+  message.answer (the summary's last \\boxed{}), usage.path_tokens / summary_tokens and
   usage.completion_tokens_details.reasoning_tokens (= path tokens).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,36 +32,30 @@ PARALLEL_KEYS = ("num_paths", "max_path_tokens", "min_path_tokens", "max_summary
                  "min_finished_paths")
 FINISH_REASONS = {"end": "stop", "budget": "length"}  # summary finish -> OpenAI finish_reason
 GREEDY_BELOW = 1e-5  # a smaller positive temperature is greedy (dividing by it overflows float32)
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # int64, as vLLM
 DEEPSEEK_USER, DEEPSEEK_ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+# SamplingParams fields in the order their names are looked for at the start of an error message
+_FIELDS = ("min_finished_paths", "max_summary_tokens", "max_path_tokens", "min_path_tokens",
+           "num_paths", "temperature", "top_p", "top_k", "seed")
+
+# The server's defaults are a SamplingParams: what a request gets for every field it leaves out
+# (`parathinker serve` flags; seed None). Kept under this name for readers of the server code.
+ServeDefaults = SamplingParams
 
 
 class APIError(Exception):
     """An error answered as OpenAI's {"error": {message, type, param, code}}."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
-        self.param, self.code = param, code
+        self.param, self.code, self.headers = param, code, headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
-
-
-@dataclass(frozen=True)
-class ServeDefaults:
-    """What a request gets for every setting it leaves out (`parathinker serve` flags)."""
-
-    num_paths: int = 4
-    max_path_tokens: int = 16384
-    min_path_tokens: int = 0
-    max_summary_tokens: int = 1024
-    min_finished_paths: int = 1
-    temperature: float = 0.5
-    top_p: float = 1.0
-    top_k: int = 0
 
 
 @dataclass
@@ -65,10 +63,40 @@ class ParsedRequest:
     model: str | None
     stream: bool
     settings: dict[str, Any] = field(default_factory=dict)  # explicit SamplingParams fields
-    summary_from_max_tokens: str | None = None  # "max_tokens" if that set max_summary_tokens
+    sources: dict[str, str] = field(default_factory=dict)  # SamplingParams field -> request field
+    cap: int | None = None  # max_completion_tokens (or max_tokens): paths + generated summary
+    cap_param: str | None = None  # which of the two set `cap`
+    include_usage: bool = False  # stream_options.include_usage: the last chunk carries usage
+    include_paths: bool = False  # stream_options.include_paths: live per-path deltas too
+    include_reasoning: bool = True
+    prompt_param: str = "messages"  # where the prompt came from, for errors about it
     messages: list[dict[str, str]] | None = None  # chat: [{role, content}] with text content
     prompt: str | None = None  # completions: raw text
     prompt_ids: list[int] | None = None  # completions: token ids
+
+    @property
+    def num_text_bytes(self) -> int:
+        """UTF-8 size of the text to tokenize (a cheap bound on the work before tokenizing)."""
+        texts = [m["content"] for m in self.messages or []] + [self.prompt or ""]
+        return sum(len(t.encode("utf-8")) for t in texts)
+
+
+# ----- the body
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 (malformed, NaN/Infinity, nested too deep)."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a valid JSON number")
 
 
 # ----- typed field access
@@ -96,11 +124,24 @@ def _int(body: dict[str, Any], name: str, prefix: str = "") -> int | None:
     return _get(body, name, (int,), "an integer", prefix)
 
 
+def _bool(body: dict[str, Any], name: str, prefix: str = "") -> bool | None:
+    return _get(body, name, (bool,), "a boolean", prefix)
+
+
 def _number(body: dict[str, Any], name: str) -> float | None:
     value = _get(body, name, (int, float), "a number")
     if value is not None and not math.isfinite(value):
         raise _bad(name, f"'{name}' must be a finite number")
     return None if value is None else float(value)
+
+
+def _text(value: str, param: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which no tokenizer (nor UTF-8) can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(param, f"'{param}' contains a lone surrogate (not valid Unicode)") from None
+    return value
 
 
 def _reject_unsupported(body: dict[str, Any]) -> None:
@@ -111,7 +152,11 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
                         "part)")
     if body.get("stop"):
         raise _bad("stop", "'stop' sequences are not supported; the summary ends at </summary>")
-    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"):
+    if body.get("logprobs") is not None and body["logprobs"] is not False:  # 0 asks for some
+        raise _bad("logprobs", "'logprobs' is not supported by this server")
+    if body.get("top_logprobs") not in (None, 0):
+        raise _bad("top_logprobs", "'top_logprobs' is not supported by this server")
+    for name in ("echo", "suffix", "logit_bias", "tools", "functions"):
         if body.get(name):
             raise _bad(name, f"'{name}' is not supported by this server")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -127,24 +172,32 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
 def _common(body: dict[str, Any]) -> ParsedRequest:
     _reject_unsupported(body)
     model = _get(body, "model", (str,), "a string")
-    stream = _get(body, "stream", (bool,), "a boolean") or False
-    _get(body, "stream_options", (dict,), "an object")
-    settings: dict[str, Any] = {}
+    stream = _bool(body, "stream") or False
+    parsed = ParsedRequest(model, stream)
+    options = _get(body, "stream_options", (dict,), "an object")
+    if options is not None:
+        if not stream:
+            raise _bad("stream_options", "'stream_options' is only allowed with 'stream': true")
+        parsed.include_usage = _bool(options, "include_usage", "stream_options.") or False
+        parsed.include_paths = _bool(options, "include_paths", "stream_options.") or False
+    include = _bool(body, "include_reasoning")
+    parsed.include_reasoning = True if include is None else include
+    settings, sources = parsed.settings, parsed.sources
     for name in ("temperature", "top_p"):
         if (v := _number(body, name)) is not None:
-            settings[name] = v
+            settings[name], sources[name] = v, name
     if 0 < settings.get("temperature", 1.0) < GREEDY_BELOW:
         settings["temperature"] = 0.0  # (a negative one is left to SamplingParams' message)
     for name in ("top_k", "seed"):
         if (v := _int(body, name)) is not None:
-            settings[name] = v
+            settings[name], sources[name] = v, name
     if "seed" in settings and not SEED_RANGE[0] <= settings["seed"] <= SEED_RANGE[1]:
-        raise _bad("seed", f"'seed' must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}")
-    parsed = ParsedRequest(model, stream, settings)
-    for name in ("max_tokens", "max_completion_tokens"):
+        raise _bad("seed", f"'seed' must be in {SEED_RANGE[0]}..{SEED_RANGE[1]} (int64)")
+    for name in ("max_tokens", "max_completion_tokens"):  # the second wins, as in vLLM
         if (v := _int(body, name)) is not None:
-            settings["max_summary_tokens"] = v
-            parsed.summary_from_max_tokens = name
+            parsed.cap, parsed.cap_param = v, name
+    if parsed.cap is not None and parsed.cap < 1:
+        raise _bad(parsed.cap_param or "", f"'{parsed.cap_param}' must be >= 1, got {parsed.cap}")
     parallel = _get(body, "parallel", (dict,), "an object")
     if parallel is not None:
         unknown = sorted(set(parallel) - set(PARALLEL_KEYS))
@@ -153,25 +206,24 @@ def _common(body: dict[str, Any]) -> ParsedRequest:
                                    f"{list(PARALLEL_KEYS)}")
         for name in PARALLEL_KEYS:
             if (v := _int(parallel, name, "parallel.")) is not None:
-                settings[name] = v
-                if name == "max_summary_tokens":
-                    parsed.summary_from_max_tokens = None
+                settings[name], sources[name] = v, f"parallel.{name}"
     return parsed
 
 
 def _text_content(content: Any, i: int) -> str:
+    param = f"messages[{i}].content"
     if isinstance(content, str):
-        return content
+        return _text(content, param)
     if isinstance(content, list):
         parts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text"
                     and isinstance(part.get("text"), str)):
-                raise _bad(f"messages[{i}].content",
-                           "only text content parts ({'type': 'text', 'text': ...}) are supported")
-            parts.append(part["text"])
+                raise _bad(param, "only text content parts ({'type': 'text', 'text': ...}) are "
+                                  "supported")
+            parts.append(_text(part["text"], param))
         return "\n".join(parts)
-    raise _bad(f"messages[{i}].content", "message content must be a string or a list of text parts")
+    raise _bad(param, "message content must be a string or a list of text parts")
 
 
 def parse_chat(body: dict[str, Any]) -> ParsedRequest:
@@ -197,11 +249,12 @@ def parse_chat(body: dict[str, Any]) -> ParsedRequest:
 
 def parse_completion(body: dict[str, Any]) -> ParsedRequest:
     parsed = _common(body)
+    parsed.prompt_param = "prompt"
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        parsed.prompt = prompt
+        parsed.prompt = _text(prompt, "prompt")
     elif isinstance(prompt, list) and prompt and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         parsed.prompt_ids = list(prompt)
@@ -227,14 +280,17 @@ def chat_prompt(messages: list[dict[str, str]], format_prompt: Any) -> str:
 
 
 # ----- sampling parameters
-def sampling_params(parsed: ParsedRequest, defaults: ServeDefaults, prompt_len: int,
-                    context: int) -> SamplingParams:
+def sampling_params(parsed: ParsedRequest, defaults: SamplingParams, prompt_len: int,
+                    context: int, template_len: int) -> SamplingParams:
     """Explicit settings over the defaults. A default that the request did not set is fitted to
-    the request: min_finished_paths <= num_paths, min_path_tokens <= max_path_tokens, and
-    max_path_tokens shrinks to what the context leaves after the prompt and the summary."""
+    the request: min_finished_paths <= num_paths, the budgets to the client's cap (`fit_to_cap`),
+    min_path_tokens <= max_path_tokens, and max_path_tokens to what the context leaves after the
+    prompt and the summary."""
     s = dict(parsed.settings)
     s.setdefault("num_paths", defaults.num_paths)
     s.setdefault("min_finished_paths", min(defaults.min_finished_paths, max(s["num_paths"], 1)))
+    if parsed.cap is not None:
+        fit_to_cap(s, parsed, defaults, template_len)
     s.setdefault("max_summary_tokens", defaults.max_summary_tokens)
     if "max_path_tokens" not in s:
         room = context - prompt_len - s["max_summary_tokens"]
@@ -246,14 +302,45 @@ def sampling_params(parsed: ParsedRequest, defaults: ServeDefaults, prompt_len: 
     try:
         return SamplingParams(**s)
     except ValueError as e:
-        raise APIError(400, with_hint(str(e), parsed)) from None
+        raise APIError(400, str(e), param=param_of(str(e), parsed)) from None
 
 
-def with_hint(message: str, parsed: ParsedRequest) -> str:
-    if parsed.summary_from_max_tokens and "max_summary_tokens" in message:
-        return f"{message} ('{parsed.summary_from_max_tokens}' sets max_summary_tokens, " \
-               "the summary template included)"
-    return message
+def fit_to_cap(s: dict[str, Any], parsed: ParsedRequest, defaults: SamplingParams,
+               template_len: int) -> None:
+    """The client's cap C bounds every generated token: P paths of max_path_tokens (tags
+    included) plus the summary after its forced template. Budgets the request left out split C:
+    each path gets min(default, max(2, C // (P + 1))), the summary what is left (up to its
+    default); budgets it set must fit within C."""
+    cap, param = parsed.cap, parsed.cap_param or "max_tokens"
+    assert cap is not None
+    num_paths = max(1, s["num_paths"])
+    if "max_path_tokens" not in s:
+        s["max_path_tokens"] = min(defaults.max_path_tokens, max(2, cap // (num_paths + 1)))
+        parsed.sources["max_path_tokens"] = param
+    if "max_summary_tokens" not in s:
+        left = cap - num_paths * s["max_path_tokens"]
+        s["max_summary_tokens"] = template_len + min(defaults.max_summary_tokens - template_len,
+                                                     left)
+        parsed.sources["max_summary_tokens"] = param
+    generated = num_paths * s["max_path_tokens"] + s["max_summary_tokens"] - template_len
+    if generated > cap or s["max_summary_tokens"] <= template_len:
+        raise _bad(param, f"'{param}'={cap} cannot hold {num_paths} path(s) of max_path_tokens="
+                          f"{s['max_path_tokens']} (tags included) and a summary of at least one "
+                          f"token after its template: use at least "
+                          f"{num_paths * min(s['max_path_tokens'], 2) + 1}, fewer paths or "
+                          "smaller parallel budgets")
+
+
+def param_of(message: str, parsed: ParsedRequest) -> str | None:
+    """The request field a SamplingParams / llm.validate message is about."""
+    for name in _FIELDS:
+        if message.startswith(name):
+            return parsed.sources.get(name, f"parallel.{name}" if name in PARALLEL_KEYS else name)
+    if message.startswith("prompt (") and "max_path_tokens" in parsed.sources:
+        return parsed.sources["max_path_tokens"]  # prompt + budgets beyond the context
+    if message.startswith(("prompt", "empty prompt")):
+        return parsed.prompt_param
+    return None
 
 
 # ----- responses
@@ -270,31 +357,40 @@ def path_list(out: RequestOutput, with_text: bool = True) -> list[dict[str, Any]
              "finish_reason": p.finish_reason, "num_tokens": len(p.token_ids)} for p in out.paths]
 
 
-def usage(out: RequestOutput) -> dict[str, Any]:
-    prompt, paths, summary = (len(out.prompt_token_ids), out.num_path_tokens,
-                              len(out.summary.token_ids))
+def usage(out: RequestOutput, template_len: int) -> dict[str, Any]:
+    """completion_tokens counts what was generated: every path token (tags included) and the
+    summary after its forced template."""
+    prompt, paths = len(out.prompt_token_ids), out.num_path_tokens
+    summary = max(0, len(out.summary.token_ids) - template_len)
     return {"prompt_tokens": prompt, "completion_tokens": paths + summary,
             "total_tokens": prompt + paths + summary, "path_tokens": paths,
             "summary_tokens": summary, "completion_tokens_details": {"reasoning_tokens": paths}}
 
 
-def chat_response(rid: str, created: int, model: str, out: RequestOutput) -> dict[str, Any]:
+def _reasoning_fields(out: RequestOutput, include_reasoning: bool) -> dict[str, Any]:
+    if not include_reasoning:
+        return {"paths": path_list(out, with_text=False)}
+    text = reasoning_text(out)
+    return {"reasoning_content": text, "reasoning": text, "paths": path_list(out)}
+
+
+def chat_response(rid: str, created: int, model: str, out: RequestOutput, template_len: int,
+                  include_reasoning: bool = True) -> dict[str, Any]:
     message = {"role": "assistant", "content": out.summary.text,
-               "reasoning_content": reasoning_text(out), "paths": path_list(out),
-               "answer": out.answer}
+               **_reasoning_fields(out, include_reasoning), "answer": out.answer}
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": finish_reason(out.summary.finish_reason)}],
-            "usage": usage(out)}
+            "usage": usage(out, template_len)}
 
 
-def completion_response(rid: str, created: int, model: str, out: RequestOutput) -> dict[str, Any]:
+def completion_response(rid: str, created: int, model: str, out: RequestOutput,
+                        template_len: int, include_reasoning: bool = True) -> dict[str, Any]:
     choice = {"index": 0, "text": out.summary.text, "logprobs": None,
               "finish_reason": finish_reason(out.summary.finish_reason),
-              "reasoning_content": reasoning_text(out), "paths": path_list(out),
-              "answer": out.answer}
+              **_reasoning_fields(out, include_reasoning), "answer": out.answer}
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage(out)}
+            "choices": [choice], "usage": usage(out, template_len)}
 
 
 def chunk(kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]],
@@ -308,18 +404,22 @@ def chunk(kind: str, rid: str, created: int, model: str, choices: list[dict[str,
 
 
 def stream_choice(kind: str, *, content: str | None = None, reasoning: str | None = None,
-                  path_index: int | None = None, path_finish: str | None = None,
-                  role: bool = False, finish: str | None = None,
+                  path_index: int | None = None, path_content: str | None = None,
+                  path_finish: str | None = None, role: bool = False, finish: str | None = None,
                   paths: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One choice of a chunk. Chat puts text in `delta`; completions in the choice itself."""
+    """One choice of a chunk. Chat puts text in `delta`; completions in the choice itself.
+    `reasoning` is the readable stream (reasoning_content and reasoning); `path_*` one path's
+    live delta (the include_paths extension)."""
     fields: dict[str, Any] = {}
     if role:
         fields["role"] = "assistant"
     if content is not None or role:
         fields["content" if kind == "chat" else "text"] = content or ""
     if reasoning is not None:
-        fields["reasoning_content"] = reasoning
+        fields["reasoning_content"] = fields["reasoning"] = reasoning
+    if path_index is not None:
         fields["path_index"] = path_index
+        fields["path_content"] = path_content or ""
     if path_finish is not None:
         fields["path_finish_reason"] = path_finish
     if kind == "chat":

@@ -1,0 +1,86 @@
+"""Engine Deltas -> the text of streamed chunks.
+
+Two views of the paths, both detokenized incrementally with the tags dropped exactly as
+LLM.to_output does:
+- the readable stream, in `reasoning_content` and `reasoning`: the non-streamed
+  reasoning_content ("<think1>…</think1>\\n<think2>…</think2>") sent in order. Path 1 goes out
+  as it is generated; path k's text is held back until paths 1..k-1 have closed, then sent at
+  once and live from there. What a generic client (LiteLLM, LangChain) concatenates is the
+  non-streamed text, character for character.
+- live per-path deltas, only with stream_options.include_paths: {"path_index": k,
+  "path_content": text}, and {"path_index": k, "path_finish_reason": …} when path k closes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from parathinker.serve import protocol as P
+from parathinker.serve.detokenize import IncrementalDetokenizer
+from parathinker.serve.engine_loop import Delta
+from parathinker.tokens import ControlTokens
+
+
+class StreamText:
+    def __init__(self, tokenizer: Any, ctrl: ControlTokens, num_paths: int,
+                 include_reasoning: bool = True, include_paths: bool = False) -> None:
+        self.ctrl = ctrl
+        self.include_reasoning, self.include_paths = include_reasoning, include_paths
+        self.paths = [IncrementalDetokenizer(tokenizer) for _ in range(num_paths)]
+        self.num_seen = [0] * num_paths
+        self.held = [""] * num_paths  # path text not yet in the readable stream
+        self.is_closed = [False] * num_paths
+        self.current, self.is_open = 0, False  # the path the readable stream is in
+        self.summary = IncrementalDetokenizer(tokenizer)
+        self.num_summary_seen = 0
+
+    def choices(self, kind: str, d: Delta) -> list[dict[str, Any]]:
+        out = []
+        for k in sorted(set(d.path_tokens) | set(d.path_finish)):
+            text, reason = self._path_text(k, d)
+            self.held[k] += text
+            self.is_closed[k] = self.is_closed[k] or reason is not None
+            if self.include_paths and text and self.include_reasoning:
+                out.append(P.stream_choice(kind, path_index=k + 1, path_content=text))
+            if self.include_paths and reason is not None:
+                out.append(P.stream_choice(kind, path_index=k + 1, path_finish=reason))
+        readable = self._readable()
+        if readable and self.include_reasoning:
+            out.append(P.stream_choice(kind, reasoning=readable))
+        text = self._summary_text(d)
+        if text:
+            out.append(P.stream_choice(kind, content=text))
+        return out
+
+    def _path_text(self, k: int, d: Delta) -> tuple[str, str | None]:
+        ids = d.path_tokens.get(k, [])
+        first = self.num_seen[k] == 0
+        self.num_seen[k] += len(ids)
+        ids = ids[1:] if first else ids  # <think{k}>
+        reason = d.path_finish.get(k)
+        if reason is not None:
+            ids = ids[:-1]  # </think{k}>
+        return self.paths[k].add(ids) + (self.paths[k].flush() if reason else ""), reason
+
+    def _readable(self) -> str:
+        text = ""
+        while self.current < len(self.paths):
+            k = self.current
+            if not self.is_open:
+                text += ("\n" if k else "") + f"<think{k + 1}>"
+                self.is_open = True
+            text, self.held[k] = text + self.held[k], ""
+            if not self.is_closed[k]:
+                break
+            text += f"</think{k + 1}>"
+            self.current, self.is_open = k + 1, False
+        return text
+
+    def _summary_text(self, d: Delta) -> str:
+        ids = d.summary_tokens
+        if ids and self.num_summary_seen == 0 and ids[0] == self.ctrl.summary_open:
+            ids = ids[1:]
+        self.num_summary_seen += len(d.summary_tokens)
+        if d.summary_finish == "end":
+            ids = ids[:-1]  # </summary> or EOS
+        return self.summary.add(ids) + (self.summary.flush() if d.summary_finish else "")
