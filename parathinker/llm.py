@@ -25,6 +25,8 @@ from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_mod
 from parathinker.model.fast_linear import apply_linear_backend
 from parathinker.outputs import PathOutput, RequestOutput, SequentialOutput, SummaryOutput
 from parathinker.reference import RawRequestOutput, generate_request
+from parathinker.reference_layout import (ReferenceTokens, check_params, pad_prompt,
+                                          padded_prompt_len, path_text_ids, summary_cap)
 from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
                                 SEQUENTIAL_PROMPT_TEMPLATE, ControlTokens, last_boxed)
 
@@ -152,6 +154,9 @@ class LLM:
         if len(prompt_ids) >= limit:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the model's "
                              f"context ({limit} positions); shorten it")
+        if self.layout == "reference":
+            self._validate_reference(prompt_ids, params, limit)
+            return
         needed = len(prompt_ids) + params.max_path_tokens + params.max_summary_tokens
         if needed > limit:
             raise ValueError(
@@ -159,6 +164,33 @@ class LLM:
                 f"max_summary_tokens ({params.max_summary_tokens}) = {needed} positions exceed the "
                 f"model's context ({limit}); lower the budgets"
             )
+
+    def _validate_reference(self, prompt_ids: list[int], params: SamplingParams,
+                            limit: int) -> None:
+        """SPEC §6 requests: what the reference layout cannot run (reference_layout.check_params),
+        and positions up to 2·Lp + max_path_tokens + the summary cap (Lp = the padded prompt)."""
+        ReferenceTokens.from_ctrl(self.ctrl)
+        check_params(params.num_paths, params.max_path_tokens, params.min_path_tokens,
+                     params.min_finished_paths, params.max_summary_tokens,
+                     len(self.summary_template_ids))
+        lp = padded_prompt_len(len(prompt_ids), self.tokenizer.bos_token_id is not None)
+        needed = 2 * lp + params.max_path_tokens + summary_cap(params.max_summary_tokens)
+        if needed > limit:
+            raise ValueError(
+                f"layout='reference' places the summary at 2 x padded prompt ({lp}) + "
+                f"max_path_tokens ({params.max_path_tokens}); with its "
+                f"{summary_cap(params.max_summary_tokens)} tokens that is {needed} positions, more "
+                f"than the model's context ({limit}); lower the budgets"
+            )
+
+    def engine_prompt(self, prompt_ids: list[int]) -> list[int]:
+        """The ids the engine runs for an encoded prompt: unchanged in the native layout; in the
+        reference layout padded as the reference engine does (reference_layout.pad_prompt:
+        a second BOS, then <vllm_pad> up to a multiple of 16)."""
+        if self.layout != "reference":
+            return list(prompt_ids)
+        pad = ReferenceTokens.from_ctrl(self.ctrl).pad
+        return pad_prompt(prompt_ids, self.tokenizer.bos_token_id, pad)
 
     # ----- generation
     def generate(self, prompts: Sequence[str] | str | None = None,
@@ -168,7 +200,8 @@ class LLM:
         encoded = self.encode_prompts(prompts, prompt_token_ids)
         for ids in encoded:
             self.validate(ids, params)
-        reqs = [self.engine.add_request(f"llm-{next(self._ids)}", ids, params) for ids in encoded]
+        reqs = [self.engine.add_request(f"llm-{next(self._ids)}", self.engine_prompt(ids), params)
+                for ids in encoded]
         self.engine.run_to_completion()
         return [self.request_output(r) for r in reqs]
 
@@ -241,7 +274,8 @@ class LLM:
     def to_output(self, prompt_ids: list[int], raw: RawRequestOutput,
                   latency_s: float) -> RequestOutput:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        paths = [PathOutput(k + 1, ids, decode(ids[1:-1]), reason)
+        closes = self.ctrl.think_close
+        paths = [PathOutput(k + 1, ids, decode(path_text_ids(ids, closes[k])), reason)
                  for k, (ids, reason) in enumerate(zip(raw.path_token_ids, raw.path_finish))]
         body = raw.summary_token_ids
         if body and body[0] == self.ctrl.summary_open:
