@@ -66,7 +66,7 @@ class LLM:
                  rope_scaling: dict[str, Any] | None = None, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_batched_tokens: int = 8192, linear: str = "auto",
-                 layout: str = "native") -> None:
+                 layout: str = "native", attention: str = "auto") -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
         self.layout = layout
@@ -97,7 +97,7 @@ class LLM:
         self.max_paths = min(self.ctrl.max_paths, self.config.max_segments - 1)
         self.engine = Engine(self.model, self.ctrl, self.summary_template_ids, block_size,
                              num_kv_blocks, kv_cache_memory, max_num_batched_tokens,
-                             layout=layout)
+                             layout=layout, attention=attention)
         self._ids = itertools.count()
 
     # ----- input handling
@@ -232,11 +232,11 @@ class LLM:
         outs = []
         for req in reqs:
             latency = (req.finish_time or time.perf_counter()) - req.arrival_time
-            tokens = req.summary.tokens if req.summary else []
-            text = self.tokenizer.decode(tokens[:-1] if req.summary_finish == "end" else tokens,
+            tokens = req.trace.tokens
+            text = self.tokenizer.decode(tokens[:-1] if req.trace_finish == "end" else tokens,
                                          skip_special_tokens=False)
             outs.append(SequentialOutput(
-                req.prompt.tokens, tokens, text, str(req.summary_finish), last_boxed(text),
+                req.prompt.tokens, tokens, text, str(req.trace_finish), last_boxed(text),
                 {"latency_s": latency, "tokens_per_s": len(tokens) / max(latency, 1e-9)},
                 None if req.status == FINISHED else (req.error or req.status)))
         return outs

@@ -95,14 +95,6 @@ def generate_request(model: ParaThinkerForCausalLM, ctrl: ControlTokens, prompt_
     def sample(rows: torch.Tensor, counters: list[int]) -> list[int]:
         """The engine's sampler, with the engine's counters: (stream << 32) + token index."""
         n = len(counters)
-        if not hasattr(sampling, "sample_rows"):  # TEMPORARY until the batched sampler lands
-            out = []
-            for r in range(n):
-                g = torch.Generator()
-                g.manual_seed((seed * 1000003 + counters[r]) % (1 << 63))
-                out += sampling.sample(rows[r:r + 1].clone(), params.temperature, params.top_p,
-                                       params.top_k, g)
-            return out
         st = sampling.SamplingTensors.from_rows([params.temperature] * n, [params.top_p] * n,
                                                 [params.top_k] * n, [seed] * n, counters, rows.device)
         return sampling.sample_rows(rows, st).tolist()

@@ -37,9 +37,6 @@ threshold too: every token tied with the last one kept survives; the top token a
 (ties -> lowest id). A temperature above float32's range is clamped to its largest value.
 Robustness: rows never mix, nothing is data-dependent on the host, and a row whose logits are all
 -inf or hold NaN still returns an id in [0, V) (which one is unspecified).
-
-The old per-request `sample` / `make_generator` stay until the engine and the reference generator
-switch to `sample_rows`.
 """
 
 from __future__ import annotations
@@ -81,34 +78,6 @@ class LogitMasks:
     def summary(self, logits: torch.Tensor) -> torch.Tensor:
         logits[:, self.summary_banned] = float("-inf")
         return logits
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None) -> list[int]:
-    """logits: [R, V] float32 with banned tokens already at -inf -> one token id per row."""
-    if temperature == 0:
-        return logits.argmax(-1).tolist()
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1).cpu()
-    return torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
-
-
-def make_generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(seed)
-    return gen
 
 
 @dataclass

@@ -119,7 +119,8 @@ def test_sample_store_resume(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="lacks field"):
             store.append({"benchmark": "aime24"})
     with SampleStore(tmp_path) as store:
-        assert store.done_keys() == {("aime24", "parathinker", 4, "q1", 0), ("aime24", "parathinker", 4, "q1", 1)}
+        assert store.done_keys() == {("aime24", "parathinker", 4, "q1", 0, "native"),
+                                     ("aime24", "parathinker", 4, "q1", 1, "native")}
         assert store.records()[0]["latency_s"] == 0.5
         store.append(_record(2))
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 3

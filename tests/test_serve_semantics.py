@@ -16,7 +16,7 @@ from serve_util import (APPS, JSON, MODEL, QUESTION, SMALL, chat, client, runnin
 
 from parathinker import LLM, SamplingParams
 from parathinker.config import MAX_TEMPERATURE, MIN_TEMPERATURE, MIN_TOP_P
-from parathinker.sampler import sample
+from parathinker.sampler import SamplingTensors, sample_rows
 
 pytest.importorskip("uvicorn")
 
@@ -137,7 +137,8 @@ def test_sampler_bounds_keep_sampling_finite():
     logits[:, :5] = float("-inf")
     for t, top_p in [(MAX_TEMPERATURE, 1.0), (MIN_TEMPERATURE, 1.0), (1.0, MIN_TOP_P),
                      (MIN_TEMPERATURE, MIN_TOP_P)]:
-        ids = sample(logits.clone(), t, top_p, 0, torch.Generator().manual_seed(0))
+        st = SamplingTensors.from_rows([t] * 3, [top_p] * 3, [0] * 3, [0] * 3, [0, 1, 2], "cpu")
+        ids = sample_rows(logits.clone(), st).tolist()
         assert all(5 <= i < 300 for i in ids)
     for bad in [dict(temperature=3.5e38), dict(temperature=float("nan")), dict(top_p=5e-324),
                 dict(temperature=1e-30)]:

@@ -201,14 +201,6 @@ class Engine:
             cols["top_k"] += [p.top_k] * n
             cols["seed"] += [self.seeds[req.request_id]] * n
             cols["counter"] += req.sample_counters()
-        if not hasattr(sampler, "sample_rows"):  # TEMPORARY until the batched sampler lands
-            out = []
-            for r in range(logits.shape[0]):
-                g = torch.Generator()
-                g.manual_seed((cols["seed"][r] * 1000003 + cols["counter"][r]) % (1 << 63))
-                out += sampler.sample(logits[r:r + 1].clone(), cols["temperature"][r],
-                                      cols["top_p"][r], cols["top_k"][r], g)
-            return out
         st = sampler.SamplingTensors.from_rows(device=logits.device, **cols)
         return sampler.sample_rows(logits, st).tolist()
 

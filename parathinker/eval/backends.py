@@ -104,11 +104,11 @@ class EngineBackend:
         from parathinker.engine.request import FINISHED
 
         latency = (req.finish_time or time.perf_counter()) - req.arrival_time
-        tokens = req.summary.tokens if req.summary else []  # a plain trace lives in the summary's place
-        text = self.llm.tokenizer.decode(tokens[:-1] if req.summary_finish == "end" else tokens,
+        tokens = req.trace.tokens
+        text = self.llm.tokenizer.decode(tokens[:-1] if req.trace_finish == "end" else tokens,
                                          skip_special_tokens=False)
         error = None if req.status == FINISHED else (req.error or f"request {req.status}")
-        return Trace(text, str(req.summary_finish), len(req.prompt.tokens), len(tokens), latency, error)
+        return Trace(text, str(req.trace_finish), len(req.prompt.tokens), len(tokens), latency, error)
 
     def run(self, jobs: Iterable[Job], max_in_flight: int) -> Iterator[tuple[Job, list[Any]]]:
         _check_in_flight(max_in_flight)

@@ -94,7 +94,8 @@ def _release_memory() -> None:
         pass
 
 
-def print_table(summary: dict[str, dict[str, dict[str, Any]]], file: Any = sys.stdout) -> None:
+def print_table(summary: dict[str, dict[str, dict[str, Any]]], file: Any = None) -> None:
+    file = file or sys.stdout  # looked up now: a default bound at import would outlive a redirect
     for bench, by_config in summary.items():
         for label, s in by_config.items():
             extra = "".join(f" | {name} {100 * s[f'{name}_accuracy']:.1f} ± {100 * s[f'{name}_accuracy_se']:.1f}"
