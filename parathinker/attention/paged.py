@@ -172,7 +172,8 @@ def _attend_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     for t0 in range(0, t, chunk):
         t1 = min(t, t0 + chunk)
         rows = qf[:, t0 * g: t1 * g]
-        scores = torch.cat([torch.matmul(rows, k_pool[:, a: a + n].transpose(1, 2))
+        # torch.bmm, not matmul: matmul copies a strided slice of the pool first
+        scores = torch.cat([torch.bmm(rows, k_pool[:, a: a + n].transpose(1, 2))
                             for a, n in runs], -1).float()  # [Hkv, rows, C]
         if t > 1:  # queries see the context up to themselves
             visible = _causal_tail(t, c, g, q.device)[t0 * g: t1 * g]
@@ -180,7 +181,7 @@ def _attend_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         p = scores.softmax(-1).to(q.dtype)
         o, off = None, 0
         for a, n in runs:
-            part = torch.matmul(p[..., off: off + n], v_pool[:, a: a + n])
+            part = torch.bmm(p[..., off: off + n], v_pool[:, a: a + n])
             o = part if o is None else o + part
             off += n
         outs.append(o)

@@ -6,8 +6,8 @@ path and the summary; a path's blocks by the path and the summary.
 
 Allocation keeps each sequence's blocks consecutive where it can: a growing sequence takes the
 block right after its last one when that is free, and a sequence that cannot starts a new
-extent in the middle of the largest free run (or at its start, at the pool's start), leaving
-room on both sides. Consecutive blocks are consecutive slots, so attention reads a context as a
+extent centred in the largest free run (or at its start, at the pool's start), so that it and
+whatever ends before the run both have room to grow. Consecutive blocks are consecutive slots, so attention reads a context as a
 few long runs of the pool (`attention.paged`); correctness never depends on it, only speed.
 """
 
@@ -40,15 +40,17 @@ class BlockManager:
     def can_allocate(self, n: int) -> bool:
         return n <= self._num_free
 
-    def allocate_next(self, after: int | None = None) -> int:
-        """One block for a sequence whose last block is `after` (None: a new sequence)."""
+    def allocate_next(self, after: int | None = None, want: int = 1) -> int:
+        """One block for a sequence whose last block is `after` (None: a new sequence), which
+        is about to need `want` blocks in a row."""
         if not self._num_free:
             raise RuntimeError("out of KV blocks: need 1, 0 free")
         if after is not None and after + 1 < self.num_blocks and self._is_free[after + 1]:
             b = after + 1
         else:
             run = max(_FREE_RUN.finditer(self._is_free), key=lambda m: m.end() - m.start())
-            b = run.start() if run.start() == 0 else (run.start() + run.end()) // 2
+            room = max(0, run.end() - run.start() - want)
+            b = run.start() if run.start() == 0 else run.start() + room // 2
         self._is_free[b] = 0
         self._num_free -= 1
         self.ref_counts[b] = 1
@@ -60,8 +62,8 @@ class BlockManager:
         if n > self._num_free:
             raise RuntimeError(f"out of KV blocks: need {n}, {self._num_free} free")
         blocks: list[int] = []
-        for _ in range(n):
-            blocks.append(self.allocate_next(blocks[-1] if blocks else None))
+        for i in range(n):
+            blocks.append(self.allocate_next(blocks[-1] if blocks else None, n - i))
         return blocks
 
     def fork(self, blocks: Iterable[int]) -> None:

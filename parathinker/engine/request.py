@@ -53,7 +53,8 @@ class Seq:
         while self.num_placed < len(self.tokens):
             offset = self.num_placed % bs
             if offset == 0:
-                self.blocks.append(bm.allocate_next(self.blocks[-1] if self.blocks else None))
+                want = -(-(len(self.tokens) - self.num_placed) // bs)
+                self.blocks.append(bm.allocate_next(self.blocks[-1] if self.blocks else None, want))
             n = min(bs - offset, len(self.tokens) - self.num_placed)
             start = self.blocks[-1] * bs + offset
             if self.runs and self.runs[-1][0] + self.runs[-1][1] == start:
