@@ -1,10 +1,12 @@
-"""The batched engine equals the reference generator token for token (greedy, float32)."""
+"""The batched engine equals the reference generator token for token (greedy, float32), through
+every attention backend that runs on this machine ("flex" compiles FlexAttention on CPU too)."""
 
 import pytest
 
 from tiny import make_checkpoint
 
 from parathinker import LLM, SamplingParams
+from parathinker.attention.paged import BACKENDS
 
 QUESTIONS = ["What is 2+3?", "Find x if 2x + 3 = 11.", "Let me check 7*3 mod 10.", "abc", "Sum 1..10"]
 
@@ -23,10 +25,15 @@ def same(a, b):
     assert a.answer == b.answer and a.error is None
 
 
-@pytest.fixture(scope="module")
-def small_pool(ckpt_dir):
+@pytest.fixture(scope="module", params=BACKENDS)
+def llm(request, ckpt_dir):
+    return LLM(str(ckpt_dir), device="cpu", dtype="float32", attention=request.param)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def small_pool(request, ckpt_dir):
     return LLM(str(ckpt_dir), device="cpu", dtype="float32", block_size=4, num_kv_blocks=48,
-               summary_template="<summary>The final answer is")
+               summary_template="<summary>The final answer is", attention=request.param)
 
 
 def test_single_request_matches_reference(llm):
@@ -147,3 +154,26 @@ def test_base_model_runs_plain_traces_and_refuses_parallel_thinking(tmp_path):
     assert o.error is None and o.token_ids == naive_plain_greedy(llm.model, o.prompt_token_ids, 12, llm.ctrl.eos)
     with pytest.raises(ValueError, match="no ParaThinker control tokens.*plain traces only"):
         llm.generate(["What is 2+3?"], params(num_paths=1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_never_written_pool_memory_cannot_leak_into_outputs(ckpt_dir, monkeypatch, backend):
+    """A fresh pool may hold anything (torch.empty reuses freed memory): here NaN wherever a
+    backend is allowed to leave it unwritten. Flex reads whole pages, masked, so its pool must
+    start finite (0 * NaN in P @ V is NaN); the others never read a slot before writing it."""
+    from parathinker.attention.paged import PagedKVCache
+
+    allocate = PagedKVCache.allocate.__func__
+
+    def poisoned(cls, *args, zeroed=False, **kw):
+        cache = allocate(cls, *args, zeroed=zeroed, **kw)
+        if not zeroed:
+            cache.k.fill_(float("nan"))
+            cache.v.fill_(float("nan"))
+        return cache
+
+    monkeypatch.setattr(PagedKVCache, "allocate", classmethod(poisoned))
+    llm = LLM(str(ckpt_dir), device="cpu", dtype="float32", num_kv_blocks=64, attention=backend)
+    p = params(num_paths=3)
+    for a, b in zip(llm.generate(QUESTIONS[:2], p), llm.generate_reference(QUESTIONS[:2], p)):
+        same(a, b)

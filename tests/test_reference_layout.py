@@ -127,14 +127,6 @@ def mixed(tmp_path_factory, tokenizer):
     return reference_llm(ckpt(tmp_path_factory, tokenizer, "mixed", end_boost=0.9, seed=0))
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory, tokenizer):
-    """Paths end within 16 or 32 tokens, summaries end with </summary>; the engine's own KV
-    blocks (4 tokens) differ from the reference's 16."""
-    return reference_llm(ckpt(tmp_path_factory, tokenizer, "quick", end_boost=1.0, seed=2),
-                         block_size=4)
-
-
 def oracle(llm, question, p, **kw):
     return oracle_reference_generate(llm.model, llm.tokenizer, llm.format_prompt(question),
                                      llm.summary_template, p.num_paths, p.max_path_tokens,
@@ -182,6 +174,14 @@ def test_batched_requests_match_the_oracle_with_pads_and_truncation(mixed):
                 assert o.text == mixed.tokenizer.decode(o.token_ids[1:i], skip_special_tokens=False)
                 assert "<vllm_pad>" not in o.text or pad in o.token_ids[1:i]
     assert mixed.engine.block_manager.num_used == 0
+
+
+@pytest.fixture(scope="module", params=["runs", "flex"])
+def quick(request, tmp_path_factory, tokenizer):
+    """Paths end within 16 or 32 tokens, summaries end with </summary>; the engine's own KV
+    blocks (4 tokens) differ from the reference's 16. Through both in-place backends."""
+    return reference_llm(ckpt(tmp_path_factory, tokenizer, "quick", end_boost=1.0, seed=2),
+                         block_size=4, attention=request.param)
 
 
 def test_one_path_and_several_in_one_batch(quick):

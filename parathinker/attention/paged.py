@@ -45,12 +45,16 @@ class PagedKVCache:
 
     @classmethod
     def allocate(cls, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> PagedKVCache:
-        # torch.empty: on CPU the pages are only backed by memory once written (no 4 GiB of
-        # zeros at start); every slot is written before any attention reads it.
+                 dtype: torch.dtype, device: torch.device | str,
+                 zeroed: bool = False) -> PagedKVCache:
+        """zeroed=False (the runs and reference backends): torch.empty, so that on CPU the pages
+        are only backed by memory once written (no 4 GiB of zeros at start); those backends read
+        only slots written before. zeroed=True (flex): its kernels read whole 16-slot pages and
+        mask the slots not in a context, but a masked slot's V still enters P @ V with weight 0,
+        and 0 * NaN (never-written memory) is NaN: every slot must hold a finite value."""
         shape = (num_layers, num_kv_heads, num_slots, head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device),
-                   torch.empty(shape, dtype=dtype, device=device))
+        alloc = torch.zeros if zeroed else torch.empty
+        return cls(alloc(shape, dtype=dtype, device=device), alloc(shape, dtype=dtype, device=device))
 
     @property
     def num_slots(self) -> int:

@@ -39,7 +39,7 @@ class ModelRunner:
         self.attention = resolve_attention(attention, self.device)
         self.kv_cache = PagedKVCache.allocate(cfg.num_hidden_layers, num_blocks * block_size,
                                               cfg.num_key_value_heads, cfg.head_dim, p.dtype,
-                                              p.device)
+                                              p.device, zeroed=self.attention == "flex")
 
     def build(self, work: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                   PagedAttention]:
