@@ -245,7 +245,11 @@ class LLM:
                            params: SamplingParams | None = None, *,
                            prompt_token_ids: Sequence[Sequence[int]] | None = None
                            ) -> list[RequestOutput]:
-        """The same outputs from the slow reference generator, one request at a time."""
+        """The same outputs from the slow reference generator, one request at a time (the native
+        layout's twin: refused under layout='reference', whose slow twin is the test oracle)."""
+        if self.layout == "reference":
+            raise ValueError("generate_reference is the slow twin of the native layout; an LLM built "
+                             "with layout='reference' is checked against tests/oracle_reference.py")
         params = params or SamplingParams()
         encoded = self.encode_prompts(prompts, prompt_token_ids)
         for ids in encoded:

@@ -87,6 +87,10 @@ def test_eval_writes_every_layout_into_one_report(ckpt_dir, tmp_path, capsys, la
     assert all(r["error"] is None for r in records), [r["error"] for r in records]
     for r in par:  # every path of both layouts opens with its tag, the summary is graded
         assert len(r["path_tokens"]) == 2 and isinstance(r["correct"], bool)
+    native = {r["id"]: r["prompt_tokens"] for r in par if r["layout"] == "native"}
+    for r in par:  # the reference layout ran the padded prompt: a second BOS, pads to 16 (SPEC §6)
+        if r["layout"] == "reference":
+            assert r["prompt_tokens"] % 16 == 0 and r["prompt_tokens"] >= native[r["id"]] + 1
     labels = ["sequential"] + [f"P=2 ({lay})" if lay != "native" else "P=2" for lay in layouts]
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert list(summary["mine"]) == labels

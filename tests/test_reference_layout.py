@@ -244,3 +244,24 @@ def test_native_stays_the_default(llm):
                                                  max_summary_tokens=80))
     assert llm.ctrl.pad not in out.prompt_token_ids
     assert all(o.token_ids[-1] == llm.ctrl.think_close[o.index - 1] for o in out.paths)
+
+
+def test_served_reference_layout_runs_the_padded_prompt(quick):
+    """`parathinker serve --layout reference`: the server runs what LLM.generate runs (the
+    padded prompt of SPEC §6), and usage counts the prompt the engine ran."""
+    from serve_util import MODEL, client, running_server
+
+    llm, q = quick, QUESTIONS[1]
+    expected = llm.generate([q], greedy(num_paths=2, max_path_tokens=32, max_summary_tokens=100))[0]
+    with running_server(llm) as url:
+        r = client(url).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": q}], temperature=0,
+            extra_body={"parallel": {"num_paths": 2, "max_path_tokens": 32,
+                                     "max_summary_tokens": 100}})
+    assert r.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert r.usage.prompt_tokens % 16 == 0
+    paths = r.choices[0].message.model_extra["paths"]
+    assert [p["text"] for p in paths] == [p.text for p in expected.paths]
+    assert r.choices[0].message.content == expected.summary.text
+    with pytest.raises(ValueError, match="slow twin of the native layout"):
+        llm.generate_reference([q])

@@ -127,7 +127,8 @@ class EngineBackend:
                 for slot, params in enumerate(job.params):
                     self._num_requests += 1
                     rid = f"eval-{self._num_requests}"
-                    engine.add_request(rid, list(ids), params)
+                    engine.add_request(rid, self.llm.engine_prompt(ids) if job.is_parathinker
+                                       else list(ids), params)
                     by_request[rid] = (state, slot)
             if not engine.has_unfinished():
                 return

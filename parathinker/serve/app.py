@@ -273,6 +273,7 @@ async def accept(server: Server, request: Request, kind: str
         params = P.sampling_params(parsed, server.defaults, len(prompt_ids), limit,
                                    server.template_len)
         llm.validate(prompt_ids, params)
+        prompt_ids = llm.engine_prompt(prompt_ids)  # --layout reference: padded as SPEC §6
     except ValueError as e:
         raise P.APIError(400, str(e), param=P.param_of(str(e), parsed)) from None
     bm = llm.engine.block_manager
