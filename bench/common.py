@@ -49,6 +49,9 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "commit": commit}
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def random_model(cfg: dict[str, Any], device: str = "cpu", dtype: torch.dtype = torch.float32,
                  seed: int = 0) -> ParaThinkerForCausalLM:
     """Random weights of the given shape, without the cost of nn.Linear's default init."""
