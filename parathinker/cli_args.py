@@ -17,6 +17,7 @@ from parathinker.config import parse_rope_scaling, resolve_rope_scaling
 
 LAYOUTS = ("native", "reference")  # as parathinker.engine.LAYOUTS, without importing torch here
 LINEAR_BACKENDS = ("auto", "plain", "packed", "int8")  # as parathinker.model.fast_linear
+ATTENTION_BACKENDS = ("runs", "flex", "reference")  # parathinker.attention.paged.BACKENDS
 PLAIN_ROPE = {"rope_type": "default"}  # an LLM(rope_scaling=...) override meaning "no scaling"
 
 ROPE_HELP = (
@@ -79,6 +80,10 @@ def add_model_args(p: argparse.ArgumentParser, *, model_flag: str = "--model",
     g.add_argument("--linear", default="auto", choices=LINEAR_BACKENDS,
                    help="CPU linear layers: auto (packed for float32 on CPU), packed, int8 or plain "
                         "(default: %(default)s)")
+    g.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
+                   help="attention over the paged KV cache: auto (runs on CPU, flex on CUDA), runs, "
+                        "flex (FlexAttention) or reference (the slow, gathered twin) "
+                        "(default: %(default)s)")
     return g
 
 
@@ -100,5 +105,5 @@ def llm_kwargs(args: argparse.Namespace, rope_scaling: dict[str, Any] | None,
                layout: str | None = None) -> dict[str, Any]:
     """`LLM(model, **llm_kwargs(...))` from the shared flags and a resolved rope scaling."""
     return {"device": args.device, "dtype": args.dtype, "linear": args.linear,
-            "layout": layout or args.layout,
+            "attention": args.attention, "layout": layout or args.layout,
             "rope_scaling": PLAIN_ROPE if rope_scaling is None else rope_scaling}

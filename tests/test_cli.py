@@ -30,6 +30,14 @@ def test_generate_json(ckpt_dir):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert len(data["paths"]) == 2 and data["summary"]["token_ids"]
+    # --attention picks the backend; seeded outputs do not depend on it
+    r = run("generate", "--model", str(ckpt_dir), "--device", "cpu", "--paths", "2",
+            "--max-path-tokens", "10", "--max-summary-tokens", "80", "--seed", "1", "--json",
+            "--attention", "reference", "q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["paths"] == data["paths"]
+    r = run("generate", "--model", str(ckpt_dir), "--attention", "dense", "q")
+    assert r.returncode == 2 and "--attention" in r.stderr
 
 
 def test_generate_bad_input_is_a_clear_error(ckpt_dir, tmp_path):

@@ -75,14 +75,16 @@ def test_flags_are_one_group_with_defaults_shown():
         sp = sub.add_parser(command)
         adder(sp)
         text = sp.format_help()
-        for flag in ("--device", "--dtype", "--rope-scaling", "--layout", "--linear"):
+        for flag in ("--device", "--dtype", "--rope-scaling", "--layout", "--linear", "--attention"):
             assert text.count(flag + " ") >= 1, (command, flag)
         assert "Default: auto" in text and "(default: native)" in text, command
     # the copies kept free of torch match the engine's own lists
+    from parathinker.attention.paged import BACKENDS
     from parathinker.engine import LAYOUTS
     from parathinker.model.fast_linear import LINEAR_BACKENDS
 
     assert cli_args.LAYOUTS == LAYOUTS and cli_args.LINEAR_BACKENDS == LINEAR_BACKENDS
+    assert cli_args.ATTENTION_BACKENDS == BACKENDS
 
 
 def test_layout_flag_values():

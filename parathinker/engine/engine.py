@@ -46,7 +46,7 @@ def default_num_blocks(model: ParaThinkerForCausalLM, block_size: int,
                        kv_cache_memory: int | None, max_num_batched_tokens: int) -> int:
     """Blocks from a memory budget. On CUDA by default: 90% of the GPU's memory, less the
     weights and the peak activations of a forward of `max_num_batched_tokens` (measured); on
-    CPU, 4 GiB (the pool is never zeroed: pages are only backed once written)."""
+    CPU, 4 GiB (not zeroed, except for the flex backend: pages are only backed once written)."""
     p = next(model.parameters())
     per_block = kv_bytes_per_block(model, block_size, p.dtype)
     if kv_cache_memory is None:

@@ -100,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         majority_max_tokens=args.majority_max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, resume=args.resume, limit=args.limit, endpoint=args.endpoint,
         request_timeout=args.request_timeout, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, rope_scaling=args.rope_scaling, linear=args.linear, save_text=args.save_text,
+        dtype=args.dtype, rope_scaling=args.rope_scaling, linear=args.linear, attention=args.attention, save_text=args.save_text,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
 
 

@@ -50,6 +50,7 @@ class EvalConfig:
     dtype: str = "auto"
     rope_scaling: str | dict[str, Any] = "auto"  # parathinker.config.resolve_rope_scaling
     linear: str = "auto"
+    attention: str = "auto"
     save_text: bool = False
     api_key: str | None = field(default=None, repr=False)
     checkpoint: dict[str, Any] = field(default_factory=dict, repr=False)  # its config.json

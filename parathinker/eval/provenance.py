@@ -43,7 +43,7 @@ def engine_info(llm: Any) -> dict[str, Any]:
     return {"model_dir": str(llm.model_dir), "device": str(llm.device),
             "dtype": str(llm.dtype).removeprefix("torch."), "linear": getattr(llm, "linear_backend", None),
             "layout": getattr(llm, "layout", None), "rope_scaling": llm.config.rope_scaling,
-            "torch": torch.__version__,
+            "attention": llm.engine.runner.attention, "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else None}
 
 

@@ -79,6 +79,7 @@ class BuildConfig:
     rope_scaling: str | dict[str, Any] = "auto"  # local teacher: --rope-scaling (cli_args)
     layout: str = "native"  # local teacher, paths mode
     linear: str = "auto"
+    attention: str = "auto"
     limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -132,7 +133,7 @@ class LocalTeacher:
                                     cfg.max_tokens + 2 if paths else cfg.max_tokens, parallel=paths)
         # a base model is fine for plain traces
         self.llm = LLM(cfg.teacher, device=cfg.device, dtype=cfg.dtype, linear=cfg.linear,
-                       layout=cfg.layout, rope_scaling=PLAIN_ROPE if rope is None else rope)
+                       attention=cfg.attention, layout=cfg.layout, rope_scaling=PLAIN_ROPE if rope is None else rope)
         if cfg.teacher_mode == "paths" and not self.llm.max_paths:
             raise ValueError(f"--teacher-mode paths needs a ParaThinker teacher; {cfg.teacher} has no "
                              "ParaThinker tokens (use --teacher-mode sequential)")

@@ -165,7 +165,7 @@ def run_build_data(args: argparse.Namespace) -> int:
         teacher_model=args.teacher_model, api_key=args.api_key, max_tokens=args.max_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
         concurrency=args.concurrency, request_timeout=args.request_timeout, device=args.device,
-        dtype=args.dtype, rope_scaling=args.rope_scaling, layout=args.layout, linear=args.linear,
+        dtype=args.dtype, rope_scaling=args.rope_scaling, layout=args.layout, linear=args.linear, attention=args.attention,
         limit=args.limit, **extra)
     stats = build_data(cfg)
     print(f"wrote {stats['samples']} samples to {args.output} ({stats['traces']} traces, "
