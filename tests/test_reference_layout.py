@@ -249,15 +249,22 @@ def test_native_stays_the_default(llm):
 def test_served_reference_layout_runs_the_padded_prompt(quick):
     """`parathinker serve --layout reference`: the server runs what LLM.generate runs (the
     padded prompt of SPEC §6), and usage counts the prompt the engine ran."""
-    from serve_util import MODEL, client, running_server
+    from serve_util import MODEL, client, collect_stream, running_server
 
     llm, q = quick, QUESTIONS[1]
     expected = llm.generate([q], greedy(num_paths=2, max_path_tokens=32, max_summary_tokens=100))[0]
+    # a path that ends before the other is padded in this layout: pads must not reach the text
+    assert any(p.finish_reason == "end" and llm.ctrl.pad in p.token_ids for p in expected.paths)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": q}], temperature=0,
+              extra_body={"parallel": {"num_paths": 2, "max_path_tokens": 32,
+                                       "max_summary_tokens": 100}})
     with running_server(llm) as url:
-        r = client(url).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": q}], temperature=0,
-            extra_body={"parallel": {"num_paths": 2, "max_path_tokens": 32,
-                                     "max_summary_tokens": 100}})
+        r = client(url).chat.completions.create(**kw)
+        streamed = collect_stream(client(url).chat.completions.create(
+            stream=True, stream_options={"include_paths": True}, **kw))
+    assert streamed["reasoning"] == r.choices[0].message.model_extra["reasoning_content"]
+    assert streamed["paths"] == {p.index: p.text for p in expected.paths if p.text}
+    assert streamed["content"] == expected.summary.text
     assert r.usage.prompt_tokens == len(expected.prompt_token_ids)
     assert r.usage.prompt_tokens % 16 == 0
     paths = r.choices[0].message.model_extra["paths"]

@@ -30,6 +30,7 @@ class StreamText:
         self.num_seen = [0] * num_paths
         self.held = [""] * num_paths  # path text not yet in the readable stream
         self.is_closed = [False] * num_paths
+        self.is_ended = [False] * num_paths  # its end tag seen: the rest is not text
         self.current, self.is_open = 0, False  # the path the readable stream is in
         self.summary = IncrementalDetokenizer(tokenizer)
         self.num_summary_seen = 0
@@ -53,13 +54,20 @@ class StreamText:
         return out
 
     def _path_text(self, k: int, d: Delta) -> tuple[str, str | None]:
+        """As path_text_ids: after <think{k}>, up to (not including) the path's own end tag;
+        nothing after it (the reference layout pads a finished path). A cut path has no tag."""
         ids = d.path_tokens.get(k, [])
         first = self.num_seen[k] == 0
         self.num_seen[k] += len(ids)
         ids = ids[1:] if first else ids  # <think{k}>
+        close = self.ctrl.think_close[k]
+        if self.is_ended[k]:
+            ids = []
+        elif close in ids:
+            ids, self.is_ended[k] = ids[: ids.index(close)], True
+            text = self.paths[k].add(ids) + self.paths[k].flush()
+            return text, d.path_finish.get(k)
         reason = d.path_finish.get(k)
-        if reason is not None:
-            ids = ids[:-1]  # </think{k}>
         return self.paths[k].add(ids) + (self.paths[k].flush() if reason else ""), reason
 
     def _readable(self) -> str:
