@@ -113,3 +113,24 @@ def test_summary_accuracy_by_number_of_verifying_paths():
     records.append({"num_paths": 2, "gold": "5", "path_answers": ["5", "5"], "correct": True})
     assert by_verifying_paths(records, 4) == {0: (0, 1), 1: (2, 2), 2: (1, 1), 3: (0, 1)}
     assert by_verifying_paths(records, 2) == {2: (1, 1)}
+
+
+def test_a_model_from_another_run_is_replaced_and_its_eval_dropped(tmp_path):
+    """A fresh clone holds the committed docs/demo/model: the documented command retrains, and
+    must evaluate and ship what it trained, not the committed model."""
+    from parathinker.demo.pipeline import install_model
+
+    trained, model, evals = tmp_path / "train", tmp_path / "model", tmp_path / "eval"
+    for d in (trained / "checkpoint-7", model, evals):
+        d.mkdir(parents=True)
+    (trained / "model.safetensors").write_bytes(b"new weights")
+    (trained / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"old weights")
+    (evals / "samples.jsonl").write_text("{}\n")
+    install_model(trained, model, evals)
+    assert (model / "model.safetensors").read_bytes() == b"new weights"
+    assert (model / "config.json").exists() and not (model / "checkpoint-7").exists()
+    assert not evals.exists()
+    evals.mkdir()  # the same model again: kept, and so is its evaluation
+    install_model(trained, model, evals)
+    assert evals.exists() and (model / "model.safetensors").read_bytes() == b"new weights"

@@ -11,6 +11,7 @@ the report (numbers, plot, and whether the accuracy ordering holds).
 
 from __future__ import annotations
 
+import filecmp
 import json
 import shutil
 import time
@@ -116,6 +117,17 @@ def _finished(eval_dir: Path) -> bool:
     return bool(runs) and runs[-1]["status"] == "finished" and (eval_dir / "summary.json").exists()
 
 
+def install_model(trained: Path, model: Path, eval_dir: Path) -> Path:
+    """Copy the trained model to `model` unless it is already there. A model from another run
+    (the committed one, in a fresh clone) is replaced, and any evaluation of it dropped."""
+    weights = model / "model.safetensors"
+    if not (weights.exists() and filecmp.cmp(weights, trained / "model.safetensors", shallow=False)):
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.rmtree(eval_dir, ignore_errors=True)
+        shutil.copytree(trained, model, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return model
+
+
 def run_demo(cfg: DemoConfig, output: Path, log: Any = print) -> list[dict[str, Any]]:
     """Data, initial checkpoint, training, evaluation, report. Resumes: finished steps are kept."""
     work = output / "work"
@@ -130,9 +142,7 @@ def run_demo(cfg: DemoConfig, output: Path, log: Any = print) -> list[dict[str, 
         log(f"wrote a random initial checkpoint to {init}")
     if not (trained / "model.safetensors").exists():
         _run(train_argv(cfg, init, data / "train.jsonl", trained) + (["--resume"] if trained.exists() else []), log)
-    model = output / "model"
-    if not (model / "model.safetensors").exists():
-        shutil.copytree(trained, model, ignore=shutil.ignore_patterns("checkpoint-*"))
+    model = install_model(trained, output / "model", work / "eval")
     if not _finished(work / "eval"):  # re-rendering the page does not add an empty eval run
         _run(eval_argv(cfg, model, data / "eval.jsonl", work / "eval"), log)
 
