@@ -103,6 +103,20 @@ def time_steps(engine: Engine, steps: int) -> tuple[float, float]:
     return statistics.median(total), statistics.median(meta)
 
 
+def profile_step(engine: Engine, top: int = 8) -> dict[str, float]:
+    """Self time (ms) of the `top` most expensive torch ops of one engine step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        engine.step()
+        sync()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    out = {e.key: e.self_cpu_time_total / 1e3 for e in ops}
+    print("   profile (self ms):", ", ".join(f"{k} {v:.1f}" for k, v in out.items()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="128,2048,8192", help="per-path contexts (prompt + path)")
@@ -113,6 +127,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--attention", default="auto", help="auto, runs, flex or reference")
     ap.add_argument("--linear", default="auto")
+    ap.add_argument("--profile", action="store_true", help="also profile one step of each kind")
     args = ap.parse_args()
     torch.manual_seed(0)
     shape = QWEN_1_5B if args.model == "1.5b" else SMALL
@@ -144,9 +159,12 @@ def main() -> None:
                                  kind == "summary")
             context = prompt_len + args.paths * path_len + (len(template) if kind == "summary" else 0)
             seconds, meta = time_steps(engine, args.steps)
+            top = profile_step(engine) if args.profile else None
             floor = (weights + context * kv_per_token) / bandwidth
             row[kind] = {"step_s": seconds, "floor_s": floor, "x_floor": seconds / floor,
                          "metadata_ms": meta * 1e3, "context_tokens": context}
+            if top:
+                row[kind]["profile_ms"] = top
             engine.abort(req.request_id)
             engine.step()
             print(f"C={size:6d} {kind:8s} step {seconds:.3f} s  floor {floor:.3f} s  "

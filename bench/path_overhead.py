@@ -1,6 +1,6 @@
 """Path overhead: total generate time for P = 1, 2, 4, 8, 16 paths of N tokens, relative to P = 1.
 
-Random weights of the DeepSeek-R1-Distill-Qwen-1.5B shape, paths fixed in length with
+Random weights of the DeepSeek-R1-Distill-Qwen-1.5B shape (or `--model small`), paths fixed in length with
 min_path_tokens = max_path_tokens = N, every path waited for (min_finished_paths = P). The P
 values run in turn, `--rounds` times over; each P keeps its fastest round (the machine is shared).
 The KV pool holds the largest request (prompt + max P x N + summary).
@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from common import DTYPES, QWEN_1_5B, machine, prompt_ids, random_model, report, synthetic_ctrl, timed
+from common import DTYPES, QWEN_1_5B, SMALL, machine, prompt_ids, random_model, report, synthetic_ctrl, timed
 from parathinker.config import SamplingParams
 from parathinker.engine import Engine
 from parathinker.model.fast_linear import apply_linear_backend
@@ -27,18 +27,21 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--paths", default="1,2,4,8,16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", choices=["1.5b", "small"], default="1.5b",
+                    help="random weights of the 1.5B shape, or the small one (hidden 512, 8 layers)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--attention", default="auto", help="auto, runs, flex or reference")
     ap.add_argument("--linear", default="auto")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats; the fastest counts")
     args = ap.parse_args()
     torch.manual_seed(0)
-    config = vars(args) | {"model": "random Qwen2-1.5B shape"}
+    shape = QWEN_1_5B if args.model == "1.5b" else SMALL
+    config = vars(args) | {"model_shape": shape}
     print("machine:", machine())
     print("config:", config)
-    model = random_model(QWEN_1_5B, args.device, DTYPES[args.dtype])
+    model = random_model(shape, args.device, DTYPES[args.dtype])
     config["linear"] = apply_linear_backend(model, args.linear)
-    ctrl, template = synthetic_ctrl(QWEN_1_5B["vocab_size"])
+    ctrl, template = synthetic_ctrl(shape["vocab_size"])
     most = args.prompt + max(int(x) for x in args.paths.split(",")) * args.tokens + len(template) + 1
     engine = Engine(model, ctrl, template, num_kv_blocks=max(4096, most // 16 + 64),
                     attention=args.attention)

@@ -75,6 +75,14 @@ def template_length(model: str) -> int:
     return len(tok.encode(DEFAULT_SUMMARY_TEMPLATE, add_special_tokens=False))
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (Linux /proc), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def free_port() -> int:
     import socket
 
@@ -157,11 +165,13 @@ def main() -> None:
         port = free_port()
         proc = start_server(args, model, port)
         base = f"http://127.0.0.1:{port}"
+        rss_start = rss_mb(proc.pid)
         try:
             run_load(base, args, args.warmup, seed0=10**6)
             m0 = parse(httpx.get(f"{base}/metrics").text)
             wall, results = run_load(base, args, args.requests, seed0=args.seed)
             m = parse(httpx.get(f"{base}/metrics").text)
+            rss_end = rss_mb(proc.pid)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -172,13 +182,15 @@ def main() -> None:
            "mean_latency_s": statistics.mean(lat), "generated_tokens_per_s": tokens / wall,
            "engine_steps": m["parathinker_engine_steps_total"]
            - m0["parathinker_engine_steps_total"],
-           "kv_blocks_used_after": m["parathinker_kv_cache_blocks_used"]}
+           "kv_blocks_used_after": m["parathinker_kv_cache_blocks_used"],
+           "server_rss_start_MB": rss_start, "server_rss_end_MB": rss_end}
     if args.stream:
         out["p50_first_chunk_s"] = percentile([r["first_chunk_s"] for r in results], 50)
     print(f"{len(results)} requests from {args.clients} clients in {wall:.2f} s: "
           f"{out['requests_per_s']:.2f} requests/s, p50 {out['p50_latency_s']:.3f} s, "
           f"p99 {out['p99_latency_s']:.3f} s, "
-          f"{out['generated_tokens_per_s']:.0f} generated tokens/s")
+          f"{out['generated_tokens_per_s']:.0f} generated tokens/s; server RSS {rss_start:.0f} MB "
+          f"at start, {rss_end:.0f} MB at the end")
     report("serve_load", config, out)
 
 
