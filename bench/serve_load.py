@@ -114,7 +114,8 @@ def run_load(base: str, args: argparse.Namespace, num_requests: int, seed0: int
             first = None
             if args.stream:
                 usage = None
-                for ch in c.chat.completions.create(stream=True, **kw):
+                for ch in c.chat.completions.create(stream=True,
+                                                    stream_options={"include_usage": True}, **kw):
                     first = first or time.perf_counter()
                     usage = ch.usage or usage
             else:

@@ -262,6 +262,11 @@ def test_served_reference_layout_runs_the_padded_prompt(quick):
         r = client(url).chat.completions.create(**kw)
         streamed = collect_stream(client(url).chat.completions.create(
             stream=True, stream_options={"include_paths": True}, **kw))
+        capped = client(url).chat.completions.create(  # budgets from a cap: paths in 16s
+            model=MODEL, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=200,
+            extra_body={"parallel": {"num_paths": 2}})
+    assert capped.usage.completion_tokens <= 200
+    assert all(p["num_tokens"] % 16 == 0 for p in capped.choices[0].message.model_extra["paths"])
     assert streamed["reasoning"] == r.choices[0].message.model_extra["reasoning_content"]
     assert streamed["paths"] == {p.index: p.text for p in expected.paths if p.text}
     assert streamed["content"] == expected.summary.text

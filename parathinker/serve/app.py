@@ -271,7 +271,8 @@ async def accept(server: Server, request: Request, kind: str
         prompt_ids = await server.off_loop(server.encode, kind, parsed,
                                            large=num_bytes > LARGE_PROMPT_BYTES)
         params = P.sampling_params(parsed, server.defaults, len(prompt_ids), limit,
-                                   server.template_len)
+                                   server.template_len,
+                                   path_multiple=16 if llm.layout == "reference" else 1)
         llm.validate(prompt_ids, params)
         prompt_ids = llm.engine_prompt(prompt_ids)  # --layout reference: padded as SPEC §6
     except ValueError as e:

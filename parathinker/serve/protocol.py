@@ -281,21 +281,22 @@ def chat_prompt(messages: list[dict[str, str]], format_prompt: Any) -> str:
 
 # ----- sampling parameters
 def sampling_params(parsed: ParsedRequest, defaults: SamplingParams, prompt_len: int,
-                    context: int, template_len: int) -> SamplingParams:
+                    context: int, template_len: int, path_multiple: int = 1) -> SamplingParams:
     """Explicit settings over the defaults. A default that the request did not set is fitted to
     the request: min_finished_paths <= num_paths, the budgets to the client's cap (`fit_to_cap`),
     min_path_tokens <= max_path_tokens, and max_path_tokens to what the context leaves after the
-    prompt and the summary."""
+    prompt and the summary, rounded down to a multiple of `path_multiple` (16 for the reference
+    layout, SPEC §6)."""
     s = dict(parsed.settings)
     s.setdefault("num_paths", defaults.num_paths)
     s.setdefault("min_finished_paths", min(defaults.min_finished_paths, max(s["num_paths"], 1)))
     if parsed.cap is not None:
-        fit_to_cap(s, parsed, defaults, template_len)
+        fit_to_cap(s, parsed, defaults, template_len, path_multiple)
     s.setdefault("max_summary_tokens", defaults.max_summary_tokens)
     if "max_path_tokens" not in s:
         room = context - prompt_len - s["max_summary_tokens"]
-        s["max_path_tokens"] = min(defaults.max_path_tokens, room) if room >= 2 \
-            else defaults.max_path_tokens
+        s["max_path_tokens"] = _round_down(min(defaults.max_path_tokens, room), path_multiple) \
+            if room >= 2 else defaults.max_path_tokens
     s.setdefault("min_path_tokens", min(defaults.min_path_tokens, s["max_path_tokens"]))
     for name in ("temperature", "top_p", "top_k"):
         s.setdefault(name, getattr(defaults, name))
@@ -305,8 +306,12 @@ def sampling_params(parsed: ParsedRequest, defaults: SamplingParams, prompt_len:
         raise APIError(400, str(e), param=param_of(str(e), parsed)) from None
 
 
+def _round_down(n: int, multiple: int) -> int:
+    return n if multiple <= 1 else max(multiple, n // multiple * multiple)
+
+
 def fit_to_cap(s: dict[str, Any], parsed: ParsedRequest, defaults: SamplingParams,
-               template_len: int) -> None:
+               template_len: int, path_multiple: int = 1) -> None:
     """The client's cap C bounds every generated token: P paths of max_path_tokens (tags
     included) plus the summary after its forced template. Budgets the request left out split C:
     each path gets min(default, max(2, C // (P + 1))), the summary what is left (up to its
@@ -315,7 +320,8 @@ def fit_to_cap(s: dict[str, Any], parsed: ParsedRequest, defaults: SamplingParam
     assert cap is not None
     num_paths = max(1, s["num_paths"])
     if "max_path_tokens" not in s:
-        s["max_path_tokens"] = min(defaults.max_path_tokens, max(2, cap // (num_paths + 1)))
+        s["max_path_tokens"] = _round_down(
+            min(defaults.max_path_tokens, max(2, cap // (num_paths + 1))), path_multiple)
         parsed.sources["max_path_tokens"] = param
     if "max_summary_tokens" not in s:
         left = cap - num_paths * s["max_path_tokens"]
