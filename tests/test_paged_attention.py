@@ -27,11 +27,16 @@ def test_runs_of():
     assert runs_of([]) == []
 
 
-@pytest.mark.parametrize("backend", ["runs", "reference"])
-def test_paged_attention_matches_naive(backend, monkeypatch):
+@pytest.mark.parametrize("backend,gather", [("runs", "never"), ("runs", "always"),
+                                            ("runs", "default"), ("reference", "default")])
+def test_paged_attention_matches_naive(backend, gather, monkeypatch):
     import parathinker.attention.paged as paged
 
     monkeypatch.setattr(paged, "MAX_SCORE_BYTES", 4096)  # force query chunking too
+    if gather != "default":  # runs read in place, or every context copied out first
+        monkeypatch.setattr(paged, "GATHER_MIN_RUNS", 10**9 if gather == "never" else 0)
+        monkeypatch.setattr(paged, "GATHER_MAX_MEAN_RUN", 10**9)
+        monkeypatch.setattr(paged, "BATCH_MAX_CONTEXT", 0 if gather == "never" else 10**9)
     rng = random.Random(0)
     torch.manual_seed(0)
     hq, hkv, d, num_slots = 6, 2, 8, 600

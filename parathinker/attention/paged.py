@@ -32,6 +32,13 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("runs", "flex", "reference")
+# The runs backend copies a context out of the pool when it has more than GATHER_MIN_RUNS runs
+# of fewer than GATHER_MAX_MEAN_RUN slots on average (a fragmented pool), else reads in place.
+GATHER_MIN_RUNS = 4
+GATHER_MAX_MEAN_RUN = 32
+# Sequences decoding one token over at most this many slots are batched into one call (their
+# K/V copied: cheap at this size, while a Python loop of small matmuls per sequence is not).
+BATCH_MAX_CONTEXT = 512
 # Score buffers of the runs backend stay under this many bytes (queries are chunked to fit).
 MAX_SCORE_BYTES = 64 << 20
 
@@ -138,10 +145,43 @@ def paged_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return flex_paged_attend(q, k_pool, v_pool, meta)
     fn = _attend_runs if meta.backend == "runs" else _attend_gathered
     out = torch.empty_like(q[0])
-    for s in range(meta.num_seqs):
+    seqs = range(meta.num_seqs)
+    if meta.backend == "runs":  # short decoding contexts in one batched call (Python-bound alone)
+        short = [s for s in seqs if meta.qo_indptr[s + 1] - meta.qo_indptr[s] == 1
+                 and _context_len(meta, s) <= BATCH_MAX_CONTEXT]
+        if len(short) > 1:
+            rows = torch.tensor([meta.qo_indptr[s] for s in short], device=q.device)
+            out[rows] = _attend_short(q[0, rows], k_pool, v_pool, [meta.runs(s) for s in short])
+            seqs = sorted(set(seqs) - set(short))
+    for s in seqs:
         a, b = meta.qo_indptr[s], meta.qo_indptr[s + 1]
         out[a:b] = fn(q[0, a:b], k_pool, v_pool, meta.runs(s))
     return out[None]
+
+
+def _context_len(meta: PagedAttention, s: int) -> int:
+    return sum(meta.run_len[meta.kv_indptr[s]: meta.kv_indptr[s + 1]])
+
+
+def _attend_short(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                  contexts: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """S sequences of one new token each over short contexts (<= BATCH_MAX_CONTEXT slots):
+    q [S, Hq, D]; their K/V copied into [S, Hkv, Cmax, D] (padding masked) and one SDPA."""
+    lens = [sum(n for _, n in runs) for runs in contexts]
+    c_max = max(lens)
+    slots = torch.zeros(len(contexts), c_max, dtype=torch.long)
+    for i, runs in enumerate(contexts):  # O(runs) slices, no per-slot Python
+        off = 0
+        for a, n in runs:
+            slots[i, off: off + n] = torch.arange(a, a + n)
+            off += n
+    slots = slots.to(k_pool.device)
+    k = k_pool[:, slots].transpose(0, 1)  # [S, Hkv, Cmax, D]
+    v = v_pool[:, slots].transpose(0, 1)
+    visible = torch.arange(c_max, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=visible[:, None, None],
+                                         enable_gqa=True)  # [S, Hq, 1, D]
+    return out[:, :, 0]
 
 
 def _fold(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -163,9 +203,28 @@ def _causal_tail(t: int, c: int, g: int, device: torch.device) -> torch.Tensor:
     return torch.arange(c, device=device)[None, :] <= last[:, None]
 
 
+def _gather_runs(pool: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """The context's slots of pool [Hkv, S, D], copied in order: [Hkv, C, D]."""
+    starts = torch.tensor([a for a, _ in runs])
+    lens = torch.tensor([n for _, n in runs])
+    offsets = torch.cumsum(lens, 0) - lens
+    slots = torch.arange(int(lens.sum())) + torch.repeat_interleave(starts - offsets, lens)
+    return pool.index_select(1, slots.to(pool.device))
+
+
 def _attend_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                  runs: list[tuple[int, int]]) -> torch.Tensor:
-    """One sequence: q [T, Hq, D]; K/V read as views of each run of the pool [Hkv, S, D]."""
+    """One sequence: q [T, Hq, D]; K/V read as views of each run of the pool [Hkv, S, D]. A
+    context in many short runs (a fragmented pool) is copied into one first: a copy costs about
+    one more read of it, while a matmul per 16-slot run costs several (BENCHMARKS.md)."""
+    if len(runs) > GATHER_MIN_RUNS and sum(n for _, n in runs) < GATHER_MAX_MEAN_RUN * len(runs):
+        k, v = _gather_runs(k_pool, runs), _gather_runs(v_pool, runs)
+        return _attend_in_place(q, k, v, [(0, k.shape[1])])
+    return _attend_in_place(q, k_pool, v_pool, runs)
+
+
+def _attend_in_place(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                     runs: list[tuple[int, int]]) -> torch.Tensor:
     t, _, d = q.shape
     hkv = k_pool.shape[0]
     g = q.shape[1] // hkv
