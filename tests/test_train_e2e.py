@@ -91,6 +91,35 @@ def test_build_data_writes_samples_and_resumes(data, work):
     assert out.read_text() == before
 
 
+def test_build_data_refuses_to_resume_traces_made_otherwise(data, work, capsys):
+    """Traces of another teacher or other sampling settings are never mixed in (nor would the
+    new settings be written over their provenance): exit 2, each differing field named."""
+    out, args = data
+    store = work / "data.jsonl.traces"
+    before = (store / "samples.jsonl").read_text()
+    other = [*args[:-2], "--seed", "9"]
+    other[other.index("--temperature") + 1] = "0.7"
+    capsys.readouterr()
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "temperature: 1.0 there, 0.7 now" in err and "seed: 1 there, 9 now" in err
+    assert (store / "samples.jsonl").read_text() == before
+    settings = json.loads((store / "trace_settings.json").read_text())
+    assert settings["temperature"] == 1.0 and settings["seed"] == 1
+
+
+def test_build_data_that_produces_nothing_fails_loudly(work, ckpt_dir, tmp_path, capsys):
+    problems = write_problems(tmp_path / "p.jsonl", PROBLEMS[:2])
+    out = tmp_path / "none.jsonl"
+    # 3 tokens per trace: every one hits --max-tokens, and truncated traces are rejected
+    code = main(["build-data", "--teacher", str(ckpt_dir), "--problems", str(problems), "--output",
+                 str(out), "--traces-per-problem", "2", "--paths", "2", "--select", "all",
+                 "--max-tokens", "3", "--device", "cpu", "--temperature", "1.0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no usable sample" in err
+    assert "Of 4 traces" in err and "4 hit --max-tokens (rejected" in err
+
+
 def test_build_data_with_paths_of_one_request(work, ckpt_dir):
     problems = write_problems(work / "p2.jsonl", PROBLEMS[:2])
     out = work / "paths.jsonl"

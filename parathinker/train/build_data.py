@@ -247,6 +247,34 @@ def select_samples(problem: dict[str, Any], traces: Sequence[dict[str, Any]],
     return out
 
 
+# What shapes a stored trace: a resume (traces already in <output>.traces/) must have them equal.
+TRACE_SETTINGS = ("teacher", "teacher_mode", "api", "teacher_model", "prompt_template",
+                  "chat_template", "max_tokens", "temperature", "top_p", "seed", "path_text",
+                  "rope_scaling", "layout")
+
+
+def check_trace_settings(work: Path, cfg: BuildConfig, has_traces: bool) -> None:
+    """Record the trace settings of a new run; refuse to extend traces made with other ones,
+    naming each differing field (ValueError)."""
+    mine = {k: getattr(cfg, k) for k in TRACE_SETTINGS}
+    file = work / "trace_settings.json"
+    if not has_traces:
+        work.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(mine, indent=2))
+        return
+    if not file.exists():
+        raise ValueError(f"{work} holds traces but no trace_settings.json (made by an older "
+                         "version or by hand): their provenance is unknown; use another --output "
+                         "or delete that directory")
+    stored = json.loads(file.read_text())
+    diff = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in json.loads(json.dumps(mine)).items()
+            if stored.get(k) != v]
+    if diff:
+        raise ValueError(f"{work} holds traces made with other settings, which a resume would mix "
+                         "with new ones and misattribute: " + "; ".join(diff) + ". Use the same "
+                         "settings, another --output, or delete that directory")
+
+
 def build_data(cfg: BuildConfig) -> dict[str, Any]:
     """Sample, grade, store and select; returns counts (also written to <output>.traces/)."""
     from tqdm import tqdm
@@ -260,6 +288,7 @@ def build_data(cfg: BuildConfig) -> dict[str, Any]:
     work = Path(cfg.output + ".traces")
     n = cfg.traces_per_problem
     with SampleStore(work) as store:
+        check_trace_settings(work, cfg, bool(store.records()))
         done = {(r["id"], int(r["sample"])) for r in store.records()}
         todo = [(p, [j for j in range(n) if (p["id"], j) not in done]) for p in problems]
         todo = [(p, js) for p, js in todo if js]
@@ -296,6 +325,8 @@ def build_data(cfg: BuildConfig) -> dict[str, Any]:
     write_samples(cfg.output, samples)
     stats = {"problems": len(problems), "traces": len(records),
              "correct_traces": sum(bool(r["correct"]) for r in records),
+             "truncated_traces": sum(r["finish_reason"] != "end" for r in records),
+             "empty_traces": sum(not r["path"].strip() for r in records),
              "samples": len(samples), "problems_without_sample": num_without}
     record = {"config": asdict(cfg), "stats": stats}
     (work / "build_config.json").write_text(json.dumps(record, indent=2))

@@ -170,6 +170,15 @@ def run_build_data(args: argparse.Namespace) -> int:
     stats = build_data(cfg)
     print(f"wrote {stats['samples']} samples to {args.output} ({stats['traces']} traces, "
           f"{stats['correct_traces']} correct; {stats['problems_without_sample']} problems without a sample)")
+    if stats["samples"] == 0:
+        kept = "kept" if args.include_truncated else "rejected (add --include-truncated to keep them)"
+        print(f"error: no usable sample was produced. Of {stats['traces']} traces, "
+              f"{stats['correct_traces']} were graded correct, {stats['truncated_traces']} hit "
+              f"--max-tokens ({kept}), {stats['empty_traces']} were empty; --select "
+              f"{args.select} needs, per problem, enough usable traces for --paths "
+              f"{args.paths[0]}-{args.paths[1]}. Raise --max-tokens or --traces-per-problem, "
+              "or loosen --select", file=sys.stderr)
+        return 1
     return 0
 
 
