@@ -259,3 +259,19 @@ def test_baselines_run_on_a_base_model_and_parathinker_mode_is_refused(custom_fi
     assert all(r["error"] is None for r in records)
     assert main([*args, "--mode", "parathinker", "--paths", "2", "--resume"]) == 2
     assert len(_records(out / "samples.jsonl")) == 4  # nothing lost
+
+
+def test_data_without_benchmark_is_named_after_the_file_and_recorded(ckpt_dir, custom_file, tmp_path):
+    """`--data FILE` alone: the results carry the file's name (never a built-in benchmark's),
+    and runs.jsonl records the file used, with its sha256 (computed here independently)."""
+    import hashlib
+
+    out = tmp_path / "out"
+    assert main(["--model", str(ckpt_dir), "--device", "cpu", "--data", str(custom_file),
+                 "--mode", "sequential", "--max-tokens", "8", "--output", str(out)]) == 0
+    name = custom_file.stem
+    assert {r["benchmark"] for r in _records(out / "samples.jsonl")} == {name} != {"aime24"}
+    assert list(json.loads((out / "summary.json").read_text())["summary"]) == [name]
+    run = _records(out / "runs.jsonl")[-1]
+    assert run["data"][name] == {"path": str(custom_file.resolve()),
+                                 "sha256": hashlib.sha256(custom_file.read_bytes()).hexdigest()}

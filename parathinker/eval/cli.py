@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from parathinker.cli_args import add_model_args
 
@@ -37,9 +38,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                                  "name (the other model flags apply to the project's engine only)",
                    layout_list=True)
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--benchmark", type=_names, default=("aime24",),
+    g.add_argument("--benchmark", type=_names, default=None,
                    help="comma list of aime24, aime25, amc23, math500 or custom names (with --data); "
-                        "default aime24")
+                        "default: the names of the --data entries (NAME=FILE, or a plain FILE's "
+                        "stem), else aime24")
     g.add_argument("--data", action="append", default=None, metavar="[NAME=]FILE",
                    help="JSONL file of {id, problem, answer} records: NAME=FILE for the --benchmark NAME, "
                         "or plain FILEs, one per --benchmark name in order; repeatable (default: the "
@@ -88,11 +90,22 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="requests in flight at once (engine batch / HTTP concurrency); default 64")
 
 
+def benchmark_names(benchmark: tuple[str, ...] | None, data: list[str] | None) -> tuple[str, ...]:
+    """--benchmark as given; without it, one name per --data entry (NAME=FILE: NAME; a plain FILE:
+    its stem, so that results are never labelled with a benchmark they are not); else aime24."""
+    if benchmark:
+        return tuple(benchmark)
+    if data:
+        return tuple(d.split("=", 1)[0] if "=" in d else Path(d).stem for d in data)
+    return ("aime24",)
+
+
 def config_from_args(args: argparse.Namespace) -> object:
     from parathinker.eval.config import EvalConfig
 
     return EvalConfig(
-        model=args.model, output=args.output, benchmarks=tuple(args.benchmark), data=tuple(args.data or ()),
+        model=args.model, output=args.output, benchmarks=benchmark_names(args.benchmark, args.data),
+        data=tuple(args.data or ()),
         modes=tuple(args.mode), paths=tuple(args.paths), majority_n=tuple(args.majority_n or ()),
         layouts=tuple(args.layout),
         samples=args.samples, max_path_tokens=args.max_path_tokens, max_summary_tokens=args.max_summary_tokens,

@@ -109,6 +109,18 @@ def _from_hub(name: str) -> list[dict[str, Any]]:
     return records
 
 
+def benchmark_source(name: str, data: str | Path | None = None) -> dict[str, Any]:
+    """Where load_benchmark(name, data) reads from: {"path", "sha256"} of the file, or the hub
+    dataset when no local file exists."""
+    import hashlib
+
+    path = Path(data) if data is not None else next(
+        (d / f"{name}.jsonl" for d in _candidate_dirs() if (d / f"{name}.jsonl").is_file()), None)
+    if path is None:
+        return {"hub": HUB_DATASETS.get(name)}
+    return {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def load_benchmark(name: str, data: str | Path | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Problems of benchmark `name`, from `data` if given, else from the built-in locations; first `limit`."""
     if limit is not None and limit < 0:

@@ -25,7 +25,7 @@ from typing import Any
 
 from parathinker.eval.backends import EndpointBackend, EngineBackend, Job
 from parathinker.eval.config import EvalConfig
-from parathinker.eval.data import load_benchmark
+from parathinker.eval.data import benchmark_source, load_benchmark
 from parathinker.eval.plan import Unit, plan, request_params
 from parathinker.eval.pool import GradingPool
 from parathinker.eval.progress import Progress
@@ -122,6 +122,7 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
                          "or choose another --output (nothing is ever overwritten)")
     files = cfg.data_files()
     problems = {b: load_benchmark(b, files.get(b), cfg.limit) for b in cfg.benchmarks}
+    sources = {b: benchmark_source(b, files.get(b)) for b in cfg.benchmarks}
     if cfg.backend == "engine" and not cfg.checkpoint:  # --rope-scaling auto reads the model type
         from parathinker.cli_args import checkpoint_config
 
@@ -170,7 +171,8 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
         finally:
             grader.close()
             progress.close()
-            info = provenance(cfg, engines, len(units), progress.num_done, progress.num_failed, status)
+            info = provenance(cfg, engines, len(units), progress.num_done, progress.num_failed, status,
+                              sources)
             if progress.num_failed:
                 print(f"warning: {progress.num_failed} sample(s) could not be generated (see their 'error' "
                       "field in samples.jsonl); they count as wrong", file=sys.stderr)
