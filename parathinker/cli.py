@@ -27,7 +27,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-path-tokens", type=int, default=0)
     p.add_argument("--max-summary-tokens", type=int, default=1024)
     p.add_argument("--min-finished-paths", type=int, default=1,
-                   help="1 = first-finish (the paper's default); P = wait for every path")
+                   help="1 = first-finish (the paper's default); P = wait for every path; a value "
+                        "above --paths means every path (capped, as eval and serve do)")
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -41,7 +42,7 @@ def run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         num_paths=args.paths, max_path_tokens=args.max_path_tokens,
         min_path_tokens=args.min_path_tokens, max_summary_tokens=args.max_summary_tokens,
-        min_finished_paths=args.min_finished_paths, temperature=args.temperature,
+        min_finished_paths=min(args.min_finished_paths, max(args.paths, 1)), temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     rope = rope_for_args(args, args.model, args.max_path_tokens)  # YaRN for 16K paths (SPEC §5.6)
     llm = LLM(args.model, **llm_kwargs(args, rope))

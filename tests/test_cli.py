@@ -58,3 +58,13 @@ def test_eval_through_the_umbrella_reports_a_missing_data_file(ckpt_dir, tmp_pat
     r = run("eval", "--model", str(ckpt_dir), "--device", "cpu", "--data", str(missing),
             "--output", str(tmp_path / "out"))
     assert r.returncode == 2 and str(missing) in r.stderr, r.stderr
+
+
+def test_min_finished_paths_above_paths_is_capped_as_eval_and_serve_do(ckpt_dir):
+    common = ("generate", "--model", str(ckpt_dir), "--device", "cpu", "--paths", "2",
+              "--max-path-tokens", "10", "--max-summary-tokens", "80", "--seed", "1",
+              "--temperature", "0", "--json")
+    capped = run(*common, "--min-finished-paths", "5", "q")
+    assert capped.returncode == 0, capped.stderr
+    every = run(*common, "--min-finished-paths", "2", "q")
+    assert json.loads(capped.stdout)["paths"] == json.loads(every.stdout)["paths"]
