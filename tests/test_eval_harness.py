@@ -120,7 +120,8 @@ def killing_append(self, record):
     append(self, record)
     n[0] += 1
     if n[0] == int(os.environ["KILL_AFTER"]):
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: as a power cut or OOM kill
+        # SIGKILL: no cleanup, no finally, as a power cut or OOM kill; or KILL_SIGNAL
+        os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
 results.SampleStore.append = killing_append
 from parathinker.eval.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -275,3 +276,19 @@ def test_data_without_benchmark_is_named_after_the_file_and_recorded(ckpt_dir, c
     run = _records(out / "runs.jsonl")[-1]
     assert run["data"][name] == {"path": str(custom_file.resolve()),
                                  "sha256": hashlib.sha256(custom_file.read_bytes()).hexdigest()}
+
+
+def test_sigterm_stops_the_run_as_ctrl_c_does(ckpt_dir, custom_file, tmp_path):
+    """A scheduler's SIGTERM mid-run: exit 130, the finished samples kept, and runs.jsonl says
+    the run was interrupted (as for SIGINT)."""
+    out = tmp_path / "run"
+    args = ["--model", str(ckpt_dir), "--device", "cpu", "--benchmark", "mine", "--data",
+            f"mine={custom_file}", "--mode", "sequential", "--samples", "4", "--max-tokens", "8",
+            "--batch-size", "1", "--output", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILL_AFTER": "3", "KILL_SIGNAL": "SIGTERM"}
+    r = subprocess.run([sys.executable, "-c", _KILLER, *args], env=env, capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 130, r.stderr
+    assert "interrupted" in r.stderr
+    assert 3 <= len(_records(out / "samples.jsonl")) < 8
+    assert _records(out / "runs.jsonl")[-1]["status"] == "interrupted"

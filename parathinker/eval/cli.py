@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from parathinker.cli_args import add_model_args
 
@@ -117,11 +120,25 @@ def config_from_args(args: argparse.Namespace) -> object:
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
 
 
+def _sigterm_interrupts() -> Any:
+    """SIGTERM (a scheduler's or `kill`'s stop) ends the run as Ctrl-C does: finished samples
+    kept and an "interrupted" line in runs.jsonl. Returns the previous handler (None when not
+    on the main thread, where Python cannot install one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """0 on success; 2 for bad input (nothing run); 1 when the run failed midway (samples kept)."""
     from parathinker.eval.backends import EndpointError
     from parathinker.eval.runner import print_table, run
 
+    previous = _sigterm_interrupts()
     try:
         cfg = config_from_args(args)
         summary = run(cfg)  # type: ignore[arg-type]
@@ -136,6 +153,9 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: finished samples are kept in {args.output}/samples.jsonl; "
               "rerun with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print_table(summary)
     print(f"report: {os.path.join(args.output, 'report.md')}")
     return 0
