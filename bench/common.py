@@ -52,6 +52,29 @@ def machine() -> dict[str, Any]:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+SHAPES = {"1.5b": QWEN_1_5B, "small": SMALL}
+
+
+def add_model_flags(ap: Any) -> None:
+    """--model (a random shape) --device --dtype --attention --linear, shared by the engine benches."""
+    ap.add_argument("--model", choices=list(SHAPES), default="1.5b",
+                    help="random weights of the 1.5B shape, or the small one (hidden 512, 8 layers)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    ap.add_argument("--attention", default="auto", help="auto, runs, flex or reference")
+    ap.add_argument("--linear", default="auto")
+
+
+def start(args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Seed, print the machine and the configuration; -> (model shape, config to report)."""
+    torch.manual_seed(0)
+    shape = SHAPES[args.model]
+    config = vars(args) | {"model_shape": shape}
+    print("machine:", machine())
+    print("config:", config)
+    return shape, config
+
+
 def random_model(cfg: dict[str, Any], device: str = "cpu", dtype: torch.dtype = torch.float32,
                  seed: int = 0) -> ParaThinkerForCausalLM:
     """Random weights of the given shape, without the cost of nn.Linear's default init."""

@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from common import DTYPES, QWEN_1_5B, SMALL, machine, prompt_ids, random_model, report, sync, synthetic_ctrl
+from common import (DTYPES, add_model_flags, prompt_ids, random_model, report, start, sync,
+                    synthetic_ctrl)
 from parathinker.config import SamplingParams
 from parathinker.engine import Engine
 from parathinker.engine.request import Request, Seq
@@ -122,18 +123,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="128,2048,8192", help="per-path contexts (prompt + path)")
     ap.add_argument("--paths", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
-    ap.add_argument("--model", choices=["1.5b", "small"], default="1.5b")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    ap.add_argument("--attention", default="auto", help="auto, runs, flex or reference")
-    ap.add_argument("--linear", default="auto")
+    add_model_flags(ap)
     ap.add_argument("--profile", action="store_true", help="also profile one step of each kind")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    shape = QWEN_1_5B if args.model == "1.5b" else SMALL
-    config = vars(args) | {"model_shape": shape}
-    print("machine:", machine())
-    print("config:", config)
+    shape, config = start(args)
     model = random_model(shape, args.device, DTYPES[args.dtype])
     weights = weight_bytes(model)  # before prepacking (same bytes, other layout)
     config["linear"] = apply_linear_backend(model, args.linear)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from common import DTYPES, QWEN_1_5B, SMALL, machine, prompt_ids, random_model, report, synthetic_ctrl, timed
+from common import DTYPES, add_model_flags, prompt_ids, random_model, report, start, synthetic_ctrl, timed
 from parathinker.config import SamplingParams
 from parathinker.engine import Engine
 from parathinker.model.fast_linear import apply_linear_backend
@@ -26,19 +24,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="N tokens per path")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--paths", default="1,2,4,8,16")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", choices=["1.5b", "small"], default="1.5b",
-                    help="random weights of the 1.5B shape, or the small one (hidden 512, 8 layers)")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    ap.add_argument("--attention", default="auto", help="auto, runs, flex or reference")
-    ap.add_argument("--linear", default="auto")
+    add_model_flags(ap)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats; the fastest counts")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    shape = QWEN_1_5B if args.model == "1.5b" else SMALL
-    config = vars(args) | {"model_shape": shape}
-    print("machine:", machine())
-    print("config:", config)
+    shape, config = start(args)
     model = random_model(shape, args.device, DTYPES[args.dtype])
     config["linear"] = apply_linear_backend(model, args.linear)
     ctrl, template = synthetic_ctrl(shape["vocab_size"])
