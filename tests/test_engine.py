@@ -22,7 +22,7 @@ def same(a, b):
     assert [p.finish_reason for p in a.paths] == [p.finish_reason for p in b.paths]
     assert a.summary.token_ids == b.summary.token_ids
     assert a.summary.finish_reason == b.summary.finish_reason
-    assert a.answer == b.answer and a.error is None
+    assert a.answer == b.answer and a.error is None and b.error is None
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

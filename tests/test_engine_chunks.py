@@ -9,19 +9,8 @@ from parathinker.config import PlainParams
 from parathinker.engine.block_manager import BlockManager
 from parathinker.engine.request import Request, Seq
 from parathinker.engine.scheduler import Scheduler
+from test_engine import params, same
 from test_engine_properties import CTRL, TEMPLATE
-
-
-def params(**kw):
-    base = dict(max_path_tokens=14, max_summary_tokens=84, temperature=0.0)
-    base.update(kw)
-    return SamplingParams(**base)
-
-
-def same(a, b):
-    assert [p.token_ids for p in a.paths] == [p.token_ids for p in b.paths]
-    assert [p.finish_reason for p in a.paths] == [p.finish_reason for p in b.paths]
-    assert a.summary.token_ids == b.summary.token_ids and a.error is None and b.error is None
 
 
 def count_forward_tokens(llm, monkeypatch):
