@@ -71,7 +71,8 @@ class PagedKVCache:
 @dataclass
 class PagedAttention:
     """Metadata of one step (see the module docstring). Host lists drive the runs and reference
-    backends; `state` holds what a device backend builds once per step (the flex block mask)."""
+    backends; `state` holds what a backend builds once per step for every layer (the flex block
+    mask; the runs backend's ShortBatch)."""
 
     slot_mapping: torch.Tensor  # [N] int64, on the model's device
     qo_indptr: list[int]  # [S+1]
@@ -104,6 +105,8 @@ class PagedAttention:
             from parathinker.attention.flex_paged import build_flex_state
 
             meta.state = build_flex_state(meta, device)
+        elif backend == "runs":
+            meta.state = _plan_short(meta, device)
         return meta
 
     @property
@@ -145,42 +148,54 @@ def paged_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return flex_paged_attend(q, k_pool, v_pool, meta)
     fn = _attend_runs if meta.backend == "runs" else _attend_gathered
     out = torch.empty_like(q[0])
-    seqs = range(meta.num_seqs)
-    if meta.backend == "runs":  # short decoding contexts in one batched call (Python-bound alone)
-        short = [s for s in seqs if meta.qo_indptr[s + 1] - meta.qo_indptr[s] == 1
-                 and _context_len(meta, s) <= BATCH_MAX_CONTEXT]
-        if len(short) > 1:
-            rows = torch.tensor([meta.qo_indptr[s] for s in short], device=q.device)
-            out[rows] = _attend_short(q[0, rows], k_pool, v_pool, [meta.runs(s) for s in short])
-            seqs = sorted(set(seqs) - set(short))
-    for s in seqs:
+    short: ShortBatch | None = meta.state if meta.backend == "runs" else None
+    if short is not None:  # short decoding contexts in one batched call (Python-bound alone)
+        out[short.rows] = _attend_short(q[0, short.rows], k_pool, v_pool, short)
+    for s in short.rest if short is not None else range(meta.num_seqs):
         a, b = meta.qo_indptr[s], meta.qo_indptr[s + 1]
         out[a:b] = fn(q[0, a:b], k_pool, v_pool, meta.runs(s))
     return out[None]
 
 
-def _context_len(meta: PagedAttention, s: int) -> int:
-    return sum(meta.run_len[meta.kv_indptr[s]: meta.kv_indptr[s + 1]])
+@dataclass
+class ShortBatch:
+    """The runs backend's batch of one step (built once, read by every layer): sequences that
+    decode one token over at most BATCH_MAX_CONTEXT slots."""
+
+    rows: torch.Tensor  # [B] their flat token
+    slots: torch.Tensor  # [B, Cmax] their contexts' slots, padded with slot 0
+    visible: torch.Tensor  # [B, 1, 1, Cmax] bool: False on the padding
+    rest: list[int]  # the other sequences
+
+
+def _plan_short(meta: PagedAttention, device: torch.device | str) -> ShortBatch | None:
+    lens = [sum(meta.run_len[meta.kv_indptr[s]: meta.kv_indptr[s + 1]]) for s in range(meta.num_seqs)]
+    short = [s for s in range(meta.num_seqs)
+             if meta.qo_indptr[s + 1] - meta.qo_indptr[s] == 1 and lens[s] <= BATCH_MAX_CONTEXT]
+    if len(short) < 2:
+        return None
+    c_max = max(lens[s] for s in short)
+    slots = torch.zeros(len(short), c_max, dtype=torch.long)
+    for i, s in enumerate(short):  # O(runs) slices, no per-slot Python
+        off = 0
+        for a, n in meta.runs(s):
+            slots[i, off: off + n] = torch.arange(a, a + n)
+            off += n
+    visible = torch.arange(c_max)[None, :] < torch.tensor([lens[s] for s in short])[:, None]
+    is_short = set(short)
+    return ShortBatch(torch.tensor([meta.qo_indptr[s] for s in short], device=device),
+                      slots.to(device), visible[:, None, None].to(device),
+                      [s for s in range(meta.num_seqs) if s not in is_short])
 
 
 def _attend_short(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                  contexts: list[list[tuple[int, int]]]) -> torch.Tensor:
-    """S sequences of one new token each over short contexts (<= BATCH_MAX_CONTEXT slots):
-    q [S, Hq, D]; their K/V copied into [S, Hkv, Cmax, D] (padding masked) and one SDPA."""
-    lens = [sum(n for _, n in runs) for runs in contexts]
-    c_max = max(lens)
-    slots = torch.zeros(len(contexts), c_max, dtype=torch.long)
-    for i, runs in enumerate(contexts):  # O(runs) slices, no per-slot Python
-        off = 0
-        for a, n in runs:
-            slots[i, off: off + n] = torch.arange(a, a + n)
-            off += n
-    slots = slots.to(k_pool.device)
-    k = k_pool[:, slots].transpose(0, 1)  # [S, Hkv, Cmax, D]
-    v = v_pool[:, slots].transpose(0, 1)
-    visible = torch.arange(c_max, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=visible[:, None, None],
-                                         enable_gqa=True)  # [S, Hq, 1, D]
+                  short: ShortBatch) -> torch.Tensor:
+    """q [B, Hq, D], one new token per sequence of the batch; their K/V copied into
+    [B, Hkv, Cmax, D] (padding masked) and one SDPA."""
+    k = k_pool[:, short.slots].transpose(0, 1)  # [B, Hkv, Cmax, D]
+    v = v_pool[:, short.slots].transpose(0, 1)
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=short.visible,
+                                         enable_gqa=True)  # [B, Hq, 1, D]
     return out[:, :, 0]
 
 
