@@ -17,6 +17,7 @@ import sys
 import time
 
 from parathinker.cli_args import add_model_args, llm_kwargs, rope_for_args
+from parathinker.extras import MissingExtra, need
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +66,21 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _urls(value: object) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(isinstance(v, str) and v.startswith(("http://", "https://")) for v in values)
+
+
+def check_extras(args: argparse.Namespace) -> None:
+    """The command's optional dependencies, before anything runs (MissingExtra names the extra)."""
+    if args.command in ("serve", "train"):
+        need(args.command)
+    elif args.command == "build-data" and _urls(getattr(args, "teacher", None)):
+        need("teacher")
+    elif args.command == "eval" and getattr(args, "endpoint", None):
+        need("endpoint")
+
+
 def main(argv: list[str] | None = None) -> int:
     # Subcommand modules are imported here, not at the top: `parathinker generate` should not pay
     # for FastAPI, and `parathinker serve` should not need the training extras.
@@ -87,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         add_args(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
     try:
+        check_extras(args)
         return commands[args.command][1](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
