@@ -80,6 +80,10 @@ def add_model_args(p: argparse.ArgumentParser, *, model_flag: str = "--model",
     g.add_argument("--linear", default="auto", choices=LINEAR_BACKENDS,
                    help="CPU linear layers: auto (packed for float32 on CPU), packed, int8 or plain "
                         "(default: %(default)s)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="load a checkpoint that has only *.bin pickle weights (pickles can run "
+                        "arbitrary code: only for checkpoints you trust; converting them once with "
+                        "`python -m parathinker.model.to_safetensors DIR` is safer)")
     g.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
                    help="attention over the paged KV cache: auto (runs on CPU, flex on CUDA), runs, "
                         "flex (FlexAttention) or reference (the slow, gathered twin) "
@@ -105,5 +109,6 @@ def llm_kwargs(args: argparse.Namespace, rope_scaling: dict[str, Any] | None,
                layout: str | None = None) -> dict[str, Any]:
     """`LLM(model, **llm_kwargs(...))` from the shared flags and a resolved rope scaling."""
     return {"device": args.device, "dtype": args.dtype, "linear": args.linear,
+            "allow_pickle": getattr(args, "allow_pickle", False),
             "attention": args.attention, "layout": layout or args.layout,
             "rope_scaling": PLAIN_ROPE if rope_scaling is None else rope_scaling}

@@ -80,10 +80,10 @@ class LLM:
         overrides = None
         if rope_scaling is not None:
             overrides = {"rope_scaling": normalize_rope_scaling(rope_scaling)}
+        self.tokenizer = load_tokenizer(self.model_dir)  # first: cheap, and says which files lack
         self.model = load_model(self.model_dir, self.device, self.dtype, allow_pickle, overrides)
         self.config = self.model.config
         self.linear_backend = apply_linear_backend(self.model, linear)
-        self.tokenizer = load_tokenizer(self.model_dir)
         # a base model (no ParaThinker tokens) still runs plain traces: the sequential and
         # majority baselines; generate() refuses it in validate()
         self.ctrl = ControlTokens.from_tokenizer(self.tokenizer, allow_base=True)

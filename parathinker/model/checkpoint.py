@@ -27,6 +27,11 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id ("namespace/name"): absolute, ./ ../ ~, or more than one slash."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
 def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
     """A local directory as it is, else a hub id: the local HF cache, then a download."""
     path = Path(name_or_path).expanduser()
@@ -35,19 +40,27 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> 
     if path.exists():
         raise ValueError(f"{path} is a file; pass a checkpoint directory (with config.json)")
     name = str(name_or_path)
+    if _looks_local(name):
+        parent = next((p for p in path.absolute().parents if p.is_dir()), None)
+        raise FileNotFoundError(f"the checkpoint directory {name} does not exist (the nearest "
+                                f"existing directory is {parent})")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
     errors = []
     for local_only in (True, False):
         try:
             return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS,
                                           local_files_only=local_only))
-        except Exception as e:  # offline, unknown repo, bad id: all mean "not found here"
+        except HFValidationError:
+            raise FileNotFoundError(f"{name!r} is not a local directory, nor a Hugging Face hub id "
+                                    "(namespace/name)") from None
+        except Exception as e:  # offline, unknown repo: both mean "not found here"
             errors.append(f"{type(e).__name__}: {e}".splitlines()[0])
     raise FileNotFoundError(
-        f"model {name!r} not found: it is not a local directory, not in the Hugging Face cache, "
-        f"and could not be downloaded from the hub ({errors[-1]}). "
-        "Pass a local checkpoint directory with config.json and *.safetensors."
+        f"model {name!r} not found: there is no such local directory, it is not in the Hugging "
+        f"Face cache, and it could not be downloaded from the hub ({errors[-1]}). "
+        "Pass a local checkpoint directory with config.json, *.safetensors and tokenizer files."
     )
 
 
@@ -67,9 +80,13 @@ def read_state_dict(model_dir: Path, allow_pickle: bool = False) -> dict[str, to
     if pickles and not allow_pickle:
         raise ValueError(
             f"{model_dir} has only pickle weights ({pickles[0].name}); loading pickles can run "
-            "arbitrary code. Convert them to safetensors, or pass allow_pickle=True if you trust them."
+            "arbitrary code. If you trust them, convert them once: python -m "
+            f"parathinker.model.to_safetensors {model_dir}  (or pass --allow-pickle / "
+            "LLM(..., allow_pickle=True))"
         )
     if pickles:
+        log.warning("loading pickle weights from %s (allow_pickle): only do this for checkpoints "
+                    "you trust", model_dir)
         state = {}
         for f in pickles:
             state.update(torch.load(f, map_location="cpu", weights_only=True))
@@ -161,6 +178,22 @@ def save_model(model: ParaThinkerForCausalLM, out_dir: str | Path, tokenizer: An
     return out
 
 
+# what a tokenizer can be loaded from: any one of these sets of files
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    """FileNotFoundError naming the files when `model_dir` holds no tokenizer."""
+    if any(all((model_dir / f).is_file() for f in files) for files in TOKENIZER_FILES) or \
+            any(model_dir.glob("*.tiktoken")):
+        return
+    options = ", or ".join(" + ".join(files) for files in TOKENIZER_FILES)
+    present = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
+    raise FileNotFoundError(
+        f"{model_dir} has no tokenizer files: it needs {options} (with tokenizer_config.json), "
+        f"e.g. copied from the model it was trained from; it holds {present}")
+
+
 def load_tokenizer(model_dir: Path) -> Any:
     """The checkpoint's tokenizer exactly as its tokenizer.json defines it.
 
@@ -172,6 +205,7 @@ def load_tokenizer(model_dir: Path) -> Any:
     special tokens and chat template of tokenizer_config.json."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    check_tokenizer_files(model_dir)
     try:
         if (model_dir / "tokenizer.json").is_file():
             return PreTrainedTokenizerFast.from_pretrained(model_dir)
