@@ -44,7 +44,7 @@ def test_generate_bad_input_is_a_clear_error(ckpt_dir, tmp_path):
     r = run("generate", "--model", str(ckpt_dir), "--device", "cpu", "--paths", "0", "q")
     assert r.returncode == 2 and "num_paths must be >= 1" in r.stderr
     r = run("generate", "--model", str(tmp_path / "nope"), "--device", "cpu", "q")
-    assert r.returncode == 2 and "not found" in r.stderr
+    assert r.returncode == 2 and "does not exist" in r.stderr
 
 
 def test_every_subcommand_is_reachable_from_the_umbrella_command():
@@ -68,3 +68,17 @@ def test_min_finished_paths_above_paths_is_capped_as_eval_and_serve_do(ckpt_dir)
     assert capped.returncode == 0, capped.stderr
     every = run(*common, "--min-finished-paths", "2", "q")
     assert json.loads(capped.stdout)["paths"] == json.loads(every.stdout)["paths"]
+
+
+def test_generate_caps_a_path_budget_the_context_cannot_hold(ckpt_dir):
+    """The default --max-path-tokens (16384) exceeds the tiny model's 4096 positions: lowered to
+    what the prompt and the summary budget leave, said once."""
+    r = run("generate", "--model", str(ckpt_dir), "--device", "cpu", "--paths", "2",
+            "--max-summary-tokens", "90", "--temperature", "0", "--json", "What is 2+3?")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note: --max-path-tokens 16384")]
+    assert len(notes) == 1, r.stderr
+    used = int(notes[0].rsplit("using ", 1)[1])
+    context = json.loads((ckpt_dir / "config.json").read_text())["max_position_embeddings"]
+    prompt_len = len(json.loads(r.stdout)["prompt_token_ids"])
+    assert used == context - prompt_len - 90
