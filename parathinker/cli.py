@@ -12,29 +12,25 @@ Each subcommand's flags: `parathinker <command> --help`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 
-from parathinker.cli_args import add_model_args, llm_kwargs, rope_for_args
+from parathinker.cli_args import (HelpFormatter, add_model_args, add_path_budget_args,
+                                  add_sampling_args, llm_kwargs, rope_for_args)
 from parathinker.extras import MissingExtra, need
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("question", help="the question (the prompt template is applied)")
+    p.add_argument("question", help="the question (the prompt template of SPEC §3 is applied)")
     add_model_args(p)
-    p.add_argument("--paths", type=int, default=4, help="number of parallel paths P")
-    p.add_argument("--max-path-tokens", type=int, default=16384)
-    p.add_argument("--min-path-tokens", type=int, default=0)
-    p.add_argument("--max-summary-tokens", type=int, default=1024)
-    p.add_argument("--min-finished-paths", type=int, default=1,
-                   help="1 = first-finish (the paper's default); P = wait for every path; a value "
-                        "above --paths means every path (capped, as eval and serve do)")
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--json", action="store_true", help="print the structured output as JSON")
+    g = p.add_argument_group("request")
+    g.add_argument("--paths", type=int, default=4, help="number of parallel paths P (default: %(default)s)")
+    add_path_budget_args(g, max_path_tokens=16384)
+    add_sampling_args(g, temperature=0.5)
+    p.add_argument("--json", action="store_true",
+                   help="print the whole output (paths, summary, token ids, finish reasons) as JSON")
 
 
 def fit_generate_budgets(args: argparse.Namespace) -> None:
@@ -96,30 +92,40 @@ def check_extras(args: argparse.Namespace) -> None:
         need("endpoint")
 
 
-def main(argv: list[str] | None = None) -> int:
+COMMANDS = {  # name -> (module, add_args, run, one line)
+    "generate": ("parathinker.cli", "add_generate_args", "run_generate",
+                 "answer one question with P parallel paths"),
+    "eval": ("parathinker.eval.cli", "add_eval_args", "run_eval",
+             "accuracy on math benchmarks (parathinker / sequential / majority)"),
+    "build-data": ("parathinker.train.cli", "add_build_data_args", "run_build_data",
+                   "SFT samples from a teacher model or endpoint"),
+    "train": ("parathinker.train.cli", "add_train_args", "run_train",
+              "supervised fine-tuning for native parallel thinking"),
+    "convert-reference": ("parathinker.train.cli", "add_convert_args", "run_convert",
+                          "reference pre-tokenized rows -> JSONL samples"),
+    "serve": ("parathinker.serve.cli", "add_serve_args", "run_serve", "OpenAI-compatible server"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand, its flags described and their defaults shown."""
     # Subcommand modules are imported here, not at the top: `parathinker generate` should not pay
     # for FastAPI, and `parathinker serve` should not need the training extras.
-    from parathinker.eval.cli import add_eval_args, run_eval
-    from parathinker.serve.cli import add_serve_args, run_serve
-    from parathinker.train.cli import (add_build_data_args, add_convert_args, add_train_args,
-                                       run_build_data, run_convert, run_train)
-
     parser = argparse.ArgumentParser(prog="parathinker", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = {
-        "generate": (add_generate_args, run_generate, "answer one question with P parallel paths"),
-        "eval": (add_eval_args, run_eval, "accuracy on math benchmarks (parathinker / sequential / majority)"),
-        "build-data": (add_build_data_args, run_build_data, "SFT samples from a teacher model or endpoint"),
-        "train": (add_train_args, run_train, "supervised fine-tuning for native parallel thinking"),
-        "convert-reference": (add_convert_args, run_convert, "reference pre-tokenized rows -> JSONL samples"),
-        "serve": (add_serve_args, run_serve, "OpenAI-compatible server"),
-    }
-    for name, (add_args, _, help_text) in commands.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
+    for name, (module, add_args, _, help_text) in COMMANDS.items():
+        add = getattr(importlib.import_module(module), add_args)
+        add(sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=HelpFormatter))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _, run, _ = COMMANDS[args.command]
     try:
         check_extras(args)
-        return commands[args.command][1](args)
+        return getattr(importlib.import_module(module), run)(args)
     except (ValueError, FileNotFoundError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,18 @@ LAYOUT_HELP = (
     "tokens), to reproduce the model card")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default (a list as a comma list) unless its help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "default" in text.lower() or not action.option_strings or d in (None, False, argparse.SUPPRESS):
+            return text
+        shown = ",".join(map(str, d)) if isinstance(d, (tuple, list)) else str(d)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def _rope(text: str) -> str | dict[str, Any]:
     try:
         return parse_rope_scaling(text)
@@ -89,6 +101,41 @@ def add_model_args(p: argparse.ArgumentParser, *, model_flag: str = "--model",
                         "flex (FlexAttention) or reference (the slow, gathered twin) "
                         "(default: %(default)s)")
     return g
+
+
+def add_sampling_args(g: Any, *, temperature: float, top_p: float = 1.0, top_k: int | None = 0,
+                      seed: int | None = None, seed_help: str = "random seed; same seed, same "
+                      "output (default: %(default)s: fresh randomness)") -> None:
+    """--temperature --top-p [--top-k] [--seed] with one help text each; defaults per command."""
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help="sampling temperature; 0 is greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=top_p,
+                   help="nucleus sampling: keep the smallest set of tokens whose probability sums "
+                        "to at least this; 1 keeps all (default: %(default)s)")
+    if top_k is not None:
+        g.add_argument("--top-k", type=int, default=top_k,
+                       help="keep the k most likely tokens; 0 keeps all (default: %(default)s)")
+    if seed is not None or seed_help:
+        g.add_argument("--seed", type=int, default=seed, help=seed_help)
+
+
+def add_path_budget_args(g: Any, *, max_path_tokens: int, min_path_tokens: int | None = 0,
+                         max_summary_tokens: int = 1024, min_finished_paths: int = 1,
+                         note: str = "") -> None:
+    """The budgets of one ParaThinker request (SamplingParams' fields), one help text each."""
+    g.add_argument("--max-path-tokens", type=int, default=max_path_tokens,
+                   help="token budget of each path, its <think k> tags included; lowered to what "
+                        f"the model's context leaves{note} (default: %(default)s)")
+    if min_path_tokens is not None:
+        g.add_argument("--min-path-tokens", type=int, default=min_path_tokens,
+                       help="a path cannot end before this many tokens (its end tag is masked); "
+                            "fixes path lengths for benchmarks (default: %(default)s)")
+    g.add_argument("--max-summary-tokens", type=int, default=max_summary_tokens,
+                   help="token budget of the summary, its template included (default: %(default)s)")
+    g.add_argument("--min-finished-paths", type=int, default=min_finished_paths,
+                   help="thinking stops once this many paths have finished; the rest are cut: 1 is "
+                        "the paper's first-finish, P waits for every path; a value above the "
+                        "number of paths means every path (default: %(default)s)")
 
 
 def checkpoint_config(model: str) -> dict[str, Any]:
