@@ -26,6 +26,7 @@ from typing import Any
 from parathinker.eval.backends import EndpointBackend, EngineBackend, Job
 from parathinker.eval.config import EvalConfig
 from parathinker.eval.data import benchmark_source, load_benchmark
+from parathinker.eval.fit import fit_to_context
 from parathinker.eval.plan import Unit, plan, request_params
 from parathinker.eval.pool import GradingPool
 from parathinker.eval.progress import Progress
@@ -127,6 +128,7 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
         from parathinker.cli_args import checkpoint_config
 
         cfg = dataclasses.replace(cfg, checkpoint=checkpoint_config(cfg.model))
+    cfg = fit_to_context(cfg, problems)  # budgets the context cannot hold are lowered, with a note
     units = plan(cfg, problems)
     if cfg.temperature == 0 and cfg.samples > 1:
         warnings.warn("--temperature 0 is greedy: every --samples repetition is the same", stacklevel=2)
