@@ -20,12 +20,15 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from parathinker.eval.data import BENCHMARKS
 from parathinker.eval.results import layout_of
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TOKEN_FIELDS = ("total_tokens", "path_tokens", "summary_tokens")
 _MODE_ORDER = {"sequential": 0, "parathinker": 1, "majority": 2}
@@ -147,8 +150,32 @@ def render_markdown(summary: dict[str, dict[str, dict[str, Any]]], config: dict[
     return "\n".join(lines)
 
 
-def plot_accuracy(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
-    """Accuracy vs number of paths, one colour per benchmark; dashed: path majority and oracle."""
+# path majority and the any-path oracle often coincide: different dashes and markers, and the
+# oracle's hollow, larger triangles drawn above the majority's squares keep both visible
+_PATH_VOTES = (("majority", "path majority", dict(linestyle="--", marker="s", markersize=5, zorder=2.5)),
+               ("oracle", "any-path oracle", dict(linestyle=":", marker="^", markersize=9, zorder=3,
+                                                  markerfacecolor="none", markeredgewidth=1.5)))
+_DASH_DOT_DOT = (0, (4, 1.5, 1, 1.5, 1, 1.5))
+
+
+def _accuracy_ylim(values: list[tuple[float, float]]) -> tuple[float, float]:
+    """y limits (percent) around (value, s.e.) pairs: inside 0..100, at least 10 points tall."""
+    if not values:
+        return 0.0, 100.0
+    lo = max(0.0, min(v - e for v, e in values))
+    hi = min(100.0, max(v + e for v, e in values))
+    pad = max(1.0, 0.05 * (hi - lo))
+    lo, hi = max(0.0, lo - pad), min(100.0, hi + pad)
+    if hi - lo < 10.0:
+        hi = min(100.0, lo + 10.0)
+        lo = max(0.0, hi - 10.0)
+    return lo, hi
+
+
+def accuracy_figure(summary: dict[str, dict[str, dict[str, Any]]]) -> Figure:
+    """Accuracy vs number of paths, one colour per benchmark: the summary (solid; dash-dot for the
+    reference layout), path majority (dashed, squares), any-path oracle (dotted, hollow
+    triangles), sequential majority@N (dash-dot-dot, diamonds), sequential at P=1 (star)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
     from matplotlib.figure import Figure
 
@@ -156,48 +183,56 @@ def plot_accuracy(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> 
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     xs_all: set[int] = set()
+    ys: list[tuple[float, float]] = []
+
+    def series(xs: list[int], acc: list[float], se: list[float], **style: Any) -> None:
+        xs_all.update(xs)
+        ys.extend(zip([100 * a for a in acc], [100 * e for e in se]))
+        # clip_on off: a point at 0 % or 100 % sits on the axis edge, drawn whole
+        ax.errorbar(xs, [100 * a for a in acc], [100 * e for e in se], capsize=3, clip_on=False, **style)
+
     for k, (bench, by_config) in enumerate(summary.items()):
         color = f"C{k}"
         par = sorted((s for s in by_config.values() if s["mode"] == "parathinker"
                       and s.get("layout") in (None, "native")), key=lambda s: s["num_paths"])
         ref = sorted((s for s in by_config.values() if s["mode"] == "parathinker"
                       and s.get("layout") == "reference"), key=lambda s: s["num_paths"])
-        xs = [s["num_paths"] for s in par + ref]
-        xs_all.update(xs)
-        for series, style, what in ((par, "-", "summary"), (ref, "-.", "summary, reference layout")):
-            if series:
-                ax.errorbar([s["num_paths"] for s in series], [100 * s["accuracy"] for s in series],
-                            [100 * s["accuracy_se"] for s in series], color=color, marker="o",
-                            linestyle=style, capsize=3, label=f"{bench} {what}")
-        for name, marker in (("majority", "s"), ("oracle", "^")):
+        for pts, style, what in ((par, "-", "summary"), (ref, "-.", "summary, reference layout")):
+            if pts:
+                series([s["num_paths"] for s in pts], [s["accuracy"] for s in pts],
+                       [s["accuracy_se"] for s in pts], color=color, marker="o", linestyle=style,
+                       label=f"{bench} {what}")
+        for name, what, style in _PATH_VOTES:
             pts = [s for s in par if f"{name}_accuracy" in s]
             if pts:
-                ax.errorbar([s["num_paths"] for s in pts], [100 * s[f"{name}_accuracy"] for s in pts],
-                            [100 * s[f"{name}_accuracy_se"] for s in pts], color=color, marker=marker,
-                            linestyle="--", capsize=3, alpha=0.7, label=f"{bench} path {name}")
+                series([s["num_paths"] for s in pts], [s[f"{name}_accuracy"] for s in pts],
+                       [s[f"{name}_accuracy_se"] for s in pts], color=color, label=f"{bench} {what}",
+                       **style)
         maj = sorted((s for s in by_config.values() if s["mode"] == "majority"), key=lambda s: s["num_paths"])
         if maj:
-            xs_all.update(s["num_paths"] for s in maj)
-            ax.errorbar([s["num_paths"] for s in maj], [100 * s["accuracy"] for s in maj],
-                        [100 * s["accuracy_se"] for s in maj], color=color, marker="D", linestyle=":",
-                        capsize=3, label=f"{bench} sequential majority@N")
+            series([s["num_paths"] for s in maj], [s["accuracy"] for s in maj],
+                   [s["accuracy_se"] for s in maj], color=color, marker="D", linestyle=_DASH_DOT_DOT,
+                   label=f"{bench} sequential majority@N")
         if "sequential" in by_config:
             s = by_config["sequential"]
-            xs_all.add(1)
-            ax.errorbar([1], [100 * s["accuracy"]], [100 * s["accuracy_se"]], color=color, marker="*",
-                        markersize=11, capsize=3, linestyle="none", label=f"{bench} sequential")
+            series([1], [s["accuracy"]], [s["accuracy_se"]], color=color, marker="*", markersize=11,
+                   linestyle="none", label=f"{bench} sequential")
     if xs_all:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(xs_all), [str(x) for x in sorted(xs_all)])
         ax.minorticks_off()
-    lo, hi = ax.get_ylim()
-    ax.set_ylim(max(lo, -1.0), min(hi, 101.0))  # accuracy: no axis far outside 0-100 %
+    ax.set_ylim(*_accuracy_ylim(ys))  # never below 0 % or above 100 %
     ax.set_xlabel("number of parallel paths P (sequential at 1)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def plot_accuracy(summary: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
+    """Write `accuracy_figure(summary)` as a PNG (the legend outside the axes, kept in the image)."""
+    accuracy_figure(summary).savefig(path, dpi=120, bbox_inches="tight")
 
 
 def write_report(summary: dict[str, dict[str, dict[str, Any]]], config: Any, out_dir: str | Path) -> None:

@@ -30,20 +30,37 @@ def _template_args(p: argparse.ArgumentParser) -> None:
                    help="summary template forced at inference (default: SPEC §3's)")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after every help text with a default worth stating (not None/False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = _DefaultsHelp
     p.add_argument("--model", required=True, help="base or ParaThinker checkpoint (directory or hub id)")
     p.add_argument("--data", required=True, nargs="+",
-                   help="JSONL file(s): {question, paths, summary} samples and/or reference rows")
-    p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--epochs", type=int, default=3)
+                   help="JSONL file(s) of {question, paths, summary} samples and/or reference rows "
+                        "(make them from a problems file with `parathinker build-data`)")
+    p.add_argument("--output", required=True,
+                   help="output directory (checkpoints, metrics.jsonl, the final model)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the data")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--learning-rate", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--max-grad-norm", type=float, default=0.5)
-    p.add_argument("--lr-scheduler", default="constant", choices=["constant", "linear", "cosine"])
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--learning-rate", type=float, default=1e-5, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay (none on biases and norm weights)")
+    p.add_argument("--max-grad-norm", type=float, default=0.5, help="gradient clipping norm")
+    p.add_argument("--lr-scheduler", default="constant", choices=["constant", "linear", "cosine"],
+                   help="learning-rate schedule after warmup")
+    p.add_argument("--warmup-ratio", type=float, default=0.0,
+                   help="fraction of the steps with a linear warmup")
     p.add_argument("--batch-size", type=int, default=1, help="rows per process per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=16,
+                   help="micro-batches per optimizer step (a step takes processes x this x "
+                        "--batch-size rows)")
     p.add_argument("--max-row-tokens", type=int, default=28672, help="maximum tokens of one row")
     _bool_flag(p, "pack", True, "pack several short samples into one row")
     _bool_flag(p, "shuffle-paths", True, "shuffle the path indices of every sample")
@@ -60,15 +77,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="auto: flex on CUDA, sdpa (dense mask) on CPU")
     p.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
                    help="torch.compile the layers and the block mask (auto: CUDA with flex)")
-    p.add_argument("--loss-chunk-tokens", type=int, default=4096)
+    p.add_argument("--loss-chunk-tokens", type=int, default=4096,
+                   help="target positions per chunk of the cross-entropy (bounds the logits' memory)")
     p.add_argument("--cpu", action="store_true", help="train on CPU even if CUDA is available")
-    p.add_argument("--logging-steps", type=int, default=1)
-    p.add_argument("--save-steps", type=int, default=100)
+    p.add_argument("--logging-steps", type=int, default=1,
+                   help="optimizer steps per line of metrics.jsonl")
+    p.add_argument("--save-steps", type=int, default=100, help="optimizer steps between checkpoints")
     p.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (0: all)")
-    p.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the final model (auto: bfloat16 if trained in bf16)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     p.add_argument("--resume-from", default=None, help="continue from this checkpoint directory")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of the row plan, the path shuffling and the seg-table init")
     p.add_argument("--skip-invalid", action="store_true", help="drop invalid lines (and count them)")
     _template_args(p)
     _bool_flag(p, "prepend-summary-template", True,
@@ -100,8 +121,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     from parathinker.train.trainer import train
 
+    from accelerate import PartialState
+
     out = train(train_config(args))
-    print(f"done: {out} (metrics in {out / 'metrics.jsonl'})")
+    if PartialState().is_main_process:  # under `accelerate launch`: once, not once per process
+        print(f"done: {out} (metrics in {out / 'metrics.jsonl'})")
     return 0
 
 

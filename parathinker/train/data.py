@@ -99,6 +99,13 @@ class Limits:
 def parse_sample(record: Any, where: str) -> Sample:
     if not isinstance(record, dict):
         raise SampleError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "problem" in record and "question" not in record and "paths" not in record:
+        file = where.rpartition(":")[0] or where
+        raise SampleError(
+            f"{where}: this is a problem ({{id, problem, answer}}: a problems or benchmark file), "
+            "not a training sample ({question, paths, summary}); make samples from it first: "
+            f"`parathinker build-data --teacher MODEL_OR_URL --problems {file} --output "
+            "data.jsonl` (docs/TRAINING.md), then train on data.jsonl")
     question, paths, summary = record.get("question"), record.get("paths"), record.get("summary")
     if not isinstance(question, str) or not question.strip():
         raise SampleError(f"{where}: 'question' must be a non-empty string")
@@ -306,5 +313,6 @@ def load_token_samples(path: str | Path, encoder: SampleEncoder, skip_invalid: b
                 raise
             skipped.append(str(e))
     if not out:
-        raise SampleError(f"{path}: no usable samples" + (f" ({len(skipped)} skipped)" if skipped else ""))
+        first = f" ({len(skipped)} skipped; first: {skipped[0]})" if skipped else ""
+        raise SampleError(f"{path}: no usable samples{first}")
     return out, skipped

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -33,6 +35,7 @@ from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLAT
                                 add_parathinker_tokens)
 from parathinker.train import checkpoints as ckpts
 from parathinker.train.data import Limits, SampleEncoder, TextFormat, TokenSample, load_token_samples
+from parathinker.train.launch import short_epoch_warning, single_process_launch_warning
 from parathinker.train.loss import TrainForward
 from parathinker.train.pack import PackOptions, collate, make_row
 from parathinker.train.plan import StepPlan
@@ -225,6 +228,9 @@ def train(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None = No
                               gradient_accumulation_steps=cfg.grad_accum)
     is_main = accelerator.is_main_process
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
+    warn = (lambda msg: print(msg, file=sys.stderr, flush=True)) if is_main else (lambda msg: None)
+    if (msg := single_process_launch_warning(os.environ, accelerator.num_processes)) is not None:
+        warn(msg)
     output = Path(cfg.output)
     resume_dir = _resolve_resume(cfg, output)
     # a resumed run loads its checkpoint: same vocabulary, same shapes
@@ -235,6 +241,10 @@ def train(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None = No
     plan = StepPlan.build(samples, cfg.max_row_tokens, cfg.seed, cfg.epochs, cfg.max_steps,
                           accelerator.num_processes * accum * cfg.batch_size,
                           cfg.shuffle_samples, cfg.pack_samples)
+    fewest_rows = min(len(rows) for rows in plan.epochs)
+    if (msg := short_epoch_warning(fewest_rows, accelerator.num_processes, accum,
+                                   cfg.batch_size)) is not None:
+        warn(msg)
     warmup = math.ceil(cfg.warmup_ratio * plan.total_steps)
     log(f"{len(samples)} samples in {len(plan.epochs[0])} rows per epoch; {plan.total_steps} steps "
         f"of {plan.rows_per_step} rows; {accelerator.num_processes} process(es), attention "
