@@ -209,7 +209,7 @@ def test_build_data_survives_a_killed_teacher(served, ckpt_dir, tmp_path):
     stats = json.loads((traces / "build_config.json").read_text())["stats"]
     assert stats["traces_by_teacher"] == dict(by) and stats["traces"] == 40
     share = json.loads((traces / "teachers.jsonl").read_text().splitlines()[-1])["teachers"]
-    assert share[a]["samples"] == by[a] and share[c]["status"] in ("down", "dropped")
+    assert share[a]["requests"] == by[a] and share[c]["status"] in ("down", "dropped")  # 1 trace a request
     assert len(out.read_text().splitlines()) == 10  # one sample of 2 paths per problem
 
 
@@ -229,15 +229,16 @@ def fake_data(tmp_path: Path) -> Path:
 
 def test_work_goes_by_load_not_round_robin(fake_data, tmp_path):
     with FakeServer() as fast, FakeServer() as slow:
-        slow.delay_s = 0.5
+        slow.delay_s = 1.0
         out = tmp_path / "out"
         urls = [f"http://127.0.0.1:{slow.port}", f"http://127.0.0.1:{fast.port}"]
         assert eval_main(_fake_args(urls, fake_data, out, "--concurrency", "1")) == 0
     records = _records(out / "samples.jsonl")
     by = Counter(r["server"] for r in records)
     assert len(records) == 12 and by == {f"{u}/v1": n for u, n in zip(urls, (len(slow.bodies), len(fast.bodies)))}
-    # round-robin would give each 6; the slow one answers ~1 while the fast one answers many
-    assert 1 <= by[f"{urls[0]}/v1"] <= 3 < by[f"{urls[1]}/v1"]
+    # round-robin would give each 6; by load the slow one answers about one per second while the
+    # fast one answers the rest
+    assert 1 <= by[f"{urls[0]}/v1"] <= 4 and by[f"{urls[1]}/v1"] >= 8
 
 
 def test_a_failing_server_is_taken_out_and_its_work_done_elsewhere(fake_data, tmp_path, capsys):

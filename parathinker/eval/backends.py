@@ -14,8 +14,9 @@ the caller can store it at once. A ParaThinker job yields its `RequestOutput` fr
 `ParallelResult` (the same fields, counted rather than as token ids) from `parathinker serve`; a
 plain job one `Trace` per request. Endpoints: `parathinker serve` runs ParaThinker requests (its
 `parallel` extension, docs/SERVE.md), any other OpenAI-compatible server (vLLM, SGLang) plain
-traces; a run spreads over all of them by load (eval/endpoints.py). Sampling uses each request's own seed, so an output does not depend on what
-else ran beside it (the engine keeps one generator per request; servers such as vLLM honour a
+traces; a run spreads over all of them by load (eval/endpoints.py). Sampling uses each
+request's own seed, so an output does not depend on what else ran beside it (the engine keeps
+one generator per request; `parathinker serve` is that engine, and servers such as vLLM honour a
 per-request `seed` too).
 """
 

@@ -123,9 +123,10 @@ def config_from_args(args: argparse.Namespace) -> object:
         samples=args.samples, max_path_tokens=args.max_path_tokens, max_summary_tokens=args.max_summary_tokens,
         min_finished_paths=args.min_finished_paths, max_tokens=args.max_tokens,
         majority_max_tokens=args.majority_max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, resume=args.resume, limit=args.limit, endpoint=",".join(args.endpoint) if args.endpoint else None,
-        request_timeout=args.request_timeout, batch_size=args.batch_size, concurrency=args.concurrency,
-        server_retries=args.server_retries, device=args.device,
+        top_k=args.top_k, seed=args.seed, resume=args.resume, limit=args.limit,
+        endpoint=",".join(args.endpoint) if args.endpoint else None, request_timeout=args.request_timeout,
+        batch_size=args.batch_size, concurrency=args.concurrency, server_retries=args.server_retries,
+        device=args.device,
         dtype=args.dtype, rope_scaling=args.rope_scaling, linear=args.linear, attention=args.attention, save_text=args.save_text,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
 

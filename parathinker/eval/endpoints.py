@@ -293,7 +293,7 @@ class Dispatcher:
                             if other.live and other.server is server:
                                 requeue(other)
                         requeue(att)
-                        if not server.dropped and server.retry_at is None:
+                        if not server.dropped and not server.down:  # once per outage
                             self.fail(server, str(err))
                         continue
                     server.failures = 0

@@ -276,8 +276,16 @@ def _write_teacher_stats(work: Path, teacher: EndpointTeacher) -> None:
     """<output>.traces/teachers.jsonl: each teacher's share of this run, one line per run."""
     from datetime import datetime, timezone
 
+    def share(s: Any) -> dict[str, Any]:  # requests, not samples; traces carry no token counts
+        st = s.stats()
+        st["requests"] = st.pop("samples")
+        st["requests_per_min"] = st.pop("samples_per_min")
+        for k in ("generated_tokens", "tokens_per_s"):
+            st.pop(k)
+        return st
+
     line = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": teacher.model, "teachers": {s.url: s.stats() for s in teacher.servers}}
+            "model": teacher.model, "teachers": {s.url: share(s) for s in teacher.servers}}
     with (work / "teachers.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
 
