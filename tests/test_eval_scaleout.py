@@ -283,3 +283,18 @@ def test_endpoint_lists_urls_commas_and_files(tmp_path):
                      (",", "at least one URL")):
         with pytest.raises(ValueError, match=msg):
             endpoint_urls([bad])
+
+
+def test_build_data_teacher_flags_are_checked(tmp_path, capsys):
+    from parathinker.train.cli import main as train_main
+
+    problems = _problems(tmp_path / "p.jsonl", 2)
+    base = ["build-data", "--problems", str(problems), "--output", str(tmp_path / "d.jsonl"),
+            "--traces-per-problem", "2", "--paths", "2"]
+    assert train_main([*base, "--teacher", "http://127.0.0.1:9,localhost:9"]) == 2
+    assert "must be an http(s) URL" in capsys.readouterr().err
+    assert train_main([*base, "--teacher", "http://127.0.0.1:9", "--traces-per-request", "0"]) == 2
+    assert "--traces-per-request and --server-retries must be >= 1" in capsys.readouterr().err
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert train_main([*base, "--teacher", dead]) == 1  # nobody answers: a clear error, exit 1
+    assert f"no teacher answers: cannot reach the endpoint {dead}/v1" in capsys.readouterr().err

@@ -88,7 +88,8 @@ class EvalConfig:
             parse_rope_scaling(self.rope_scaling)  # raises for an unknown choice
         if self.request_timeout <= 0:
             raise ValueError(f"--request-timeout must be > 0, got {self.request_timeout}")
-        for name, value in (("--concurrency", self.concurrency or 1), ("--server-retries", self.server_retries)):
+        for name, value in (("--concurrency", 1 if self.concurrency is None else self.concurrency),
+                            ("--server-retries", self.server_retries)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.endpoints  # noqa: B018 - raises for a malformed URL or an empty file
@@ -124,7 +125,7 @@ class EvalConfig:
 
     @property
     def endpoint_concurrency(self) -> int:
-        return self.concurrency or self.batch_size
+        return self.batch_size if self.concurrency is None else self.concurrency
 
     @property
     def backend(self) -> str:

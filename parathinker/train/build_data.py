@@ -101,7 +101,7 @@ class BuildConfig:
             raise ValueError("teacher_mode: sequential|paths; api: chat|completions")
         if self.samples_per_problem < 1 or self.batch_size < 1 or self.concurrency < 1:
             raise ValueError("samples_per_problem, batch_size and concurrency must be >= 1")
-        if (self.traces_per_request or 1) < 1 or self.server_retries < 1:
+        if (self.traces_per_request is not None and self.traces_per_request < 1) or self.server_retries < 1:
             raise ValueError("--traces-per-request and --server-retries must be >= 1")
         self.teacher_urls  # noqa: B018 - raises for a malformed URL
 
