@@ -136,7 +136,11 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
         endpoint = EndpointBackend(cfg.endpoints, cfg.model, cfg.request_timeout, cfg.api_key,
                                    cfg.endpoint_concurrency, cfg.server_retries)
         endpoint.check()
-        for group in _groups(cfg, units):
+        stored: set[Any] = set()
+        if cfg.resume and samples_file.exists():  # a mode whose samples are all stored needs no server
+            with SampleStore(out_dir) as store:
+                stored = store.done_keys()
+        for group in _groups(cfg, [u for u in units if u.key not in stored]):
             endpoint.validate(group[0].key[5], max(u.num_paths for u in group))
     runs_file = out_dir / "runs.jsonl"
     with SampleStore(out_dir) as store:
