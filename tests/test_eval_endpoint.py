@@ -1,5 +1,6 @@
 """`parathinker eval --endpoint URL`: the sequential and majority baselines against a fake
-OpenAI-compatible server (FastAPI on 127.0.0.1, in a thread), and clear errors naming the URL."""
+OpenAI-compatible server (FastAPI on 127.0.0.1, in a thread), and clear errors naming the URL
+(several servers, and parathinker mode on `parathinker serve`: tests/test_eval_scaleout.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def answer_for(problem: dict[str, Any], seed: int) -> str:
 class FakeServer:
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
-        self.fail_on: str | None = None  # a question that gets HTTP 500
+        self.fail_on: str | None = None  # a question that gets HTTP 500 ("*": every one)
+        self.delay_s = 0.0  # how long each completion takes
         app = fastapi.FastAPI()
 
         @app.get("/v1/models")
@@ -44,7 +46,8 @@ class FakeServer:
         def completions(body: dict[str, Any]) -> Any:
             self.bodies.append(body)
             problem = next(p for p in PROBLEMS if p["problem"] in body["prompt"])
-            if problem["problem"] == self.fail_on:
+            time.sleep(self.delay_s)
+            if self.fail_on in ("*", problem["problem"]):
                 return fastapi.responses.JSONResponse({"error": {"message": "boom", "type": "server_error"}},
                                                       status_code=500)
             answer = answer_for(problem, body["seed"])
@@ -157,12 +160,13 @@ def test_server_error_midway_stops_the_run_and_keeps_what_finished(server, data,
     server.fail_on = PROBLEMS[2]["problem"]
     try:
         rc = main(_args(f"http://127.0.0.1:{server.port}", data, out, "--mode", "sequential",
-                        "--batch-size", "1", "--request-timeout", "20"))
+                        "--batch-size", "1", "--request-timeout", "20", "--server-retries", "2"))
     finally:
         server.fail_on = None
     assert rc == 1
     err = capsys.readouterr().err
     assert f"the endpoint http://127.0.0.1:{server.port}/v1 answered HTTP 500" in err
+    assert "out of rotation, retried in 1 s" in err and "no endpoint is left to run on" in err
     kept = _records(out)
     assert {(r["id"], r["sample"]) for r in kept} == {("q1", 0), ("q2", 0)}  # sample 0 sweep, up to q3
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]

@@ -195,8 +195,8 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys) -> None
         "--benchmark", "x", "--data", str(bad))
     assert "unknown benchmark 'aime23'" in fails("--benchmark", "aime23")
     assert "unknown mode(s) tree" in fails("--mode", "tree")
-    assert "--endpoint serves the sequential and majority modes only" in fails(
-        "--mode", "parathinker", "--endpoint", "http://127.0.0.1:9")
+    assert "--endpoint must be an http(s) URL" in fails("--endpoint", "127.0.0.1:9")
+    assert "--concurrency must be >= 1, got 0" in fails("--endpoint", "http://127.0.0.1:9", "--concurrency", "0")
     assert "one --data FILE per --benchmark" in fails("--benchmark", "a,b", "--data", str(bad))
     assert "--samples must be >= 1" in fails("--samples", "0")
     assert "top_p must be in (0, 1]" in fails("--top-p", "0")

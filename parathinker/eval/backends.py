@@ -1,34 +1,38 @@
 """Where eval requests run: the project's engine, or any OpenAI-compatible HTTP endpoint.
 
     backend = EngineBackend(llm)                      # parathinker, sequential and majority
-    backend = EndpointBackend(url, model, timeout_s)  # sequential and majority (vLLM, SGLang, ...)
     for job, outputs in backend.run(jobs, max_in_flight=64):
         ...   # a job (one sample) as soon as all of its requests have finished
+    backend = EndpointBackend(urls, model, timeout_s, concurrency=64)  # one or many servers
+    for job, outputs, server_url in backend.run(jobs, layout="native"):   # layout None: plain traces
+        ...
 
 A `Job` is one sample: one ParaThinker request (SamplingParams) or one or more plain traces
 (PlainParams, e.g. the N traces a majority vote needs). Jobs are fed lazily so that at most
 `max_in_flight` requests are running; each job is yielded the moment its last request ends, so
-the caller can store it at once. A ParaThinker job yields its `RequestOutput`; a plain job one
-`Trace` per request. Sampling uses each request's own seed, so an output does not depend on what
-else ran beside it (the engine keeps one generator per request; servers such as vLLM honour a
+the caller can store it at once. A ParaThinker job yields its `RequestOutput` from the engine, a
+`ParallelResult` (the same fields, counted rather than as token ids) from `parathinker serve`; a
+plain job one `Trace` per request. Endpoints: `parathinker serve` runs ParaThinker requests (its
+`parallel` extension, docs/SERVE.md), any other OpenAI-compatible server (vLLM, SGLang) plain
+traces; a run spreads over all of them by load (eval/endpoints.py). Sampling uses each
+request's own seed, so an output does not depend on what else ran beside it (the engine keeps
+one generator per request; `parathinker serve` is that engine, and servers such as vLLM honour a
 per-request `seed` too).
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 from parathinker.config import PlainParams, SamplingParams
+from parathinker.eval.endpoints import Dispatcher, EndpointError, Server, endpoint_urls, normalize_endpoint
 from parathinker.tokens import SEQUENTIAL_PROMPT_TEMPLATE, last_boxed
 
-
-class EndpointError(RuntimeError):
-    """The HTTP endpoint could not be reached or refused a request (the message names the URL)."""
+__all__ = ["EndpointBackend", "EndpointError", "EngineBackend", "Job", "ParallelResult", "Trace",
+           "endpoint_urls", "normalize_endpoint"]
 
 
 @dataclass(frozen=True)
@@ -143,110 +147,174 @@ class EngineBackend:
                     yield state.job, state.outputs
 
 
-# ----- an OpenAI-compatible endpoint
-def normalize_endpoint(url: str) -> str:
-    """`http://host:8000` or `http://host:8000/v1` -> the client's base URL (`.../v1`)."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, got {url!r}")
-    url = url.rstrip("/")
-    return url + "/v1" if parsed.path in ("", "/") else url
+# ----- OpenAI-compatible endpoints
+@dataclass
+class PathResult:
+    text: str  # without its two tags
+    finish_reason: str  # "end" | "budget" | "cut"
+    num_tokens: int  # tags included
+
+
+@dataclass
+class ParallelResult:
+    """One ParaThinker request's outcome in the fields a record needs, from either backend."""
+
+    paths: list[PathResult]
+    summary_text: str  # the forced template included, <summary> / </summary> not
+    summary_finish: str  # "end" | "budget" (or why the request did not run)
+    num_prompt_tokens: int  # the prompt the engine ran (padded in the reference layout)
+    num_summary_tokens: int  # the summary's tokens, its template included
+    latency_s: float | None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, out: Any) -> ParallelResult:
+        """From an engine `RequestOutput`."""
+        paths = [PathResult(p.text, p.finish_reason, len(p.token_ids)) for p in out.paths]
+        return cls(paths, out.summary.text, out.summary.finish_reason, len(out.prompt_token_ids),
+                   len(out.summary.token_ids), out.metrics.get("latency_s"), out.error)
+
+
+_SUMMARY_FINISH = {"stop": "end", "length": "budget"}  # the server's mapping (serve/protocol.py), reversed
+
+
+def _is_parathinker_server(server: Server) -> bool:
+    return (server.card or {}).get("owned_by") == "parathinker"
 
 
 class EndpointBackend:
-    """Plain traces from an OpenAI-compatible completions endpoint (one HTTP request per trace).
+    """Requests on one or more OpenAI-compatible servers, spread by load (eval/endpoints.py).
 
-    The prompt is the sequential template's text (the server tokenizes it and adds BOS);
-    `max_tokens`, `temperature`, `top_p` and `seed` come from each trace's PlainParams (`top_k`
-    goes in `extra_body`, as vLLM and SGLang accept it)."""
+    Plain traces: `/v1/completions` with the sequential template's text (the server tokenizes it
+    and adds BOS); `max_tokens`, `temperature`, `top_p`, `seed` from each trace's PlainParams,
+    `top_k` in `extra_body` (vLLM and SGLang accept it). They go to servers other than
+    `parathinker serve`, which thinks in parallel on every request. ParaThinker requests:
+    `/v1/chat/completions` on `parathinker serve` (its default `--chat-template parathinker` puts
+    the question into the model's prompt template, as the engine does) with every SamplingParams
+    field in the `parallel` extension, so that the server's defaults and budget fitting never
+    apply; only servers of the requested layout take them."""
 
-    def __init__(self, url: str, model: str, timeout_s: float = 3600.0, api_key: str | None = None,
-                 max_retries: int = 2, sequential_template: str = SEQUENTIAL_PROMPT_TEMPLATE) -> None:
-        try:
-            import openai
-        except ImportError as e:
-            raise ValueError("--endpoint needs the openai package: pip install openai") from e
-        self.url = normalize_endpoint(url)
+    def __init__(self, urls: str | tuple[str, ...], model: str, timeout_s: float = 3600.0,
+                 api_key: str | None = None, concurrency: int = 64, retries: int = 5,
+                 sequential_template: str = SEQUENTIAL_PROMPT_TEMPLATE, backoff_s: float = 1.0) -> None:
+        urls = endpoint_urls([urls] if isinstance(urls, str) else urls)
         self.model = model
         self.sequential_template = sequential_template
-        self._openai = openai
-        self.client = openai.OpenAI(base_url=self.url, api_key=api_key or "EMPTY", timeout=timeout_s,
-                                    max_retries=max_retries)
+        self.servers = [Server(u, timeout_s, api_key) for u in urls]
+        self.dispatcher = Dispatcher(self.servers, concurrency, retries, backoff_s)
 
-    def _error(self, e: Exception) -> EndpointError:
-        openai = self._openai
-        if isinstance(e, (openai.APIConnectionError, openai.APITimeoutError)):
-            return EndpointError(f"cannot reach the endpoint {self.url}: {type(e).__name__}: {e}")
-        if isinstance(e, openai.AuthenticationError):
-            return EndpointError(f"the endpoint {self.url} refused the API key (401); pass --api-key "
-                                 "or set OPENAI_API_KEY")
-        if isinstance(e, openai.APIStatusError):
-            return EndpointError(f"the endpoint {self.url} answered HTTP {e.status_code}: {e.message}")
-        return EndpointError(f"request to the endpoint {self.url} failed: {type(e).__name__}: {e}")
+    @property
+    def url(self) -> str:
+        return ", ".join(s.url for s in self.servers)
 
-    def check(self) -> list[str]:
-        """Fail fast, naming the URL, when the server is down or does not serve `model`."""
-        try:
-            served = [m.id for m in self.client.with_options(max_retries=0, timeout=15.0).models.list()]
-        except self._openai.NotFoundError:
-            return []  # no /models route: the first completion will tell
-        except Exception as e:  # noqa: BLE001 - every failure becomes one clear message
-            raise self._error(e) from None
-        if served and self.model not in served:
-            raise EndpointError(f"the endpoint {self.url} does not serve model {self.model!r}; it serves "
-                                f"{', '.join(served)} (pass one of them as --model)")
-        return served
+    def check(self) -> None:
+        """Fail fast, naming the URL, when a server does not serve `model`, or when none answers;
+        one that does not answer is left out of this run with a warning."""
+        down = []
+        for s in self.servers:
+            try:
+                s.fetch_card(self.model)
+            except EndpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - _Down: not answering
+                s.dropped, s.last_error = True, str(e)
+                down.append(s)
+        if len(down) == len(self.servers):
+            raise EndpointError("no endpoint answers: " + "; ".join(s.last_error for s in down))
+        for s in down:
+            self.dispatcher.warn(f"{s.last_error}; not used in this run")
 
-    def complete(self, question: str, params: PlainParams) -> Trace:
+    def servers_for(self, layout: str | None) -> list[Server]:
+        """The answering servers that run a job of this kind (layout None: plain traces)."""
+        live = [s for s in self.servers if not s.dropped]
+        if layout is None:
+            return [s for s in live if not _is_parathinker_server(s)]
+        return [s for s in live if _is_parathinker_server(s) and s.card.get("layout", "native") == layout]
+
+    def validate(self, layout: str | None, num_paths: int) -> None:
+        """ValueError before anything runs when no answering server can take these jobs."""
+        if self.servers_for(layout):
+            for s in self.servers_for(layout):
+                if layout is not None and num_paths > int(s.card.get("max_paths") or num_paths):
+                    raise ValueError(f"the endpoint {s.url} serves at most {s.card['max_paths']} paths; "
+                                     f"--paths asks for {num_paths}")
+                if layout is not None and "summary_template_tokens" not in s.card:
+                    raise ValueError(f"the endpoint {s.url} does not report summary_template_tokens in "
+                                     "/v1/models (a parathinker serve older than this eval): upgrade it")
+            return
+        kinds = ", ".join(f"{s.url} ({(s.card or {}).get('owned_by', '?')}"
+                          + (f", {s.card.get('layout')} layout" if _is_parathinker_server(s) else "") + ")"
+                          for s in self.servers if not s.dropped)
+        if layout is None:
+            raise ValueError("sequential and majority traces need an OpenAI-compatible server other than "
+                             f"parathinker serve (which thinks in parallel on every request), e.g. vLLM; "
+                             f"the endpoints are {kinds}")
+        raise ValueError(f"parathinker mode in the {layout} layout needs a `parathinker serve --layout "
+                         f"{layout}` endpoint; the endpoints are {kinds}")
+
+    def complete(self, server: Server, question: str, params: PlainParams) -> Trace:
         extra = {"top_k": params.top_k} if params.top_k > 0 else None
         start = time.perf_counter()
-        try:
-            resp = self.client.completions.create(
-                model=self.model, prompt=self.sequential_template.replace("{question}", question),
-                max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                seed=params.seed, n=1, extra_body=extra)
-        except Exception as e:  # noqa: BLE001
-            raise self._error(e) from None
+        resp = server.client.completions.create(
+            model=self.model, prompt=self.sequential_template.replace("{question}", question),
+            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+            seed=params.seed, n=1, extra_body=extra)
         latency = time.perf_counter() - start
         if not resp.choices:
-            raise EndpointError(f"the endpoint {self.url} answered without choices")
+            raise EndpointError(f"the endpoint {server.url} answered without choices")
         choice = resp.choices[0]
         usage = resp.usage
         finish = "budget" if choice.finish_reason == "length" else "end"
         return Trace(choice.text or "", finish, usage.prompt_tokens if usage else None,
                      usage.completion_tokens if usage else None, latency)
 
-    def run(self, jobs: Iterable[Job], max_in_flight: int) -> Iterator[tuple[Job, list[Any]]]:
-        _check_in_flight(max_in_flight)
-        pending_jobs = iter(jobs)
-        futures: dict[cf.Future[Trace], tuple[_Pending, int]] = {}
-        pool = cf.ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="eval-endpoint")
-        is_exhausted = False
-        try:
-            while True:
-                while not is_exhausted and len(futures) < max_in_flight:
-                    job = next(pending_jobs, None)
-                    if job is None:
-                        is_exhausted = True
-                        break
-                    if job.is_parathinker:
-                        raise ValueError("parathinker mode runs on the project's engine; --endpoint "
-                                         "serves the sequential and majority modes")
-                    state = _Pending(job, [None] * len(job.params))
-                    for slot, params in enumerate(job.params):
-                        assert isinstance(params, PlainParams)
-                        futures[pool.submit(self.complete, job.question, params)] = (state, slot)
-                if not futures:
-                    return
-                done, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    state, slot = futures.pop(fut)
-                    state.outputs[slot] = fut.result()  # an EndpointError stops the run here
-                    state.num_done += 1
-                    if state.num_done == len(state.job.params):
-                        yield state.job, state.outputs
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-            if futures:  # stopped early: end the requests still in flight instead of waiting on them
-                self.client.close()
+    def parallel(self, server: Server, question: str, params: SamplingParams) -> ParallelResult:
+        settings = {"num_paths": params.num_paths, "max_path_tokens": params.max_path_tokens,
+                    "min_path_tokens": params.min_path_tokens,
+                    "max_summary_tokens": params.max_summary_tokens,
+                    "min_finished_paths": params.min_finished_paths}
+        start = time.perf_counter()
+        resp = server.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": question}],
+            temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+            extra_body={"parallel": settings, "top_k": params.top_k})
+        latency = time.perf_counter() - start
+        extra = (resp.choices[0].message.model_extra or {}) if resp.choices else {}
+        usage = resp.usage.model_dump() if resp.usage else {}
+        if "paths" not in extra or "summary_tokens" not in usage:
+            raise EndpointError(f"the endpoint {server.url} answered without the parallel extension's "
+                                "paths / usage.summary_tokens: is it parathinker serve?")
+        choice = resp.choices[0]
+        paths = [PathResult(p["text"], p["finish_reason"], int(p["num_tokens"]))
+                 for p in sorted(extra["paths"], key=lambda p: p["index"])]
+        template = int(server.card["summary_template_tokens"])  # type: ignore[index]
+        return ParallelResult(paths, choice.message.content or "",
+                              _SUMMARY_FINISH.get(str(choice.finish_reason), str(choice.finish_reason)),
+                              int(usage["prompt_tokens"]), int(usage["summary_tokens"]) + template, latency)
 
+    def _calls(self, job: Job) -> list[Any]:
+        if job.is_parathinker:
+            (params,) = job.params
+            return [lambda s, p=params: self.parallel(s, job.question, p)]  # type: ignore[misc]
+        return [lambda s, p=p: self.complete(s, job.question, p) for p in job.params]  # type: ignore[misc]
+
+    def run(self, jobs: Iterable[Job], layout: str | None) -> Iterator[tuple[Job, list[Any], str]]:
+        """(job, outputs, the URL of the server that ran it) as each job finishes."""
+        servers = self.servers_for(layout)
+        for job, outputs, server in self.dispatcher.run(((j, self._calls(j)) for j in jobs), servers,
+                                                        _generated_tokens):
+            yield job, outputs, server.url
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """This run's share of each server: samples, generated tokens, throughput, status."""
+        return {s.url: s.stats() for s in self.servers}
+
+
+def _generated_tokens(outputs: list[Any]) -> int:
+    total = 0
+    for o in outputs:
+        if isinstance(o, ParallelResult):
+            total += sum(p.num_tokens for p in o.paths) + o.num_summary_tokens
+        elif isinstance(o, Trace):
+            total += o.num_tokens or 0
+    return total

@@ -83,14 +83,23 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-text", action="store_true",
                    help="also store every path's / trace's full text (large)")
     g = p.add_argument_group("backend")
-    g.add_argument("--endpoint", default=None, metavar="URL",
-                   help="OpenAI-compatible server (vLLM, SGLang, ...) for sequential/majority, "
-                        "e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--endpoint", action="append", default=None, metavar="URL[,URL...]|FILE",
+                   help="OpenAI-compatible server(s) instead of the engine: parathinker serve for "
+                        "parathinker mode, vLLM/SGLang/... for sequential and majority, e.g. "
+                        "http://127.0.0.1:8000/v1; repeatable, comma-separated, or a file of URLs "
+                        "(one a line); work is spread by load (default: none, the project's engine)")
     g.add_argument("--api-key", default=None, help="for --endpoint (default $OPENAI_API_KEY, else none)")
     g.add_argument("--request-timeout", type=float, default=3600.0,
                    help="seconds per HTTP request with --endpoint (default 3600)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="requests in flight at once (engine batch / HTTP concurrency); default 64")
+    g.add_argument("--concurrency", type=int, default=None,
+                   help="with --endpoint: requests in flight per server, a free slot takes the next "
+                        "sample (default: --batch-size)")
+    g.add_argument("--server-retries", type=int, default=5,
+                   help="with --endpoint: a server that failed this many times in a row (refused, "
+                        "timed out, 5xx; retried after 1, 2, 4, ... s) is dropped for the run; the run "
+                        "fails only when every server is dropped (default 5)")
 
 
 def benchmark_names(benchmark: tuple[str, ...] | None, data: list[str] | None) -> tuple[str, ...]:
@@ -114,8 +123,10 @@ def config_from_args(args: argparse.Namespace) -> object:
         samples=args.samples, max_path_tokens=args.max_path_tokens, max_summary_tokens=args.max_summary_tokens,
         min_finished_paths=args.min_finished_paths, max_tokens=args.max_tokens,
         majority_max_tokens=args.majority_max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, resume=args.resume, limit=args.limit, endpoint=args.endpoint,
-        request_timeout=args.request_timeout, batch_size=args.batch_size, device=args.device,
+        top_k=args.top_k, seed=args.seed, resume=args.resume, limit=args.limit,
+        endpoint=",".join(args.endpoint) if args.endpoint else None, request_timeout=args.request_timeout,
+        batch_size=args.batch_size, concurrency=args.concurrency, server_retries=args.server_retries,
+        device=args.device,
         dtype=args.dtype, rope_scaling=args.rope_scaling, linear=args.linear, attention=args.attention, save_text=args.save_text,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
 

@@ -43,9 +43,11 @@ class EvalConfig:
     seed: int = 0
     resume: bool = False
     limit: int | None = None
-    endpoint: str | None = None
+    endpoint: str | None = None  # URLs and files of URLs, comma-separated (eval/endpoints.py)
     request_timeout: float = 3600.0
     batch_size: int = 64
+    concurrency: int | None = None  # requests in flight per endpoint; None = batch_size
+    server_retries: int = 5  # failures in a row before an endpoint is dropped for the run
     device: str = "auto"
     dtype: str = "auto"
     rope_scaling: str | dict[str, Any] = "auto"  # parathinker.config.resolve_rope_scaling
@@ -86,9 +88,11 @@ class EvalConfig:
             parse_rope_scaling(self.rope_scaling)  # raises for an unknown choice
         if self.request_timeout <= 0:
             raise ValueError(f"--request-timeout must be > 0, got {self.request_timeout}")
-        if self.endpoint and "parathinker" in self.modes:
-            raise ValueError("--endpoint serves the sequential and majority modes only; run parathinker "
-                             "mode on the project's engine (drop --endpoint) in a separate invocation")
+        for name, value in (("--concurrency", 1 if self.concurrency is None else self.concurrency),
+                            ("--server-retries", self.server_retries)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.endpoints  # noqa: B018 - raises for a malformed URL or an empty file
         PlainParams(max_tokens=1, temperature=self.temperature, top_p=self.top_p)  # same checks as sampling
 
     def data_files(self) -> dict[str, str]:
@@ -111,6 +115,17 @@ class EvalConfig:
     @property
     def vote_sizes(self) -> tuple[int, ...]:
         return self.majority_n or self.paths
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """--endpoint as normalized URLs (`.../v1`), files of URLs read; () for the engine."""
+        from parathinker.eval.endpoints import endpoint_urls
+
+        return endpoint_urls([self.endpoint]) if self.endpoint else ()
+
+    @property
+    def endpoint_concurrency(self) -> int:
+        return self.batch_size if self.concurrency is None else self.concurrency
 
     @property
     def backend(self) -> str:

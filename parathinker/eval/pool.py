@@ -23,8 +23,8 @@ class GradingPool:
         self.pool = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="eval-grade")
         self.pending: set[cf.Future[dict[str, Any]]] = set()
 
-    def submit(self, unit: Unit, outputs: Sequence[Any]) -> None:
-        self.pending.add(self.pool.submit(build_record, self.cfg, unit, outputs))
+    def submit(self, unit: Unit, outputs: Sequence[Any], server: str | None = None) -> None:
+        self.pending.add(self.pool.submit(build_record, self.cfg, unit, outputs, server))
 
     def store_finished(self, wait: bool = False) -> None:
         if not self.pending:

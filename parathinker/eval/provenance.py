@@ -49,8 +49,10 @@ def engine_info(llm: Any) -> dict[str, Any]:
 
 def provenance(cfg: EvalConfig, engines: dict[str, dict[str, Any]], num_planned: int, num_run: int,
                num_failed: int, status: str,
-               data_sources: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One line of runs.jsonl: who ran what, where, with which code and settings."""
+               data_sources: dict[str, dict[str, Any]] | None = None,
+               servers: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One line of runs.jsonl: who ran what, where, with which code and settings; with
+    --endpoint, `servers`: each server's share of this invocation (samples, tokens, throughput)."""
     import parathinker
 
     return {
@@ -58,7 +60,8 @@ def provenance(cfg: EvalConfig, engines: dict[str, dict[str, Any]], num_planned:
         "parathinker_version": parathinker.__version__, "git_commit": git_commit(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(), "python": platform.python_version(), "backend": cfg.backend,
-        "endpoint": cfg.endpoint, "engines": engines, "data": data_sources or {},
+        "endpoint": cfg.endpoint, **({"servers": servers} if servers is not None else {}),
+        "engines": engines, "data": data_sources or {},
         "rope_scaling": {mode: cfg.rope_for(mode) for mode in cfg.modes}, "layouts": list(cfg.layouts),
         "prompt_template": DEFAULT_PROMPT_TEMPLATE, "summary_template": DEFAULT_SUMMARY_TEMPLATE,
         "sequential_template": SEQUENTIAL_PROMPT_TEMPLATE,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from parathinker.eval.backends import Trace
+from parathinker.eval.backends import ParallelResult, Trace
 from parathinker.eval.config import EvalConfig
 from parathinker.eval.grade import grade, majority_vote
 from parathinker.eval.plan import Unit
@@ -30,23 +30,27 @@ def _vote(gold: str, answers: list[str | None]) -> dict[str, Any]:
             "majority_answer": voted, "majority_over_paths_correct": is_correct(gold, voted)}
 
 
-def build_record(cfg: EvalConfig, unit: Unit, outputs: Sequence[Any]) -> dict[str, Any]:
-    """The samples.jsonl line of a finished sample (field list in docs/EVAL.md)."""
+def build_record(cfg: EvalConfig, unit: Unit, outputs: Sequence[Any],
+                 server: str | None = None) -> dict[str, Any]:
+    """The samples.jsonl line of a finished sample (field list in docs/EVAL.md); `server`: the
+    endpoint URL that produced it (None: the project's engine, and no `server` field)."""
     gold = str(unit.problem["answer"])
     rec: dict[str, Any] = {"benchmark": unit.benchmark, "id": str(unit.problem["id"]), "mode": unit.mode,
                            "num_paths": unit.num_paths, "sample": unit.sample, "layout": unit.key[5],
                            "seed": unit.seed(cfg.seed), "gold": gold}
     if unit.mode == "parathinker":
         (out,) = outputs
-        answer = last_boxed(out.summary.text)
-        rec.update(answer=answer, correct=is_correct(gold, answer), summary=out.summary.text,
-                   summary_finish=out.summary.finish_reason)
+        if not isinstance(out, ParallelResult):
+            out = ParallelResult.of(out)  # the engine's RequestOutput
+        answer = last_boxed(out.summary_text)
+        rec.update(answer=answer, correct=is_correct(gold, answer), summary=out.summary_text,
+                   summary_finish=out.summary_finish)
         rec.update(_vote(gold, [last_boxed(p.text) for p in out.paths]))
-        path_tokens = [len(p.token_ids) for p in out.paths]
+        path_tokens = [p.num_tokens for p in out.paths]
         rec.update(path_tokens=path_tokens, path_finish=[p.finish_reason for p in out.paths],
-                   prompt_tokens=len(out.prompt_token_ids), summary_tokens=len(out.summary.token_ids),
-                   total_tokens=sum(path_tokens) + len(out.summary.token_ids),
-                   latency_s=out.metrics.get("latency_s"), error=out.error)
+                   prompt_tokens=out.num_prompt_tokens, summary_tokens=out.num_summary_tokens,
+                   total_tokens=sum(path_tokens) + out.num_summary_tokens,
+                   latency_s=out.latency_s, error=out.error)
         if cfg.save_text:
             rec["path_texts"] = [p.text for p in out.paths]
     else:
@@ -70,5 +74,7 @@ def build_record(cfg: EvalConfig, unit: Unit, outputs: Sequence[Any]) -> dict[st
             rec.update(path_tokens=counts, path_finish=[t.finish_reason for t in traces], **common)
             if cfg.save_text:
                 rec["responses"] = [t.text for t in traces]
+    if server is not None:
+        rec["server"] = server
     rec["settings"] = cfg.settings(unit.mode, unit.num_paths)
     return rec

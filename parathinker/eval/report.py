@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -111,6 +111,31 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str
     return summary
 
 
+def server_table(records: Iterable[dict[str, Any]],
+                 this_run: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per endpoint URL: the samples it produced in the samples file (every invocation), and its
+    share of this invocation (`samples_this_run`, generated tokens, seconds from its first request
+    to its last answer, samples/min and tokens/s over them, status: up, down or dropped)."""
+    counts = Counter(str(r["server"]) for r in records if r.get("server"))
+    out = {}
+    for url in dict.fromkeys([*this_run, *counts]):
+        run = dict(this_run.get(url, {}))
+        run["samples_this_run"] = run.pop("samples", 0)
+        out[url] = {"samples": counts.get(url, 0), **run}
+    return out
+
+
+def _servers_section(servers: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["", "## Servers", "", "| server | samples (all runs) | this run: samples | generated tokens "
+             "| active s | samples/min | tokens/s | status |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for url, s in servers.items():
+        cells = [s.get("samples", 0), s.get("samples_this_run", 0), s.get("generated_tokens", "–"),
+                 s.get("active_s", "–"), s.get("samples_per_min") or "–", s.get("tokens_per_s") or "–",
+                 s.get("status", "–") + (f" ({s['last_error']})" if s.get("last_error") else "")]
+        lines.append(f"| {url} | " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
 def _pct(stats: dict[str, Any] | None, name: str) -> str:
     if stats is None or name not in stats:
         return "–"
@@ -146,6 +171,8 @@ def render_markdown(summary: dict[str, dict[str, dict[str, Any]]], config: dict[
             tok = [_fmt(s["tokens"].get(f), ("mean", "p50", "max"), 0) for f in TOKEN_FIELDS]
             lines.append(f"| {bench} | {c} | {s['num_problems']} | {s['num_samples']} | " + " | ".join(tok)
                          + f" | {_fmt(s.get('latency_s'), ('mean', 'p50', 'p90'), 2)} |")
+    if config.get("servers"):
+        lines += _servers_section(config["servers"])
     lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ from parathinker.eval.plan import Unit, plan, request_params
 from parathinker.eval.pool import GradingPool
 from parathinker.eval.progress import Progress
 from parathinker.eval.provenance import engine_info, provenance
-from parathinker.eval.report import summarize, write_report
+from parathinker.eval.report import server_table, summarize, write_report
 from parathinker.eval.results import SampleStore, sample_key
 
 
@@ -59,9 +59,10 @@ def _load_llm(cfg: EvalConfig, rope: dict[str, Any] | None, layout: str) -> Any:
 
 
 def _engine_key(cfg: EvalConfig, unit: Unit) -> tuple[str, str]:
-    """Units with the same key share one engine: the same rope scaling and layout."""
+    """Units with the same key share one engine: the same rope scaling and layout (with
+    --endpoint: the same kind of server, parathinker serve of that layout or a plain one)."""
     if cfg.backend != "engine":
-        return ("endpoint", "")
+        return ("endpoint", unit.key[5] or "plain")
     return (json.dumps(cfg.rope_for(unit.mode)), unit.key[5] or "native")
 
 
@@ -134,8 +135,15 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
         warnings.warn("--temperature 0 is greedy: every --samples repetition is the same", stacklevel=2)
     endpoint = None
     if cfg.endpoint:  # before anything is written: an unreachable URL fails here
-        endpoint = EndpointBackend(cfg.endpoint, cfg.model, cfg.request_timeout, cfg.api_key)
+        endpoint = EndpointBackend(cfg.endpoints, cfg.model, cfg.request_timeout, cfg.api_key,
+                                   cfg.endpoint_concurrency, cfg.server_retries)
         endpoint.check()
+        stored: set[Any] = set()
+        if cfg.resume and samples_file.exists():  # a mode whose samples are all stored needs no server
+            with SampleStore(out_dir) as store:
+                stored = store.done_keys()
+        for group in _groups(cfg, [u for u in units if u.key not in stored]):
+            endpoint.validate(group[0].key[5], max(u.num_paths for u in group))
     runs_file = out_dir / "runs.jsonl"
     with SampleStore(out_dir) as store:
         _check_resume(cfg, store, units)
@@ -156,8 +164,10 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
                 else:
                     backend = endpoint
                 jobs = (Job(i, u.problem["problem"], request_params(cfg, u)) for i, u in enumerate(group))
-                for job, outputs in backend.run(jobs, cfg.batch_size):
-                    grader.submit(group[job.index], outputs)
+                results = (backend.run(jobs, group[0].key[5]) if isinstance(backend, EndpointBackend)
+                           else ((j, o, None) for j, o in backend.run(jobs, cfg.batch_size)))
+                for job, outputs, server in results:
+                    grader.submit(group[job.index], outputs, server)
                     grader.store_finished()
                 grader.store_finished(wait=True)
                 if llm is not None:  # the next group may need a differently configured engine
@@ -174,17 +184,21 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
             grader.close()
             progress.close()
             info = provenance(cfg, engines, len(units), progress.num_done, progress.num_failed, status,
-                              sources)
+                              sources, endpoint.stats() if endpoint else None)
             if progress.num_failed:
                 print(f"warning: {progress.num_failed} sample(s) could not be generated (see their 'error' "
                       "field in samples.jsonl); they count as wrong", file=sys.stderr)
             with runs_file.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(info, default=str) + "\n")
-        summary = summarize(store.records())
+        records = store.records()
+        summary = summarize(records)
     runs = [json.loads(line) for line in runs_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     history = [{k: r.get(k) for k in ("timestamp", "status", "git_commit", "backend", "num_samples_run")}
                | {"model": r.get("config", {}).get("model"), "modes": r.get("config", {}).get("modes"),
                   "layouts": r.get("config", {}).get("layouts")}
                for r in runs]
-    write_report(summary, {**info, "invocations": history}, out_dir)  # this one in full, all in brief
+    extra: dict[str, Any] = {"invocations": history}
+    if endpoint is not None or any("server" in r for r in records):
+        extra["servers"] = server_table(records, info.get("servers") or {})
+    write_report(summary, {**info, **extra}, out_dir)  # this one in full, all in brief
     return summary

@@ -204,7 +204,9 @@ def _model_card(server: Server) -> dict[str, Any]:
             "owned_by": "parathinker", "max_model_len": llm.config.max_position_embeddings,
             "max_paths": llm.max_paths,
             # what the engine runs with: --rope-scaling resolved from the path budget, --layout
-            "rope_scaling": llm.config.rope_scaling, "layout": llm.layout}
+            "rope_scaling": llm.config.rope_scaling, "layout": llm.layout,
+            # T: clients that count the summary with its forced template (eval) add it to usage
+            "summary_template_tokens": server.template_len}
 
 
 def _unknown_model(server: Server, name: str) -> P.APIError:

@@ -12,8 +12,12 @@ Teachers:
   independent and reproducible. `--teacher-mode paths`: one ParaThinker request per problem
   with N paths that all run to their end; the paths see only the prompt, so they are N
   independent traces (for a ParaThinker teacher: self-distillation).
-- an OpenAI-compatible endpoint (vLLM, SGLang, ...): `--api chat` (default; the server's chat
-  template) or `--api completions` (the prompt template as raw text), `n` traces per request.
+- OpenAI-compatible endpoints (vLLM, SGLang, ...): `--api chat` (default; the server's chat
+  template) or `--api completions` (the prompt template as raw text), `n` traces per request
+  (`--traces-per-request`, default all of a problem's). `--teacher` takes one URL, a comma list
+  or a file of URLs: requests are spread by load, at most `--concurrency` in flight per teacher,
+  and a teacher that stops answering is retried with backoff while its requests go to the others
+  (parathinker.eval.endpoints). Each trace record names its teacher and the served model.
 
 Selection (`--select`), per sample of P paths (P fixed or drawn from a range per sample):
 - `any-correct` (default): one correct trace plus P-1 others drawn at random; problems with no
@@ -34,8 +38,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +75,9 @@ class BuildConfig:
     top_p: float = 0.95
     seed: int = 0
     batch_size: int = 32  # problems per engine call
-    concurrency: int = 8  # endpoint requests in flight
+    concurrency: int = 8  # endpoint requests in flight, per teacher
+    traces_per_request: int | None = None  # endpoint: `n` per request; None = a problem's missing traces
+    server_retries: int = 5  # endpoint: failures in a row before a teacher is dropped
     request_timeout: float = 3600.0
     device: str = "auto"
     dtype: str = "auto"
@@ -96,10 +101,29 @@ class BuildConfig:
             raise ValueError("teacher_mode: sequential|paths; api: chat|completions")
         if self.samples_per_problem < 1 or self.batch_size < 1 or self.concurrency < 1:
             raise ValueError("samples_per_problem, batch_size and concurrency must be >= 1")
+        if (self.traces_per_request is not None and self.traces_per_request < 1) or self.server_retries < 1:
+            raise ValueError("--traces-per-request and --server-retries must be >= 1")
+        self.teacher_urls  # noqa: B018 - raises for a malformed URL
+
+    @property
+    def teacher_urls(self) -> tuple[str, ...]:
+        """The endpoint teachers (`--teacher` URLs, comma-separated, or a file of them); ()
+        for a local checkpoint."""
+        if not _is_endpoint_spec(self.teacher):
+            return ()
+        from parathinker.eval.endpoints import endpoint_urls
+
+        return endpoint_urls([self.teacher])
 
     @property
     def is_endpoint(self) -> bool:
-        return self.teacher.startswith(("http://", "https://"))
+        return bool(self.teacher_urls)
+
+
+def _is_endpoint_spec(teacher: Any) -> bool:
+    """URLs, or a file (a checkpoint is a directory or a hub id) of URLs."""
+    return isinstance(teacher, str) and (teacher.startswith(("http://", "https://"))
+                                         or Path(teacher).is_file())
 
 
 @dataclass(frozen=True)
@@ -171,25 +195,40 @@ class LocalTeacher:
 
 
 class EndpointTeacher:
+    """One or more OpenAI-compatible teachers serving the same model, spread by load."""
+
     def __init__(self, cfg: BuildConfig) -> None:
-        from openai import OpenAI
+        from parathinker.eval.endpoints import Dispatcher, EndpointError, Server
 
         self.cfg = cfg
-        key = cfg.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        self.client = OpenAI(base_url=cfg.teacher, api_key=key, timeout=cfg.request_timeout,
-                             max_retries=2)
-        self.model = cfg.teacher_model or self.client.models.list().data[0].id
+        key = cfg.api_key or os.environ.get("OPENAI_API_KEY")
+        self.servers = [Server(u, cfg.request_timeout, key) for u in cfg.teacher_urls]
+        self.dispatcher = Dispatcher(self.servers, cfg.concurrency, cfg.server_retries)
+        self.model = cfg.teacher_model
+        for s in self.servers:
+            try:
+                if self.model is None:  # the first answering teacher's first model
+                    self.model = s.client.with_options(timeout=15.0).models.list().data[0].id
+                s.fetch_card(self.model)
+            except EndpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - not answering: left out, the others go on
+                s.dropped, s.last_error = True, str(s.error(e))
+                self.dispatcher.warn(f"{s.last_error}; not used in this run")
+        if all(s.dropped for s in self.servers):
+            raise EndpointError("no teacher answers: " + "; ".join(s.last_error for s in self.servers))
 
-    def _one(self, question: str, n: int, seed: int) -> list[Trace]:
+    def _one(self, server: Any, question: str, n: int, seed: int) -> list[Trace]:
         c = self.cfg
+        client = server.client
         common = dict(model=self.model, n=n, max_tokens=c.max_tokens, temperature=c.temperature,
                       top_p=c.top_p, seed=seed)
         if c.api == "completions":
-            r = self.client.completions.create(prompt=c.prompt_template.replace("{question}", question),
+            r = client.completions.create(prompt=c.prompt_template.replace("{question}", question),
                                                **common)
             return [Trace(ch.text, "budget" if ch.finish_reason == "length" else "end")
                     for ch in r.choices]
-        r = self.client.chat.completions.create(
+        r = client.chat.completions.create(
             messages=[{"role": "user", "content": c.chat_template.replace("{question}", question)}],
             **common)
         traces = []
@@ -203,11 +242,52 @@ class EndpointTeacher:
             traces.append(Trace(text, "budget" if ch.finish_reason == "length" else "end"))
         return traces
 
-    def generate(self, questions: Sequence[str], indices: Sequence[Sequence[int]]) -> list[list[Trace]]:
-        with ThreadPoolExecutor(self.cfg.concurrency) as pool:
-            futures = [pool.submit(self._one, q, len(js), self.cfg.seed * 100003 + js[0])
-                       for q, js in zip(questions, indices)]
-            return [f.result() for f in futures]
+    def stream(self, todo: Sequence[tuple[dict[str, Any], list[int]]]
+               ) -> Iterator[tuple[dict[str, Any], list[int], list[Trace], str]]:
+        """(problem, trace indices, their traces, the teacher's URL) per request as it finishes:
+        one request per problem, or per --traces-per-request of its missing traces; a request for
+        traces j.. is seeded with `seed * 100003 + j` (its first index)."""
+        from parathinker.eval.endpoints import EndpointError
+
+        step = self.cfg.traces_per_request
+        jobs = [(p, js[i:i + (step or len(js))]) for p, js in todo for i in range(0, len(js), step or len(js))]
+
+        def calls(p: dict[str, Any], js: list[int]) -> list[Any]:
+            seed = self.cfg.seed * 100003 + js[0]
+            return [lambda s: self._one(s, p["problem"], len(js), seed)]
+
+        for (p, js), (traces,), server in self.dispatcher.run((job, calls(*job)) for job in jobs):
+            if len(traces) != len(js):
+                raise EndpointError(f"the teacher {server.url} answered {len(traces)} choice(s) for "
+                                    f"n={len(js)}; pass --traces-per-request 1 for a server that "
+                                    "ignores n")
+            yield p, js, traces, server.url
+
+
+def _check_served_model(store: Any, model: str | None) -> None:
+    """Stored traces of a resumed run must come from the model the teachers serve now."""
+    other = {r.get("teacher_model") for r in store.records() if r.get("teacher_model")} - {model}
+    if other:
+        raise ValueError(f"{store.path} holds traces of the model(s) {', '.join(sorted(other))}, but "
+                         f"the teachers serve {model!r}: pass --teacher-model, or use another --output")
+
+
+def _write_teacher_stats(work: Path, teacher: EndpointTeacher) -> None:
+    """<output>.traces/teachers.jsonl: each teacher's share of this run, one line per run."""
+    from datetime import datetime, timezone
+
+    def share(s: Any) -> dict[str, Any]:  # requests, not samples; traces carry no token counts
+        st = s.stats()
+        st["requests"] = st.pop("samples")
+        st["requests_per_min"] = st.pop("samples_per_min")
+        for k in ("generated_tokens", "tokens_per_s"):
+            st.pop(k)
+        return st
+
+    line = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": teacher.model, "teachers": {s.url: share(s) for s in teacher.servers}}
+    with (work / "teachers.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 # ----- selection
@@ -248,9 +328,11 @@ def select_samples(problem: dict[str, Any], traces: Sequence[dict[str, Any]],
 
 
 # What shapes a stored trace: a resume (traces already in <output>.traces/) must have them equal.
+# Endpoint teachers may change between runs (one was lost, more were added): what they serve is
+# checked against each stored trace's `teacher_model` instead.
 TRACE_SETTINGS = ("teacher", "teacher_mode", "api", "teacher_model", "prompt_template",
                   "chat_template", "max_tokens", "temperature", "top_p", "seed", "path_text",
-                  "rope_scaling", "layout")
+                  "rope_scaling", "layout", "traces_per_request")
 
 
 def check_trace_settings(work: Path, cfg: BuildConfig, has_traces: bool) -> None:
@@ -268,7 +350,8 @@ def check_trace_settings(work: Path, cfg: BuildConfig, has_traces: bool) -> None
                          "or delete that directory")
     stored = json.loads(file.read_text())
     diff = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in json.loads(json.dumps(mine)).items()
-            if stored.get(k) != v]
+            if stored.get(k) != v and not (k == "teacher" and _is_endpoint_spec(v)
+                                           and _is_endpoint_spec(stored.get(k)))]
     if diff:
         raise ValueError(f"{work} holds traces made with other settings, which a resume would mix "
                          "with new ones and misattribute: " + "; ".join(diff) + ". Use the same "
@@ -299,19 +382,32 @@ def build_data(cfg: BuildConfig) -> dict[str, Any]:
         eos = eos.eos_token if eos is not None else None
         bar = tqdm(total=len(problems) * n, initial=len(problems) * n - sum(len(js) for _, js in todo),
                    desc="traces", unit="trace")
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start:start + cfg.batch_size]
-            outs = teacher.generate([p["problem"] for p, _ in chunk], [js for _, js in chunk])
-            for (p, js), traces in zip(chunk, outs):
-                for j, tr in zip(js, traces):
-                    full = clean_trace(tr.text, "full", eos)  # graded whole, answer included
-                    path = clean_trace(tr.text, cfg.path_text, eos)
-                    store.append({"benchmark": "build-data", "mode": "trace", "num_paths": 1,
-                                  "id": p["id"], "sample": j, "answer": last_boxed(full),
-                                  "correct": bool(full) and grade(p["answer"], full),
-                                  "finish_reason": tr.finish_reason, "path": path})
-                    bar.update(1)
-        bar.close()
+
+        def keep(p: dict[str, Any], js: Sequence[int], traces: Sequence[Trace], **where: Any) -> None:
+            for j, tr in zip(js, traces):
+                full = clean_trace(tr.text, "full", eos)  # graded whole, answer included
+                path = clean_trace(tr.text, cfg.path_text, eos)
+                store.append({"benchmark": "build-data", "mode": "trace", "num_paths": 1,
+                              "id": p["id"], "sample": j, "answer": last_boxed(full),
+                              "correct": bool(full) and grade(p["answer"], full),
+                              "finish_reason": tr.finish_reason, "path": path, **where})
+                bar.update(1)
+
+        if isinstance(teacher, EndpointTeacher):
+            _check_served_model(store, teacher.model)
+            try:  # each request's traces stored as it finishes, whichever teacher ran it
+                for p, js, traces, url in teacher.stream(todo):
+                    keep(p, js, traces, teacher=url, teacher_model=teacher.model)
+            finally:
+                bar.close()
+                _write_teacher_stats(work, teacher)
+        else:
+            for start in range(0, len(todo), cfg.batch_size):
+                chunk = todo[start:start + cfg.batch_size]
+                outs = teacher.generate([p["problem"] for p, _ in chunk], [js for _, js in chunk])
+                for (p, js), traces in zip(chunk, outs):
+                    keep(p, js, traces)
+            bar.close()
         records = store.records()
     by_problem: dict[str, list[dict[str, Any]]] = {}
     for r in records:
@@ -328,6 +424,12 @@ def build_data(cfg: BuildConfig) -> dict[str, Any]:
              "truncated_traces": sum(r["finish_reason"] != "end" for r in records),
              "empty_traces": sum(not r["path"].strip() for r in records),
              "samples": len(samples), "problems_without_sample": num_without}
-    record = {"config": asdict(cfg), "stats": stats}
+    teachers: dict[str, int] = {}
+    for r in records:
+        if r.get("teacher"):
+            teachers[r["teacher"]] = teachers.get(r["teacher"], 0) + 1
+    if teachers:
+        stats["traces_by_teacher"] = teachers
+    record = {"config": {k: v for k, v in asdict(cfg).items() if k != "api_key"}, "stats": stats}
     (work / "build_config.json").write_text(json.dumps(record, indent=2))
     return stats

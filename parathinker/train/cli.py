@@ -143,8 +143,9 @@ def add_build_data_args(p: argparse.ArgumentParser) -> None:
     from parathinker.cli_args import add_model_args
 
     add_model_args(p, model_flag="--teacher",
-                   model_help="local checkpoint (directory or hub id) or an OpenAI-compatible base "
-                              "URL (the other model flags apply to a local teacher only)")
+                   model_help="local checkpoint (directory or hub id), or OpenAI-compatible base "
+                              "URL(s): one, a comma list, or a file of URLs (one a line), spread by "
+                              "load (the other model flags apply to a local teacher only)")
     p.add_argument("--problems", required=True, help='JSONL of {"id", "problem", "answer"}')
     p.add_argument("--output", required=True, help="output JSONL of samples")
     p.add_argument("--traces-per-problem", type=int, default=8)
@@ -171,7 +172,15 @@ def add_build_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="problems per engine call")
-    p.add_argument("--concurrency", type=int, default=8, help="endpoint requests in flight")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="endpoint requests in flight per teacher (default 8)")
+    p.add_argument("--traces-per-request", type=int, default=None,
+                   help="endpoint: traces (n) per request; 1 for servers that refuse n > 1, such as "
+                        "parathinker serve (default: all of a problem's missing traces)")
+    p.add_argument("--server-retries", type=int, default=5,
+                   help="endpoint: a teacher that failed this many times in a row (refused, timed "
+                        "out, 5xx; retried after 1, 2, 4, ... s) is dropped; the run fails only when "
+                        "every teacher is dropped (default 5)")
     p.add_argument("--request-timeout", type=float, default=3600.0)
     p.add_argument("--limit", type=int, default=None, help="first N problems only")
 
@@ -188,10 +197,18 @@ def run_build_data(args: argparse.Namespace) -> int:
         summary_format=args.summary_format, teacher_mode=args.teacher_mode, api=args.api,
         teacher_model=args.teacher_model, api_key=args.api_key, max_tokens=args.max_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-        concurrency=args.concurrency, request_timeout=args.request_timeout, device=args.device,
+        concurrency=args.concurrency, traces_per_request=args.traces_per_request,
+        server_retries=args.server_retries, request_timeout=args.request_timeout, device=args.device,
         dtype=args.dtype, rope_scaling=args.rope_scaling, layout=args.layout, linear=args.linear, attention=args.attention,
         limit=args.limit, **extra)
-    stats = build_data(cfg)
+    from parathinker.eval.endpoints import EndpointError
+
+    try:
+        stats = build_data(cfg)
+    except EndpointError as e:
+        print(f"error: {e}\ntraces finished so far are kept in {args.output}.traces/samples.jsonl; "
+              "rerun the same command to continue", file=sys.stderr)
+        return 1
     print(f"wrote {stats['samples']} samples to {args.output} ({stats['traces']} traces, "
           f"{stats['correct_traces']} correct; {stats['problems_without_sample']} problems without a sample)")
     if stats["samples"] == 0:
