@@ -94,8 +94,16 @@ REFUSED = [
      "parallel.max_path_tokens"),
     ("chat/completions", message(messages=[{"role": "user", "content": "word " * 5000}]),
      "messages"),
-    ("chat/completions", message(logprobs=True), "logprobs"),
-    ("completions", {"model": MODEL, "prompt": QUESTION, "logprobs": 0}, "logprobs"),
+    ("chat/completions", message(top_logprobs=2), "top_logprobs"),
+    ("chat/completions", message(logprobs=True, top_logprobs=21), "top_logprobs"),
+    ("chat/completions", message(logprobs=True, stream=True), "logprobs"),
+    ("chat/completions", message(echo=True), "echo"),
+    ("completions", {"model": MODEL, "prompt": QUESTION, "logprobs": 21}, "logprobs"),
+    ("completions", {"model": MODEL, "prompt": QUESTION, "logprobs": 1, "echo": True}, "echo"),
+    ("completions", {"model": MODEL, "prompt": QUESTION, "max_tokens": 0}, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": QUESTION, "path_logprobs": True},
+     "path_logprobs"),
+    ("completions", {"model": MODEL, "prompt": QUESTION, "n": 2, "best_of": 3}, "best_of"),
     ("completions", {"model": MODEL, "prompt": [1, 10**9]}, "prompt"),
 ]
 
