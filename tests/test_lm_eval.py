@@ -47,7 +47,8 @@ def run_lm_eval(out: Path, model: str, model_args: str, *extra: str) -> tuple[di
     assert done.returncode == 0, done.stderr[-4000:]
     (results,) = out.glob("*/results_*.json")
     (samples,) = out.glob(f"*/samples_{TASK}_*.jsonl")
-    return json.loads(results.read_text()), [json.loads(x) for x in samples.read_text().splitlines()]
+    lines = samples.read_text().splitlines()
+    return json.loads(results.read_text()), [json.loads(x) for x in lines]
 
 
 def check(results: dict, samples: list[dict], expected: dict[str, str]) -> None:

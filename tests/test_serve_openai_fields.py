@@ -168,28 +168,6 @@ def test_n_samples_are_the_seeded_requests_and_usage_sums(served):
     wait_for_idle(base)
 
 
-def test_n_samples_share_the_prompt_kv(ckpt_dir):
-    """Engine level: the prompt's blocks are computed once and read by all n x P paths."""
-    llm = LLM(str(ckpt_dir), device="cpu", dtype="float32", num_kv_blocks=256)
-    ids = llm.tokenizer.encode(llm.format_prompt(QUESTION))
-    p = params(num_paths=3, temperature=0.7, seed=11)
-    group = llm.engine.add_request("g", ids, p, n=4)
-    llm.engine.step()
-    bm = llm.engine.block_manager
-    prompt_blocks = group.prompt.blocks
-    assert len(prompt_blocks) == -(-len(ids) // bm.block_size)
-    assert all(bm.ref_counts[b] == 1 + 4 * 3 for b in prompt_blocks)
-    assert group.num_forward_tokens == len(ids) + 4 * 3  # the prompt once, then one tag per path
-    llm.engine.run_to_completion()
-    assert bm.num_used == 0
-    outs = [llm.request_output(m) for m in group.members]
-    for i, out in enumerate(outs):
-        (ref,) = llm.generate(prompt_token_ids=[ids], params=params(num_paths=3, temperature=0.7,
-                                                                    seed=11 + i))
-        assert out.summary.token_ids == ref.summary.token_ids
-        assert [x.token_ids for x in out.paths] == [x.token_ids for x in ref.paths]
-
-
 # ----- batched prompts, echo
 def test_batched_prompts_with_n_in_order(served):
     base, llm = served

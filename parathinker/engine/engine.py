@@ -259,8 +259,8 @@ class Engine:
         entries: list[tuple[float, list[int], list[float]] | None] = [None] * len(cols["seed"])
         if asked:
             idx = [r for r, _ in asked]
-            sub = sampler.SamplingTensors.from_rows(device=logits.device,
-                                                    **{k: [v[r] for r in idx] for k, v in cols.items()})
+            sub_cols = {k: [v[r] for r in idx] for k, v in cols.items()}
+            sub = sampler.SamplingTensors.from_rows(device=logits.device, **sub_cols)
             where = torch.tensor(idx, device=logits.device)
             chosen, top_ids, top_lps = sampler.logprobs_rows(
                 logits[where], sub, tokens[where], max(k for _, k in asked))

@@ -442,7 +442,6 @@ async def stream_events(server: Server, ticket: Ticket, kind: str, acc: Accepted
             if not d.is_final:
                 continue
             if d.error is not None or d.request is None:
-                ticket.is_done = len(outs) + 1 == acc.num_choices
                 yield sse(_delta_error(d).body())
                 yield sse("[DONE]")
                 return

@@ -12,6 +12,11 @@ Extension fields (all optional; a plain OpenAI request uses the server's default
   "include_reasoning" (default true); "stream_options": {"include_usage", "include_paths"}.
 - `max_completion_tokens` (else `max_tokens`) caps what is generated: path tokens plus the
   summary after its template, so usage.completion_tokens never exceeds it (`fit_to_cap`).
+- evaluation-harness fields (docs/SERVE.md has the table of every field): `n` (samples sharing
+  the prompt), `stop` (on the summary's generated text; choices.py), `logprobs`/`top_logprobs`
+  (chat) and `logprobs: k` (completions), extension `path_logprobs`, `echo`, and a batch of
+  prompts on /v1/completions; loglikelihood requests (echo + logprobs, max_tokens 0) are refused
+  with the reason (`LOGLIKELIHOOD`).
 - response: message.reasoning_content and .reasoning (every path as "<think{k}>text</think{k}>",
   one per line), message.paths ([{index, text, finish_reason: end|budget|cut, num_tokens}]),
   message.answer (the summary's last \\boxed{}), usage.path_tokens / summary_tokens and
