@@ -265,7 +265,7 @@ BAD_INPUT = [
     ("seed above int64", "chat/completions", _chat_body(seed=1 << 63), 400, "int64"),
     ("prompt missing", "completions", json.dumps({"model": MODEL}), 400, "prompt"),
     ("prompt batch of mixed", "completions", json.dumps({"model": MODEL, "prompt": ["a", 3]}),
-     400, "a list of those"),
+     400, "non-empty list of those"),
     ("empty batch", "completions", json.dumps({"model": MODEL, "prompt": []}), 400, "non-empty"),
     ("bad id in batch", "completions",
      json.dumps({"model": MODEL, "prompt": [[1], [1, 10**9]], "parallel": SMALL}), 400,

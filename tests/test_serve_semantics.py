@@ -104,6 +104,8 @@ REFUSED = [
     ("completions", {"model": MODEL, "prompt": QUESTION, "path_logprobs": True},
      "path_logprobs"),
     ("completions", {"model": MODEL, "prompt": QUESTION, "n": 2, "best_of": 3}, "best_of"),
+    ("completions", {"model": MODEL, "prompt": QUESTION, "logprobs": 1, "path_logprobs": True,
+                     "include_reasoning": False}, "path_logprobs"),
     ("completions", {"model": MODEL, "prompt": [1, 10**9]}, "prompt"),
 ]
 

@@ -272,7 +272,7 @@ class Engine:
     @staticmethod
     def _apply(req: SeqGroup, tokens: list[int],
                entries: list[tuple[float, list[int], list[float]] | None]) -> None:
-        seqs = req.sample_seqs() if tokens else []
+        seqs = req.sample_seqs() if any(e is not None for e in entries) else []
         at = [len(s.tokens) for s in seqs]
         if isinstance(req, PlainRequest):
             req.apply_token(tokens[0])

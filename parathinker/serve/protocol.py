@@ -245,6 +245,9 @@ def _common(body: dict[str, Any], kind: str) -> ParsedRequest:
         parsed.include_paths = _bool(options, "include_paths", "stream_options.") or False
     include = _bool(body, "include_reasoning")
     parsed.include_reasoning = True if include is None else include
+    if parsed.path_logprobs and not parsed.include_reasoning:
+        raise _bad("path_logprobs", "'path_logprobs' shows the paths' tokens, which "
+                                    "'include_reasoning': false leaves out")
     settings, sources = parsed.settings, parsed.sources
     for name in ("temperature", "top_p"):
         if (v := _number(body, name)) is not None:
