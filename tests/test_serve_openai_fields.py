@@ -197,6 +197,10 @@ def test_echo_prepends_the_prompt(served):
     r = client(base).completions.create(model=MODEL, prompt=prompt, echo=True, temperature=0,
                                         extra_body={"parallel": SMALL})
     assert r.choices[0].text == prompt + ref.summary.text
+    text = "".join(ch.choices[0].text for ch in client(base).completions.create(
+        model=MODEL, prompt=prompt, echo=True, temperature=0, stream=True,
+        extra_body={"parallel": SMALL}))
+    assert text == prompt + ref.summary.text
 
 
 def test_loglikelihood_requests_are_refused_with_the_reason(served):

@@ -2,7 +2,9 @@
 
 Stop strings apply to the summary's generated text only, never to its forced template (the
 first `len(template_text)` characters of the summary text) nor to the paths: the returned text
-ends right before the first occurrence of any of them, and the choice finishes with "stop".
+ends right before the earliest occurrence of any of them, and the choice finishes with "stop".
+The engine loop ends a sample after the token that completed a stop string (as vLLM checks
+token by token), so "earliest" is among the stops in the text up to that token.
 `StopFilter` does the same incrementally for streams, holding back text that could be the start
 of a stop string.
 
@@ -20,6 +22,7 @@ from typing import Any
 
 from parathinker.outputs import RequestOutput
 from parathinker.serve.detokenize import IncrementalDetokenizer, token_bytes
+from parathinker.serve.protocol import finish_reason
 from parathinker.tokens import last_boxed
 
 NEG_INF_LOGPROB = -9999.0
@@ -33,8 +36,8 @@ def first_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int | None:
 
 @dataclass
 class Final:
-    """What a finished sample answers: the summary text after stop strings, its finish reason,
-    its answer, and how many of its token ids (after <summary>) that text shows."""
+    """What a finished sample answers: the summary text after stop strings, its finish reason
+    and its answer (the last \\boxed{} of that text)."""
 
     text: str
     finish_reason: str
@@ -42,8 +45,6 @@ class Final:
 
 
 def finish(out: RequestOutput, stop: tuple[str, ...], template_text: str) -> Final:
-    from parathinker.serve.protocol import finish_reason
-
     text, reason = out.summary.text, finish_reason(out.summary.finish_reason)
     start = len(template_text) if text.startswith(template_text) else 0
     cut = first_stop(text, stop, start)
