@@ -273,6 +273,12 @@ class LLM:
                                req.num_forward_tokens)
         out = self.to_output(req.prompt.tokens, raw, latency)
         out.metrics["num_preemptions"] = req.num_preemptions
+        if req.num_logprobs is not None and req.summary is not None:
+            out.summary.logprobs = [req.summary.logprobs.get(i)
+                                    for i in range(len(req.summary.tokens))]
+            if req.path_logprobs:
+                for p, seq in zip(out.paths, req.paths):
+                    p.logprobs = [seq.logprobs.get(i) for i in range(len(seq.tokens))]
         return out
 
     def to_output(self, prompt_ids: list[int], raw: RawRequestOutput,

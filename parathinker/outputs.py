@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# `logprobs` (when the engine was asked for them): per token id, (logprob, top ids, top
+# logprobs) under the distribution it was drawn from (`sampler.logprobs_rows`), or None for a
+# token the engine forced (the summary template, rewritten tags)
+
 
 @dataclass
 class PathOutput:
@@ -12,13 +16,16 @@ class PathOutput:
     token_ids: list[int]  # starts with <think{k}>, ends with </think{k}>
     text: str  # the path's text, without its two tags
     finish_reason: str  # "end" | "budget" | "cut"
+    logprobs: list[Any] | None = None  # per token id, see above
 
 
 @dataclass
 class SummaryOutput:
     token_ids: list[int]  # starts with the summary template's tokens
     text: str  # without the leading <summary> and the trailing </summary> / EOS
-    finish_reason: str  # "end" | "budget" ("failed" / "aborted" when the request did not run)
+    finish_reason: str  # "end" | "budget" | "stop" (a server stop string; "failed" /
+    # "aborted" when the request did not run)
+    logprobs: list[Any] | None = None  # per token id, see above
 
 
 @dataclass

@@ -212,3 +212,23 @@ def _fmix32_(x: torch.Tensor) -> torch.Tensor:
 def _wrap_int64(value: int) -> int:
     """An int's low 64 bits as a signed int64 (seeds and counters are taken mod 2^64)."""
     return ((int(value) + (1 << 63)) % (1 << 64)) - (1 << 63)
+
+
+def logprobs_rows(logits: torch.Tensor, st: SamplingTensors, tokens: torch.Tensor,
+                  num_top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the distribution each row was sampled from (`sample_rows`' own:
+    banned tokens already -inf in `logits`, then temperature, top-k and top-p, renormalized).
+    A greedy row reports temperature 1 (its filters still apply), whose top token is the one
+    chosen. -> (logprob of `tokens` [R], top `num_top` ids [R, k] and logprobs [R, k]), on the
+    logits' device; a token the filters dropped has -inf."""
+    logits = logits.float()
+    temperature = st.temperature.float()
+    temperature = torch.where(~(temperature > 0), 1.0, temperature).clamp(max=_FLOAT32_MAX)
+    x = logits - logits.amax(-1, keepdim=True)
+    x.div_(temperature[:, None])
+    if st.has_top_k or st.has_top_p:
+        x.masked_fill_(x < _filter_threshold(x, st), float("-inf"))
+    logprobs = x.log_softmax(-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    top = logprobs.topk(min(num_top, logprobs.shape[-1]), dim=-1)
+    return chosen, top.indices, top.values

@@ -18,11 +18,13 @@ import itertools
 import logging
 import random
 import time
+from dataclasses import replace
 
 import torch
 
 from parathinker.config import PlainParams, SamplingParams
 from parathinker.engine.block_manager import BlockManager
+from parathinker.engine.group import SampleGroup, members
 from parathinker.engine.reference_request import ReferenceRequest
 from parathinker.engine.request import ABORTED, FAILED, FINISHED, PlainRequest, Request, SeqGroup
 from parathinker.engine.runner import ModelRunner, kv_bytes_per_block, profile_activation_bytes
@@ -93,9 +95,15 @@ class Engine:
         self.num_steps = 0
 
     def add_request(self, request_id: str, prompt_ids: list[int],
-                    params: SamplingParams | PlainParams) -> SeqGroup:
+                    params: SamplingParams | PlainParams, n: int = 1,
+                    logprobs: int | None = None, path_logprobs: bool = False) -> SeqGroup:
         """A ParaThinker request (SamplingParams) or one plain trace (PlainParams). Everything
-        that could fail a step is checked here: a bad request never reaches the batch."""
+        that could fail a step is checked here: a bad request never reaches the batch.
+
+        n > 1 (ParaThinker only): n samples sharing the prompt's KV (`SampleGroup`); sample i
+        has seed `params.seed + i` (each its own random seed when params.seed is None).
+        logprobs=k: record, per sampled summary token, its logprob and the top k
+        (`Seq.logprobs`; path tokens too with path_logprobs)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         if not prompt_ids:
@@ -103,22 +111,50 @@ class Engine:
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt has token ids outside 0..{self.vocab_size - 1}: {bad[:5]}")
+        if n < 1 or n > 1 and not isinstance(params, SamplingParams):
+            raise ValueError(f"n must be >= 1 (and 1 for a plain trace), got {n}")
+        if logprobs is not None and not 0 <= logprobs <= self.vocab_size:
+            raise ValueError(f"logprobs must be in 0..{self.vocab_size}, got {logprobs}")
         arrival = next(self._arrivals)
         if isinstance(params, PlainParams):
             req: SeqGroup = PlainRequest(request_id, arrival, prompt_ids, params, self.ctrl)
+            self.seeds[request_id] = _seed(params.seed)
         elif isinstance(params, SamplingParams):
             if params.num_paths > self.ctrl.max_paths:
                 raise ValueError(f"num_paths={params.num_paths} but the tokenizer has "
                                  f"{self.ctrl.max_paths} <think{{k}}> tokens")
             cls = ReferenceRequest if self.layout == "reference" else Request
-            req = cls(request_id, arrival, prompt_ids, params, self.ctrl, self.template_ids)
+            ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+            samples = []
+            for i, rid in enumerate(ids):
+                seed = None if params.seed is None else params.seed + i
+                sample = cls(rid, arrival, prompt_ids, replace(params, seed=seed), self.ctrl,
+                             self.template_ids)
+                sample.num_logprobs, sample.path_logprobs = logprobs, path_logprobs
+                self.seeds[rid] = _seed(seed)
+                samples.append(sample)
+            req = samples[0] if n == 1 else SampleGroup(request_id, arrival, prompt_ids, samples)
         else:
             raise TypeError(f"params must be SamplingParams or PlainParams, got {type(params).__name__}")
-        seed = params.seed
-        self.seeds[request_id] = random.getrandbits(SEED_BITS) if seed is None else seed % (1 << SEED_BITS)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req
+
+    def stop_sample(self, request_id: str, index: int = 0, reason: str = "stop") -> None:
+        """End sample `index` of a running request now, as finished with summary_finish
+        `reason` (the server's stop strings); once every sample has ended the request is
+        returned by the next step() with its blocks freed. A no-op for an ended sample."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        sample = members(req)[index]
+        if sample.status == FINISHED:
+            return
+        sample.status, sample.summary_finish = FINISHED, reason
+        if all(m.status == FINISHED for m in members(req)):
+            self.scheduler.abort(request_id)  # out of the batch, blocks freed
+            req.status = FINISHED
+            self._aborted.append(req)
 
     def abort(self, request_id: str) -> SeqGroup | None:
         """Stop a request now and free its blocks; it is returned by the next step()."""
@@ -156,7 +192,9 @@ class Engine:
         for req in ended:
             req.finish_time = time.perf_counter()
             self.requests.pop(req.request_id, None)
-            self.seeds.pop(req.request_id, None)
+            for m in members(req):
+                m.finish_time = req.finish_time
+                self.seeds.pop(m.request_id, None)
         return ended
 
     @torch.inference_mode()
@@ -165,22 +203,32 @@ class Engine:
         them as they were, and re-running is safe: the same K/V go to the same slots)."""
         work = [req.work(budget) for req, budget in scheduled]
         logits = self.runner.run([w for ws in work for w in ws])
-        rows: list[tuple[SeqGroup, int, int]] = []  # request, first row, number of rows
+        plan: list[tuple[SeqGroup, list[tuple[SeqGroup, int, int]]]] = []
         row = 0
         for (req, _), ws in zip(scheduled, work):
-            n = sum(w.needs_logits for w in ws)
-            if n:
-                self._mask(req, logits[row: row + n])
-                rows.append((req, row, n))
-            row += n
-        tokens = self._sample(logits, rows)
+            has_rows = any(w.needs_logits for w in ws)
+            mine = []  # (sample, first row, number of rows) of each sample still running
+            for m in members(req):
+                if m.status == FINISHED:
+                    continue
+                n = len(m.sample_seqs()) if has_rows else 0
+                if n:
+                    self._mask(m, logits[row: row + n])
+                mine.append((m, row, n))
+                row += n
+            plan.append((req, mine))
+        tokens, entries = self._sample(logits, [x for _, mine in plan for x in mine if x[2]])
         for (req, _), ws in zip(scheduled, work):
             req.mark_computed(ws)
-        for req, a, n in rows:
-            self._apply(req, tokens[a: a + n])
-        for (req, _), ws in zip(scheduled, work):
-            if req.is_computed() and not any(w.needs_logits for w in ws):
-                self._apply(req, [])  # e.g. every path closed by its budget: nothing to sample
+        for req, mine in plan:
+            is_computed = req.is_computed()
+            for m, a, n in mine:
+                if n:
+                    self._apply(m, tokens[a: a + n], entries[a: a + n])
+                elif is_computed:  # e.g. every path closed by its budget: nothing to sample
+                    self._apply(m, [], [])
+            if isinstance(req, SampleGroup):
+                req.update_status()
 
     def _mask(self, req: SeqGroup, logits: torch.Tensor) -> None:
         if not isinstance(req, Request) or not req.uses_logit_masks:
@@ -190,9 +238,12 @@ class Engine:
         else:
             self.masks.summary(logits)
 
-    def _sample(self, logits: torch.Tensor, rows: list[tuple[SeqGroup, int, int]]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[SeqGroup, int, int]]
+                ) -> tuple[list[int], list[tuple[float, list[int], list[float]] | None]]:
+        """-> the sampled token of every row, and its logprob entry for the rows of requests
+        that asked (`logprobs`; None elsewhere), computed in the same step on the device."""
         if not rows:
-            return []
+            return [], []
         cols: dict[str, list] = {"temperature": [], "top_p": [], "top_k": [], "seed": [], "counter": []}
         for req, _, n in rows:
             p = req.params
@@ -202,22 +253,52 @@ class Engine:
             cols["seed"] += [self.seeds[req.request_id]] * n
             cols["counter"] += req.sample_counters()
         st = sampler.SamplingTensors.from_rows(device=logits.device, **cols)
-        return sampler.sample_rows(logits, st).tolist()
+        tokens = sampler.sample_rows(logits, st)
+        asked = [(r, req.num_logprobs) for req, a, n in rows if _wants_logprobs(req)
+                 for r in range(a, a + n)]
+        entries: list[tuple[float, list[int], list[float]] | None] = [None] * len(cols["seed"])
+        if asked:
+            idx = [r for r, _ in asked]
+            sub_cols = {k: [v[r] for r in idx] for k, v in cols.items()}
+            sub = sampler.SamplingTensors.from_rows(device=logits.device, **sub_cols)
+            where = torch.tensor(idx, device=logits.device)
+            chosen, top_ids, top_lps = sampler.logprobs_rows(
+                logits[where], sub, tokens[where], max(k for _, k in asked))
+            for (r, k), lp, ids, lps in zip(asked, chosen.tolist(), top_ids.tolist(),
+                                            top_lps.tolist()):
+                entries[r] = (lp, ids[:k], lps[:k])
+        return tokens.tolist(), entries
 
     @staticmethod
-    def _apply(req: SeqGroup, tokens: list[int]) -> None:
+    def _apply(req: SeqGroup, tokens: list[int],
+               entries: list[tuple[float, list[int], list[float]] | None]) -> None:
+        seqs = req.sample_seqs() if any(e is not None for e in entries) else []
+        at = [len(s.tokens) for s in seqs]
         if isinstance(req, PlainRequest):
             req.apply_token(tokens[0])
         elif req.summary is None:
             req.apply_paths(req.paths_to_sample(), tokens)
         else:
             req.apply_summary(tokens[0])
+        for seq, i, token, entry in zip(seqs, at, tokens, entries):
+            # kept only where the sampled token is the one appended (not a forced or rewritten one)
+            if entry is not None and len(seq.tokens) > i and seq.tokens[i] == token:
+                seq.logprobs[i] = entry
 
     def run_to_completion(self) -> list[SeqGroup]:
         ended = []
         while self.has_unfinished():
             ended += self.step()
         return ended
+
+
+def _seed(seed: int | None) -> int:
+    return random.getrandbits(SEED_BITS) if seed is None else seed % (1 << SEED_BITS)
+
+
+def _wants_logprobs(req: SeqGroup) -> bool:
+    return req.num_logprobs is not None and (getattr(req, "summary", None) is not None
+                                             or req.path_logprobs)
 
 
 __all__ = ["ABORTED", "Engine"]

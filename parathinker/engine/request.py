@@ -37,6 +37,8 @@ class Seq:
     runs: list[list[int]] = field(default_factory=list)  # own slots as [start, length], in order
     num_placed: int = 0  # tokens that have a slot
     forked: list[int] = field(default_factory=list)  # blocks of other sequences it reads
+    # token index -> (logprob, top ids, top logprobs) of a sampled token, when the request asks
+    logprobs: dict[int, tuple[float, list[int], list[float]]] = field(default_factory=dict)
 
     @property
     def num_pending(self) -> int:
@@ -92,6 +94,9 @@ class SeqWork:
 class SeqGroup:
     """Sequences of one request and their KV; subclasses say which sequences read which, and
     which are sampled after a step."""
+
+    num_logprobs: int | None = None  # record the logprobs of sampled summary tokens (top k)
+    path_logprobs = False  # ... and of the paths' tokens too
 
     def __init__(self, request_id: str, arrival: int, prompt_ids: list[int],
                  ctrl: ControlTokens) -> None:

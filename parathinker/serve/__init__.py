@@ -6,8 +6,8 @@
     app = create_app(llm, "my-model")
 
 Modules: app (routes, errors, auth, body limit, streaming), engine_loop (the thread that owns the
-engine), protocol (request parsing, response shapes), detokenize (incremental text), metrics
-(Prometheus text), cli (flags). docs/SERVE.md shows curl and openai-client calls.
+engine), protocol (request parsing, response shapes), choices (stop strings, echo, logprobs),
+stream (streamed text), detokenize (incremental text), metrics (Prometheus text), cli (flags). docs/SERVE.md shows curl and openai-client calls.
 """
 
 from __future__ import annotations

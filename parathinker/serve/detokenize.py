@@ -83,3 +83,12 @@ class IncrementalDetokenizer:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
         return text[len(prefix_text):]
+
+
+def token_bytes(tokenizer: Any, ids: list[int]) -> list[bytes]:
+    """Each token's own bytes (byte-level BPE: exact, as its decoder; otherwise the token
+    decoded alone, in UTF-8)."""
+    if not is_byte_level(tokenizer):
+        return [tokenizer.decode([i], skip_special_tokens=False).encode("utf-8") for i in ids]
+    d = IncrementalDetokenizer(tokenizer)
+    return [d._bytes([i]) for i in ids]

@@ -1,7 +1,8 @@
 """One background thread owns the Engine; HTTP handlers talk to it through a command queue.
 
-    loop = EngineLoop(llm.engine, metrics); loop.start()
-    loop.add("r1", prompt_ids, params, publish, stream=True)   # publish(Delta), engine thread
+    loop = EngineLoop(llm.engine, metrics, tokenizer, template_len); loop.start()
+    loop.add("r1", prompt_ids, params, publish, stream=True,   # publish(Delta), engine thread
+             job=Job(n=2, logprobs=5, stop=("\n\n",)))
     loop.abort("r1")                                           # frees its KV blocks at once
     loop.fail_all("why")        # end everything in flight (shutdown drain timed out)
     loop.stop()
@@ -9,7 +10,9 @@
 Commands (add, abort, stop) are applied between steps, so every request in flight shares each
 forward (continuous batching across clients). After each step the thread publishes, per request,
 what is new since the last step as a `Delta` (token ids only: detokenizing is the handler's job);
-the last Delta of a request carries the ended Request. With nothing to run it blocks on the
+the last Delta of each of a request's n samples carries that ended sample. A sample whose
+summary's generated text (after its template) holds one of the job's stop strings is ended
+right after the step that completed it (`Engine.stop_sample`). With nothing to run it blocks on the
 queue: no busy wait. A request the engine fails alone (step() returns it with `error` set)
 fails alone here too; an exception out of a step fails the requests in flight, frees their
 blocks and keeps the loop alive.
@@ -26,21 +29,36 @@ from typing import Any
 
 from parathinker.config import SamplingParams
 from parathinker.engine import Engine
+from parathinker.engine.group import members
 from parathinker.engine.request import FINISHED, Request
+from parathinker.serve.choices import first_stop
+from parathinker.serve.detokenize import IncrementalDetokenizer
 from parathinker.serve.metrics import Metrics
 
 log = logging.getLogger("parathinker.serve")
 
 
+@dataclass(frozen=True)
+class Job:
+    """What a request asks for beyond its prompt and SamplingParams."""
+
+    n: int = 1  # samples sharing the prompt (Engine.add_request)
+    logprobs: int | None = None  # top alternatives per sampled summary token
+    path_logprobs: bool = False
+    stop: tuple[str, ...] = ()  # stop strings, on each summary's generated text
+
+
 @dataclass
 class Delta:
-    """What one request gained in one step (0-based path indices, raw token ids)."""
+    """What one sample of a request gained in one step (0-based path indices, raw token ids)."""
 
+    index: int = 0  # the sample, 0..n-1
     path_tokens: dict[int, list[int]] = field(default_factory=dict)  # path -> new ids (tags too)
     path_finish: dict[int, str] = field(default_factory=dict)  # path -> end | budget | cut
     summary_tokens: list[int] = field(default_factory=list)  # new ids (the template first)
     summary_finish: str | None = None  # end | budget
-    request: Request | None = None  # the ended request, on its last Delta only
+    request: Request | None = None  # the ended sample, on its last Delta only
+    status: str | None = None  # the request's status, on the last Delta
     error: str | None = None  # why it did not finish (with request, or alone if never added)
     is_internal: bool = False  # the error is the server's fault (HTTP 500), not the request's
     is_shutdown: bool = False  # ended because the server is shutting down (HTTP 503)
@@ -54,20 +72,51 @@ class Delta:
                     or self.summary_finish or self.is_final)
 
 
+class _StopWatch:
+    """A sample's summary text after its template, decoded as it grows, checked for stops."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], template_len: int) -> None:
+        self.stop, self.longest = stop, max(len(s) for s in stop)
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.text, self.num_fed = "", template_len
+
+    def is_hit(self, req: Request) -> bool:
+        if req.summary is None:
+            return False
+        tokens = req.summary.tokens
+        end = len(tokens) - (req.summary_finish == "end")  # </summary> or EOS is not text
+        if end <= self.num_fed:
+            return False
+        before = len(self.text)
+        self.text += self.detok.add(tokens[self.num_fed:end])
+        self.num_fed = end
+        return first_stop(self.text, self.stop, max(0, before - self.longest + 1)) is not None
+
+
+@dataclass
+class _Sent:
+    """What the handler has been sent of one sample."""
+
+    path: list[int]
+    finish: list[bool]
+    summary: int = 0
+    watch: _StopWatch | None = None
+
+
 @dataclass
 class _Tracked:
-    req: Request
+    req: Any  # Request or SampleGroup
     publish: Callable[[Delta], None]
-    stream: bool  # publish every step, or only the final Delta
-    sent_path: list[int]
-    sent_finish: list[bool]
-    sent_summary: int = 0
+    stream: bool  # publish every step, or only the final Deltas
+    samples: list[_Sent]
     is_started: bool = False
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, metrics: Metrics | None = None, tokenizer: Any = None,
+                 template_len: int = 0) -> None:
+        """tokenizer, template_len: for stop strings (the summary template's length in tokens)."""
+        self.engine, self.tokenizer, self.template_len = engine, tokenizer, template_len
         self.metrics = metrics or Metrics(engine.block_manager.num_blocks)
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
@@ -91,9 +140,11 @@ class EngineLoop:
         return self._thread.is_alive()
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-            publish: Callable[[Delta], None], stream: bool = True) -> None:
+            publish: Callable[[Delta], None], stream: bool = True, job: Job = Job()) -> None:
         """Queue a validated request; `publish` is called on the engine thread with each Delta."""
-        self._commands.put(("add", request_id, prompt_ids, params, publish, stream))
+        if job.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the EngineLoop's tokenizer")
+        self._commands.put(("add", request_id, prompt_ids, params, publish, stream, job))
 
     def abort(self, request_id: str) -> None:
         """Stop the request and free its blocks (a no-op if it already ended)."""
@@ -129,15 +180,19 @@ class EngineLoop:
         if cmd[0] == "abort":
             self.engine.abort(cmd[1])
             return
-        _, rid, prompt_ids, params, publish, stream = cmd
+        _, rid, prompt_ids, params, publish, stream, job = cmd
         try:
-            req = self.engine.add_request(rid, prompt_ids, params)
+            req = self.engine.add_request(rid, prompt_ids, params, n=job.n, logprobs=job.logprobs,
+                                          path_logprobs=job.path_logprobs)
         except Exception as e:
             self.metrics.inc("parathinker_requests_total", status="failed")
             _safe(publish, Delta(error=f"could not add the request: {e}", is_internal=True))
             return
-        n = params.num_paths
-        self._tracked[rid] = _Tracked(req, publish, stream, [0] * n, [False] * n)
+        p = params.num_paths
+        samples = [_Sent([0] * p, [False] * p, watch=_StopWatch(self.tokenizer, job.stop,
+                                                                self.template_len)
+                         if job.stop else None) for _ in range(job.n)]
+        self._tracked[rid] = _Tracked(req, publish, stream, samples)
 
     def _step(self) -> None:
         try:
@@ -149,43 +204,59 @@ class EngineLoop:
         self.metrics.inc("parathinker_engine_steps_total")
         ended_ids = {r.request_id for r in ended}
         for rid, t in list(self._tracked.items()):
+            if rid not in ended_ids:
+                self._check_stops(rid, t)
             self._publish(t, is_final=rid in ended_ids)
+
+    def _check_stops(self, rid: str, t: _Tracked) -> None:
+        for i, (m, sent) in enumerate(zip(members(t.req), t.samples)):
+            if sent.watch is not None and m.status != FINISHED and sent.watch.is_hit(m):
+                self.engine.stop_sample(rid, i)
 
     def _publish(self, t: _Tracked, is_final: bool, error: str | None = None,
                  is_internal: bool = False, is_shutdown: bool = False) -> None:
-        req, m, d = t.req, self.metrics, Delta()
+        req, m = t.req, self.metrics
+        samples = members(req)
         if not t.is_started and req.num_forward_tokens > 0:  # prefilled: its paths have started
             t.is_started = True
-            m.inc("parathinker_paths_started_total", len(req.paths))
+            m.inc("parathinker_paths_started_total", sum(len(s.paths) for s in samples))
             m.inc("parathinker_tokens_total", len(req.prompt.tokens), kind="prompt")
-        for k, path in enumerate(req.paths):
-            if len(path.tokens) > t.sent_path[k]:
-                d.path_tokens[k] = path.tokens[t.sent_path[k]:]
-                m.inc("parathinker_tokens_total", len(d.path_tokens[k]), kind="path")
-                t.sent_path[k] = len(path.tokens)
-            reason = req.path_finish[k]
-            if reason is not None and not t.sent_finish[k]:
-                d.path_finish[k] = reason
-                t.sent_finish[k] = True
-                m.inc("parathinker_paths_finished_total", reason=reason)
-                if reason == "cut":
-                    m.inc("parathinker_paths_cut_total")
-        if req.summary is not None and len(req.summary.tokens) > t.sent_summary:
-            d.summary_tokens = req.summary.tokens[t.sent_summary:]
-            m.inc("parathinker_tokens_total", len(d.summary_tokens), kind="summary")
-            t.sent_summary = len(req.summary.tokens)
-        if req.status == FINISHED:
-            d.summary_finish = req.summary_finish
         if is_final:
-            d.request, d.is_internal, d.is_shutdown = req, is_internal, is_shutdown
-            d.error = error or (None if req.status == FINISHED else req.error or req.status)
             m.inc("parathinker_requests_total", status=req.status if error is None else "failed")
+            error = error or (None if req.status == FINISHED else req.error or req.status)
             if req.status == FINISHED and req.finish_time is not None:
                 m.inc("parathinker_request_latency_seconds_sum", req.finish_time - req.arrival_time)
                 m.inc("parathinker_request_latency_seconds_count")
             del self._tracked[req.request_id]
-        if is_final or (t.stream and not d.is_empty()):
-            _safe(t.publish, d)
+        for i, (sample, sent) in enumerate(zip(samples, t.samples)):
+            d = self._delta(i, sample, sent)
+            if is_final:
+                d.request, d.status, d.error = sample, req.status, error
+                d.is_internal, d.is_shutdown = is_internal, is_shutdown
+            if is_final or (t.stream and not d.is_empty()):
+                _safe(t.publish, d)
+
+    def _delta(self, index: int, req: Request, sent: _Sent) -> Delta:
+        m, d = self.metrics, Delta(index)
+        for k, path in enumerate(req.paths):
+            if len(path.tokens) > sent.path[k]:
+                d.path_tokens[k] = path.tokens[sent.path[k]:]
+                m.inc("parathinker_tokens_total", len(d.path_tokens[k]), kind="path")
+                sent.path[k] = len(path.tokens)
+            reason = req.path_finish[k]
+            if reason is not None and not sent.finish[k]:
+                d.path_finish[k] = reason
+                sent.finish[k] = True
+                m.inc("parathinker_paths_finished_total", reason=reason)
+                if reason == "cut":
+                    m.inc("parathinker_paths_cut_total")
+        if req.summary is not None and len(req.summary.tokens) > sent.summary:
+            d.summary_tokens = req.summary.tokens[sent.summary:]
+            m.inc("parathinker_tokens_total", len(d.summary_tokens), kind="summary")
+            sent.summary = len(req.summary.tokens)
+        if req.status == FINISHED:
+            d.summary_finish = req.summary_finish
+        return d
 
     def _fail_all(self, why: str, is_internal: bool = False, is_shutdown: bool = False) -> None:
         """Abort every tracked request (freeing its blocks) and tell its handler why."""

@@ -12,6 +12,11 @@ Extension fields (all optional; a plain OpenAI request uses the server's default
   "include_reasoning" (default true); "stream_options": {"include_usage", "include_paths"}.
 - `max_completion_tokens` (else `max_tokens`) caps what is generated: path tokens plus the
   summary after its template, so usage.completion_tokens never exceeds it (`fit_to_cap`).
+- evaluation-harness fields (docs/SERVE.md has the table of every field): `n` (samples sharing
+  the prompt), `stop` (on the summary's generated text; choices.py), `logprobs`/`top_logprobs`
+  (chat) and `logprobs: k` (completions), extension `path_logprobs`, `echo`, and a batch of
+  prompts on /v1/completions; loglikelihood requests (echo + logprobs, max_tokens 0) are refused
+  with the reason (`LOGLIKELIHOOD`).
 - response: message.reasoning_content and .reasoning (every path as "<think{k}>text</think{k}>",
   one per line), message.paths ([{index, text, finish_reason: end|budget|cut, num_tokens}]),
   message.answer (the summary's last \\boxed{}), usage.path_tokens / summary_tokens and
@@ -71,13 +76,18 @@ class ParsedRequest:
     include_reasoning: bool = True
     prompt_param: str = "messages"  # where the prompt came from, for errors about it
     messages: list[dict[str, str]] | None = None  # chat: [{role, content}] with text content
-    prompt: str | None = None  # completions: raw text
-    prompt_ids: list[int] | None = None  # completions: token ids
+    prompts: list[str | list[int]] = field(default_factory=list)  # completions: text or ids
+    n: int = 1  # samples per prompt
+    stop: tuple[str, ...] = ()  # stop strings, applied to the summary's generated text
+    logprobs: int | None = None  # top alternatives per summary token (None: no logprobs)
+    path_logprobs: bool = False  # the paths' tokens too (extension)
+    echo: bool = False  # completions: the prompt's text before each choice's text
 
     @property
     def num_text_bytes(self) -> int:
         """UTF-8 size of the text to tokenize (a cheap bound on the work before tokenizing)."""
-        texts = [m["content"] for m in self.messages or []] + [self.prompt or ""]
+        texts = [m["content"] for m in self.messages or []] + [
+            p for p in self.prompts if isinstance(p, str)]
         return sum(len(t.encode("utf-8")) for t in texts)
 
 
@@ -144,36 +154,89 @@ def _text(value: str, param: str) -> str:
     return value
 
 
+MAX_N = 16  # samples per prompt
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_CHOICES = 128  # prompts x n
+MAX_STOP = 4  # as OpenAI
+MAX_LOGPROBS = 20  # top alternatives per token (chat top_logprobs, completions logprobs)
+LOGLIKELIHOOD = ("loglikelihood scoring (lm-eval's loglikelihood / multiple-choice tasks send "
+                 "'echo' with 'logprobs', and 'max_tokens': 0) is not supported: it asks for the "
+                 "prompt's own token logprobs, but a ParaThinker answer is a summary written after "
+                 "P reasoning paths, not a continuation of the prompt, so such scores would "
+                 "measure the bare prompt and bypass parallel thinking; use generate_until tasks")
+
+
 def _reject_unsupported(body: dict[str, Any]) -> None:
     """Standard fields this server cannot honor: a clear 400 instead of silently ignoring them."""
-    n = _int(body, "n")
-    if n not in (None, 1):
-        raise _bad("n", "'n' must be 1: a request has one summary (the paths are the parallel "
-                        "part)")
-    if body.get("stop"):
-        raise _bad("stop", "'stop' sequences are not supported; the summary ends at </summary>")
-    if body.get("logprobs") is not None and body["logprobs"] is not False:  # 0 asks for some
-        raise _bad("logprobs", "'logprobs' is not supported by this server")
-    if body.get("top_logprobs") not in (None, 0):
-        raise _bad("top_logprobs", "'top_logprobs' is not supported by this server")
-    for name in ("echo", "suffix", "logit_bias", "tools", "functions"):
+    for name in ("suffix", "logit_bias", "tools", "functions"):
         if body.get(name):
             raise _bad(name, f"'{name}' is not supported by this server")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name):
             raise _bad(name, f"'{name}' is not supported by this server (only 0)")
     if _int(body, "best_of") not in (None, 1):
-        raise _bad("best_of", "'best_of' must be 1")
+        raise _bad("best_of", "'best_of' must be 1 (use 'n' for several samples)")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise _bad("response_format", "only response_format {'type': 'text'} is supported")
 
 
-def _common(body: dict[str, Any]) -> ParsedRequest:
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise _bad("stop", f"'stop' must be a string or a list of strings, got {_short(stop)}")
+    if len(items) > MAX_STOP:
+        raise _bad("stop", f"'stop' holds at most {MAX_STOP} strings, got {len(items)}")
+    if any(not s for s in items):
+        raise _bad("stop", "'stop' strings must not be empty")
+    return tuple(_text(s, "stop") for s in items)
+
+
+def _logprobs(body: dict[str, Any], kind: str, parsed: ParsedRequest) -> None:
+    """Chat: logprobs (bool) + top_logprobs (0..20); completions: logprobs (0..20)."""
+    if kind == "chat":
+        wanted = _bool(body, "logprobs")
+        top = _int(body, "top_logprobs")
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise _bad("top_logprobs", f"'top_logprobs' must be in 0..{MAX_LOGPROBS}, got {top}")
+        if top and not wanted:
+            raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        if body.get("echo"):
+            raise _bad("echo", "'echo' is a /v1/completions field")
+        parsed.logprobs = (top or 0) if wanted else None
+    else:
+        if body.get("top_logprobs") not in (None, 0):
+            raise _bad("top_logprobs", "'top_logprobs' is a chat field; /v1/completions takes "
+                                       "'logprobs': k")
+        k = None if body.get("logprobs") is False else _int(body, "logprobs")
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise _bad("logprobs", f"'logprobs' must be in 0..{MAX_LOGPROBS}, got {k}")
+        parsed.logprobs = k
+        parsed.echo = _bool(body, "echo") or False
+        if parsed.echo and k is not None:
+            raise _bad("echo", LOGLIKELIHOOD)
+    parsed.path_logprobs = _bool(body, "path_logprobs") or False
+    if parsed.path_logprobs and parsed.logprobs is None:
+        raise _bad("path_logprobs", "'path_logprobs' needs logprobs ('logprobs': true on chat, "
+                                    "'logprobs': k on completions)")
+    if parsed.logprobs is not None and parsed.stream:
+        raise _bad("logprobs", "logprobs are returned in non-streaming responses only")
+
+
+def _common(body: dict[str, Any], kind: str) -> ParsedRequest:
     _reject_unsupported(body)
     model = _get(body, "model", (str,), "a string")
     stream = _bool(body, "stream") or False
     parsed = ParsedRequest(model, stream)
+    n = _int(body, "n")
+    if n is not None and not 1 <= n <= MAX_N:
+        raise _bad("n", f"'n' must be in 1..{MAX_N}, got {n}")
+    parsed.n = n or 1
+    parsed.stop = _stop(body)
+    _logprobs(body, kind, parsed)
     options = _get(body, "stream_options", (dict,), "an object")
     if options is not None:
         if not stream:
@@ -182,6 +245,9 @@ def _common(body: dict[str, Any]) -> ParsedRequest:
         parsed.include_paths = _bool(options, "include_paths", "stream_options.") or False
     include = _bool(body, "include_reasoning")
     parsed.include_reasoning = True if include is None else include
+    if parsed.path_logprobs and not parsed.include_reasoning:
+        raise _bad("path_logprobs", "'path_logprobs' shows the paths' tokens, which "
+                                    "'include_reasoning': false leaves out")
     settings, sources = parsed.settings, parsed.sources
     for name in ("temperature", "top_p"):
         if (v := _number(body, name)) is not None:
@@ -196,6 +262,9 @@ def _common(body: dict[str, Any]) -> ParsedRequest:
     for name in ("max_tokens", "max_completion_tokens"):  # the second wins, as in vLLM
         if (v := _int(body, name)) is not None:
             parsed.cap, parsed.cap_param = v, name
+    if parsed.cap == 0:
+        raise _bad(parsed.cap_param or "", f"'{parsed.cap_param}': 0 generates nothing; "
+                                           + LOGLIKELIHOOD)
     if parsed.cap is not None and parsed.cap < 1:
         raise _bad(parsed.cap_param or "", f"'{parsed.cap_param}' must be >= 1, got {parsed.cap}")
     parallel = _get(body, "parallel", (dict,), "an object")
@@ -227,7 +296,7 @@ def _text_content(content: Any, i: int) -> str:
 
 
 def parse_chat(body: dict[str, Any]) -> ParsedRequest:
-    parsed = _common(body)
+    parsed = _common(body, "chat")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "'messages' must be a non-empty list of {role, content} objects")
@@ -248,20 +317,31 @@ def parse_chat(body: dict[str, Any]) -> ParsedRequest:
 
 
 def parse_completion(body: dict[str, Any]) -> ParsedRequest:
-    parsed = _common(body)
+    """`prompt`: a string, a list of token ids, or a batch: a list of strings or of token-id
+    lists (one choice per prompt, times n, in order)."""
+    parsed = _common(body, "completion")
     parsed.prompt_param = "prompt"
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        parsed.prompt = _text(prompt, "prompt")
-    elif isinstance(prompt, list) and prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        parsed.prompt_ids = list(prompt)
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p)
+                                                     for p in prompt):
+        prompts = prompt
     else:
-        raise _bad("prompt", "'prompt' must be a string or a list of token ids (one prompt per "
-                             "request)")
+        raise _bad("prompt", "'prompt' must be a string, a list of token ids, or a non-empty "
+                             "list of those (a batch)")
+    if len(prompts) > MAX_PROMPTS:
+        raise _bad("prompt", f"a batch holds at most {MAX_PROMPTS} prompts, got {len(prompts)}")
+    if len(prompts) * parsed.n > MAX_CHOICES:
+        raise _bad("n", f"{len(prompts)} prompts x n={parsed.n} is more than {MAX_CHOICES} "
+                        "choices; split the batch")
+    parsed.prompts = [_text(p, "prompt") if isinstance(p, str) else list(p) for p in prompts]
     return parsed
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 # ----- prompts
@@ -363,13 +443,17 @@ def path_list(out: RequestOutput, with_text: bool = True) -> list[dict[str, Any]
              "finish_reason": p.finish_reason, "num_tokens": len(p.token_ids)} for p in out.paths]
 
 
-def usage(out: RequestOutput, template_len: int) -> dict[str, Any]:
-    """completion_tokens counts what was generated: every path token (tags included) and the
-    summary after its forced template."""
-    prompt, paths = len(out.prompt_token_ids), out.num_path_tokens
-    summary = max(0, len(out.summary.token_ids) - template_len)
-    return {"prompt_tokens": prompt, "completion_tokens": paths + summary,
-            "total_tokens": prompt + paths + summary, "path_tokens": paths,
+def usage(outs: list[RequestOutput], template_len: int,
+          prompt_tokens: int | None = None) -> dict[str, Any]:
+    """Summed over every choice. completion_tokens counts what was generated: every path token
+    (tags included) and the summary after its forced template. prompt_tokens: each prompt once
+    however many samples it had (default: the prompt of each output)."""
+    if prompt_tokens is None:
+        prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    paths = sum(o.num_path_tokens for o in outs)
+    summary = sum(max(0, len(o.summary.token_ids) - template_len) for o in outs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": paths + summary,
+            "total_tokens": prompt_tokens + paths + summary, "path_tokens": paths,
             "summary_tokens": summary, "completion_tokens_details": {"reasoning_tokens": paths}}
 
 
@@ -380,23 +464,39 @@ def _reasoning_fields(out: RequestOutput, include_reasoning: bool) -> dict[str, 
     return {"reasoning_content": text, "reasoning": text, "paths": path_list(out)}
 
 
-def chat_response(rid: str, created: int, model: str, out: RequestOutput, template_len: int,
-                  include_reasoning: bool = True) -> dict[str, Any]:
-    message = {"role": "assistant", "content": out.summary.text,
-               **_reasoning_fields(out, include_reasoning), "answer": out.answer}
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": finish_reason(out.summary.finish_reason)}],
-            "usage": usage(out, template_len)}
+def chat_choice(index: int, out: RequestOutput, final: Any, include_reasoning: bool = True,
+                logprobs: dict[str, Any] | None = None,
+                path_logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`final`: choices.Final (the text after stop strings, finish reason, answer)."""
+    message = {"role": "assistant", "content": final.text,
+               **_reasoning_fields(out, include_reasoning), "answer": final.answer}
+    _add_path_logprobs(message["paths"], path_logprobs)
+    return {"index": index, "message": message, "logprobs": logprobs,
+            "finish_reason": final.finish_reason}
 
 
-def completion_response(rid: str, created: int, model: str, out: RequestOutput,
-                        template_len: int, include_reasoning: bool = True) -> dict[str, Any]:
-    choice = {"index": 0, "text": out.summary.text, "logprobs": None,
-              "finish_reason": finish_reason(out.summary.finish_reason),
-              **_reasoning_fields(out, include_reasoning), "answer": out.answer}
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [choice], "usage": usage(out, template_len)}
+def completion_choice(index: int, out: RequestOutput, final: Any, include_reasoning: bool = True,
+                      logprobs: dict[str, Any] | None = None,
+                      path_logprobs: list[dict[str, Any]] | None = None,
+                      echo: str = "") -> dict[str, Any]:
+    choice = {"index": index, "text": echo + final.text, "logprobs": logprobs,
+              "finish_reason": final.finish_reason, **_reasoning_fields(out, include_reasoning),
+              "answer": final.answer}
+    _add_path_logprobs(choice["paths"], path_logprobs)
+    return choice
+
+
+def _add_path_logprobs(paths: list[dict[str, Any]], logprobs: list[dict[str, Any]] | None
+                       ) -> None:
+    for p, lp in zip(paths, logprobs or []):
+        p["logprobs"] = lp
+
+
+def response(kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]],
+             usage_: dict[str, Any]) -> dict[str, Any]:
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
+            "usage": usage_}
 
 
 def chunk(kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]],
@@ -409,7 +509,8 @@ def chunk(kind: str, rid: str, created: int, model: str, choices: list[dict[str,
     return body
 
 
-def stream_choice(kind: str, *, content: str | None = None, reasoning: str | None = None,
+def stream_choice(kind: str, *, index: int = 0, content: str | None = None,
+                  reasoning: str | None = None,
                   path_index: int | None = None, path_content: str | None = None,
                   path_finish: str | None = None, role: bool = False, finish: str | None = None,
                   paths: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -429,10 +530,11 @@ def stream_choice(kind: str, *, content: str | None = None, reasoning: str | Non
     if path_finish is not None:
         fields["path_finish_reason"] = path_finish
     if kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "delta": fields, "logprobs": None,
+        choice: dict[str, Any] = {"index": index, "delta": fields, "logprobs": None,
                                   "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish, **fields}
+        choice = {"index": index, "text": "", "logprobs": None, "finish_reason": finish,
+                  **fields}
     if paths is not None:
         choice["paths"] = paths
     return choice

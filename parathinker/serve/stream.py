@@ -9,6 +9,9 @@ LLM.to_output does:
   non-streamed text, character for character.
 - live per-path deltas, only with stream_options.include_paths: {"path_index": k,
   "path_content": text}, and {"path_index": k, "path_finish_reason": …} when path k closes.
+The summary's text goes through the request's stop strings (`choices.StopFilter`): nothing at or
+past one is sent, so the concatenated content is the non-streamed content. With `echo` the
+prompt's text is the first text of the choice.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from parathinker.serve import protocol as P
+from parathinker.serve.choices import StopFilter
 from parathinker.serve.detokenize import IncrementalDetokenizer
 from parathinker.serve.engine_loop import Delta
 from parathinker.tokens import ControlTokens
@@ -23,8 +27,10 @@ from parathinker.tokens import ControlTokens
 
 class StreamText:
     def __init__(self, tokenizer: Any, ctrl: ControlTokens, num_paths: int,
-                 include_reasoning: bool = True, include_paths: bool = False) -> None:
-        self.ctrl = ctrl
+                 include_reasoning: bool = True, include_paths: bool = False, index: int = 0,
+                 stop: tuple[str, ...] = (), template_text: str = "", echo: str = "") -> None:
+        self.ctrl, self.index, self.echo = ctrl, index, echo
+        self.stop = StopFilter(stop, len(template_text))
         self.include_reasoning, self.include_paths = include_reasoning, include_paths
         self.paths = [IncrementalDetokenizer(tokenizer) for _ in range(num_paths)]
         self.num_seen = [0] * num_paths
@@ -37,20 +43,25 @@ class StreamText:
 
     def choices(self, kind: str, d: Delta) -> list[dict[str, Any]]:
         out = []
+        if self.echo:
+            out.append(P.stream_choice(kind, index=self.index, content=self.echo))
+            self.echo = ""
         for k in sorted(set(d.path_tokens) | set(d.path_finish)):
             text, reason = self._path_text(k, d)
             self.held[k] += text
             self.is_closed[k] = self.is_closed[k] or reason is not None
             if self.include_paths and text and self.include_reasoning:
-                out.append(P.stream_choice(kind, path_index=k + 1, path_content=text))
+                out.append(P.stream_choice(kind, index=self.index, path_index=k + 1,
+                                           path_content=text))
             if self.include_paths and reason is not None:
-                out.append(P.stream_choice(kind, path_index=k + 1, path_finish=reason))
+                out.append(P.stream_choice(kind, index=self.index, path_index=k + 1,
+                                           path_finish=reason))
         readable = self._readable()
         if readable and self.include_reasoning:
-            out.append(P.stream_choice(kind, reasoning=readable))
+            out.append(P.stream_choice(kind, index=self.index, reasoning=readable))
         text = self._summary_text(d)
         if text:
-            out.append(P.stream_choice(kind, content=text))
+            out.append(P.stream_choice(kind, index=self.index, content=text))
         return out
 
     def _path_text(self, k: int, d: Delta) -> tuple[str, str | None]:
@@ -91,4 +102,6 @@ class StreamText:
         self.num_summary_seen += len(d.summary_tokens)
         if d.summary_finish == "end":
             ids = ids[:-1]  # </summary> or EOS
-        return self.summary.add(ids) + (self.summary.flush() if d.summary_finish else "")
+        final = d.summary_finish is not None or d.is_final
+        text = self.summary.add(ids) + (self.summary.flush() if final else "")
+        return self.stop.add(text, final=final)

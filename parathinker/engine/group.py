@@ -1,0 +1,49 @@
+"""n samples of one prompt in one request: `Engine.add_request(..., n=4)`.
+
+Each member is a whole ParaThinker request (`Request` or `ReferenceRequest`: its own P paths,
+summary, seed and sampling counters), but all of them read one prompt sequence: its KV is
+computed once and its blocks are forked by every member's paths, n x P readers in all. The
+group is what the scheduler sees (admitted, preempted and freed as one); the engine masks,
+samples and applies token by token per member, so member i draws exactly what a request of
+its own with the same seed would. A member that ends waits, blocks held, for the others.
+"""
+
+from __future__ import annotations
+
+from parathinker.engine.request import FINISHED, Request, Seq, SeqGroup
+
+
+class SampleGroup(SeqGroup):
+    def __init__(self, request_id: str, arrival: int, prompt_ids: list[int],
+                 members: list[Request]) -> None:
+        super().__init__(request_id, arrival, prompt_ids, members[0].ctrl)
+        self.members = members
+        for m in members:
+            m.prompt = self.prompt  # one prompt sequence: every member's paths fork its blocks
+
+    def live(self) -> list[Request]:
+        return [m for m in self.members if m.status != FINISHED]
+
+    def seqs(self) -> list[Seq]:
+        return [self.prompt] + [s for m in self.members for s in m.seqs()[1:]]
+
+    def readable(self, seq: Seq) -> list[Seq]:
+        if seq is self.prompt:
+            return []
+        for m in self.members:
+            if any(s is seq for s in m.seqs()):
+                return m.readable(seq)
+        raise ValueError("sequence not in this group")
+
+    def sample_seqs(self) -> list[Seq]:
+        return [s for m in self.live() for s in m.sample_seqs()]
+
+    def update_status(self) -> None:
+        """Finished once every member has."""
+        if all(m.status == FINISHED for m in self.members):
+            self.status = FINISHED
+
+
+def members(req: SeqGroup) -> list[SeqGroup]:
+    """The requests whose tokens are sampled: a group's members, else the request itself."""
+    return list(req.members) if isinstance(req, SampleGroup) else [req]
