@@ -16,6 +16,7 @@ import importlib
 import json
 import sys
 import time
+from pathlib import Path
 
 from parathinker.cli_args import (HelpFormatter, add_model_args, add_path_budget_args,
                                   add_sampling_args, llm_kwargs, rope_for_args)
@@ -79,7 +80,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _urls(value: object) -> bool:
     values = value if isinstance(value, (list, tuple)) else [value]
-    return any(isinstance(v, str) and v.startswith(("http://", "https://")) for v in values)
+    return any(isinstance(v, str) and (v.startswith(("http://", "https://")) or Path(v).is_file())
+               for v in values)  # URLs, or a file of them (a checkpoint is a directory or hub id)
 
 
 def check_extras(args: argparse.Namespace) -> None:
