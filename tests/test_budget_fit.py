@@ -42,3 +42,21 @@ def test_eval_fits_default_budgets_to_the_context(tokenizer, tmp_path):
     again = run_eval(ckpt_dir, data, tmp_path / "out", "--resume")  # the same fit: settings agree
     assert again.returncode == 0, again.stderr
     assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 4
+
+
+def test_build_data_fits_a_local_teachers_trace_budget(tokenizer, tmp_path):
+    ckpt_dir = make_checkpoint(tmp_path / "ckpt", tokenizer=tokenizer, max_position_embeddings=160)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "a", "problem": "What is 2+2?", "answer": "4"}) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "parathinker.cli", "build-data", "--teacher", str(ckpt_dir), "--device",
+           "cpu", "--problems", str(problems), "--output", str(tmp_path / "data.jsonl"),
+           "--traces-per-problem", "1", "--paths", "1", "--select", "all", "--include-truncated"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (note,) = [line for line in r.stderr.splitlines() if line.startswith("note: --max-tokens 16384")]
+    used = int(note.rsplit("using ", 1)[1])
+    settings = json.loads((tmp_path / "data.jsonl.traces" / "trace_settings.json").read_text())
+    assert settings["max_tokens"] == used < 160
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # resume: same fit
+    assert again.returncode == 0, again.stderr

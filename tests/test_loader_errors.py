@@ -78,3 +78,22 @@ def test_the_converter_writes_equal_safetensors(ckpt_dir, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 2 and "already has" in again.stderr  # nothing overwritten
     assert generate(d).returncode == 0
+
+
+def test_allow_pickle_reaches_eval_and_build_data(ckpt_dir, tmp_path):
+    d = pickled_copy(ckpt_dir, tmp_path / "pickled")
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "a", "problem": "2+2?", "answer": "4"}) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    commands = {
+        "eval": ["eval", "--model", str(d), "--data", str(problems), "--paths", "2",
+                 "--max-path-tokens", "12", "--max-summary-tokens", "90", "--output", str(tmp_path / "ev")],
+        "build-data": ["build-data", "--teacher", str(d), "--problems", str(problems), "--output",
+                       str(tmp_path / "data.jsonl"), "--traces-per-problem", "1", "--paths", "1",
+                       "--max-tokens", "8", "--select", "all", "--include-truncated"],
+    }
+    for name, args in commands.items():
+        r = subprocess.run([sys.executable, "-m", "parathinker.cli", *args, "--device", "cpu",
+                            "--allow-pickle"], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, (name, r.stderr)
+        assert "only do this for checkpoints you trust" in r.stderr, name

@@ -127,7 +127,8 @@ def config_from_args(args: argparse.Namespace) -> object:
         endpoint=",".join(args.endpoint) if args.endpoint else None, request_timeout=args.request_timeout,
         batch_size=args.batch_size, concurrency=args.concurrency, server_retries=args.server_retries,
         device=args.device,
-        dtype=args.dtype, rope_scaling=args.rope_scaling, linear=args.linear, attention=args.attention, save_text=args.save_text,
+        dtype=args.dtype, rope_scaling=args.rope_scaling, linear=args.linear, attention=args.attention,
+        allow_pickle=args.allow_pickle, save_text=args.save_text,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
 
 

@@ -85,6 +85,7 @@ class BuildConfig:
     layout: str = "native"  # local teacher, paths mode
     linear: str = "auto"
     attention: str = "auto"
+    allow_pickle: bool = False  # local teacher: --allow-pickle
     limit: int | None = None
 
     def __post_init__(self) -> None:
@@ -157,7 +158,8 @@ class LocalTeacher:
                                     cfg.max_tokens + 2 if paths else cfg.max_tokens, parallel=paths)
         # a base model is fine for plain traces
         self.llm = LLM(cfg.teacher, device=cfg.device, dtype=cfg.dtype, linear=cfg.linear,
-                       attention=cfg.attention, layout=cfg.layout, rope_scaling=PLAIN_ROPE if rope is None else rope)
+                       attention=cfg.attention, layout=cfg.layout, allow_pickle=cfg.allow_pickle,
+                       rope_scaling=PLAIN_ROPE if rope is None else rope)
         if cfg.teacher_mode == "paths" and not self.llm.max_paths:
             raise ValueError(f"--teacher-mode paths needs a ParaThinker teacher; {cfg.teacher} has no "
                              "ParaThinker tokens (use --teacher-mode sequential)")
@@ -358,6 +360,29 @@ def check_trace_settings(work: Path, cfg: BuildConfig, has_traces: bool) -> None
                          "settings, another --output, or delete that directory")
 
 
+def fit_to_context(cfg: BuildConfig, problems: Sequence[dict[str, Any]]) -> BuildConfig:
+    """A local teacher's --max-tokens lowered to what its context holds for the longest prompt
+    (with a note); an endpoint fits its own requests."""
+    from dataclasses import replace
+
+    from parathinker.budgets import ContextFit, path_room
+    from parathinker.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE
+
+    if cfg.is_endpoint or not problems:
+        return cfg
+    fit = ContextFit(cfg.teacher)
+    questions = [p["problem"] for p in problems]
+    if cfg.teacher_mode == "paths":  # paths of max_tokens + 2 (tags), a summary of template + 1
+        lp = fit.longest(fit.prompt(q, DEFAULT_PROMPT_TEMPLATE) for q in questions)
+        summary = len(fit.tokenizer.encode(DEFAULT_SUMMARY_TEMPLATE, add_special_tokens=False)) + 1
+        room = path_room(fit.context, lp, summary, cfg.layout, fit.has_bos) - 2
+    else:
+        lp = fit.longest(fit.prompt(q, cfg.prompt_template) for q in questions)
+        room = fit.context - lp
+    max_tokens = fit.cap("--max-tokens", cfg.max_tokens, room, f" with the longest prompt ({lp} tokens)")
+    return replace(cfg, max_tokens=max_tokens) if max_tokens != cfg.max_tokens else cfg
+
+
 def build_data(cfg: BuildConfig) -> dict[str, Any]:
     """Sample, grade, store and select; returns counts (also written to <output>.traces/)."""
     from tqdm import tqdm
@@ -368,6 +393,7 @@ def build_data(cfg: BuildConfig) -> dict[str, Any]:
     from parathinker.eval.results import SampleStore
 
     problems = read_jsonl(cfg.problems)[: cfg.limit]
+    cfg = fit_to_context(cfg, problems)  # before the resume check: the same flags fit the same
     work = Path(cfg.output + ".traces")
     n = cfg.traces_per_problem
     with SampleStore(work) as store:

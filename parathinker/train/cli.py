@@ -200,7 +200,7 @@ def run_build_data(args: argparse.Namespace) -> int:
         concurrency=args.concurrency, traces_per_request=args.traces_per_request,
         server_retries=args.server_retries, request_timeout=args.request_timeout, device=args.device,
         dtype=args.dtype, rope_scaling=args.rope_scaling, layout=args.layout, linear=args.linear, attention=args.attention,
-        limit=args.limit, **extra)
+        allow_pickle=args.allow_pickle, limit=args.limit, **extra)
     from parathinker.eval.endpoints import EndpointError
 
     try:
