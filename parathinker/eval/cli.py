@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from parathinker.cli_args import add_model_args
+from parathinker.cli_args import add_model_args, add_path_budget_args, add_sampling_args
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -61,21 +61,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, default=1,
                    help="K independent samples per problem and configuration; pass@1 = mean over them "
                         "(for majority: K independent votes of N traces each). Default 1")
-    g.add_argument("--max-path-tokens", type=int, default=16384,
-                   help="budget of one ParaThinker path, tags included (default 16384)")
-    g.add_argument("--max-summary-tokens", type=int, default=1024,
-                   help="budget of the summary, template included (default 1024)")
-    g.add_argument("--min-finished-paths", type=int, default=1,
-                   help="1 = first-finish (the paper's default); values above P mean P (wait for all)")
+    add_path_budget_args(g, max_path_tokens=16384, min_path_tokens=None)
     g.add_argument("--max-tokens", type=int, default=None,
                    help="sequential mode: budget of the trace (default 2 x --max-path-tokens = 32768)")
     g.add_argument("--majority-max-tokens", type=int, default=None,
                    help="majority mode: budget of each trace (default --max-path-tokens)")
-    g.add_argument("--temperature", type=float, default=0.5, help="default 0.5 (the reference's)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    g.add_argument("--seed", type=int, default=0,
-                   help="base seed; each sample's seed is derived from it and the sample's key")
+    add_sampling_args(g, temperature=0.5, seed=0,
+                      seed_help="base seed; each sample's seed is derived from it and the sample's "
+                                "key (default: %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--output", required=True, help="directory for samples.jsonl and the report")
     g.add_argument("--resume", action="store_true",

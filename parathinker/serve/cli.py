@@ -17,7 +17,8 @@ import os
 import sys
 from dataclasses import fields
 
-from parathinker.cli_args import add_model_args, llm_kwargs, rope_for_args
+from parathinker.cli_args import (add_model_args, add_path_budget_args, add_sampling_args, llm_kwargs,
+                                  rope_for_args)
 from parathinker.config import SamplingParams
 
 API_KEY_ENV = "PARATHINKER_API_KEY"
@@ -30,7 +31,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="the name clients send as 'model' (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback only; 0.0.0.0 exposes the server)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1 (or set ${API_KEY_ENV})")
     p.add_argument("--max-queued", type=int, default=256,
@@ -50,22 +51,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV cache blocks (default: 90%% of free GPU memory, or 4 GiB on CPU)")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes")
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="most tokens one engine step runs (longer prefills go in chunks)")
     g = p.add_argument_group("request defaults (a request's own fields override them)")
     d = SamplingParams()  # the flags' defaults are SamplingParams' own
-    g.add_argument("--num-paths", type=int, default=d.num_paths)
-    g.add_argument("--max-path-tokens", type=int, default=d.max_path_tokens,
-                   help="cap; a request that sets none gets what the context leaves, up to this; "
-                        "--rope-scaling auto derives the YaRN factor from it")
-    g.add_argument("--min-path-tokens", type=int, default=d.min_path_tokens)
-    g.add_argument("--max-summary-tokens", type=int, default=d.max_summary_tokens,
-                   help="template included")
-    g.add_argument("--min-finished-paths", type=int, default=d.min_finished_paths,
-                   help="1 = first-finish (the paper's default)")
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--top-p", type=float, default=d.top_p)
-    g.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    g.add_argument("--num-paths", type=int, default=d.num_paths, help="parallel paths P of a request")
+    add_path_budget_args(g, max_path_tokens=d.max_path_tokens, min_path_tokens=d.min_path_tokens,
+                         max_summary_tokens=d.max_summary_tokens,
+                         min_finished_paths=d.min_finished_paths,
+                         note=" after a request's prompt, for a request that sets none; "
+                              "--rope-scaling auto derives the YaRN factor from it")
+    add_sampling_args(g, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, seed_help="")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="server log verbosity")
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -140,7 +140,7 @@ def _paths_range(text: str) -> tuple[int, int]:
 
 
 def add_build_data_args(p: argparse.ArgumentParser) -> None:
-    from parathinker.cli_args import add_model_args
+    from parathinker.cli_args import add_model_args, add_sampling_args
 
     add_model_args(p, model_flag="--teacher",
                    model_help="local checkpoint (directory or hub id), or OpenAI-compatible base "
@@ -148,10 +148,12 @@ def add_build_data_args(p: argparse.ArgumentParser) -> None:
                               "load (the other model flags apply to a local teacher only)")
     p.add_argument("--problems", required=True, help='JSONL of {"id", "problem", "answer"}')
     p.add_argument("--output", required=True, help="output JSONL of samples")
-    p.add_argument("--traces-per-problem", type=int, default=8)
+    p.add_argument("--traces-per-problem", type=int, default=8,
+                   help="teacher traces sampled per problem (the pool the paths are drawn from)")
     p.add_argument("--paths", type=_paths_range, default=(4, 4),
                    help="paths per sample: P, or A-B to draw P per sample")
-    p.add_argument("--samples-per-problem", type=int, default=1)
+    p.add_argument("--samples-per-problem", type=int, default=1,
+                   help="training samples drawn per problem, each from its own traces")
     p.add_argument("--select", default="any-correct", choices=["any-correct", "all-correct", "all"],
                    help="any-correct: at least one correct path; all-correct: every path; all: no check")
     p.add_argument("--include-truncated", action="store_true",
@@ -168,9 +170,8 @@ def add_build_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-template", default=None,
                    help="teacher prompt with {question} (local sequential, endpoint completions)")
     p.add_argument("--max-tokens", type=int, default=16384, help="token budget of one trace")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_args(p, temperature=0.6, top_p=0.95, top_k=None, seed=0,
+                      seed_help="base seed of the teacher's traces (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="problems per engine call")
     p.add_argument("--concurrency", type=int, default=8,
                    help="endpoint requests in flight per teacher (default 8)")
@@ -181,7 +182,8 @@ def add_build_data_args(p: argparse.ArgumentParser) -> None:
                    help="endpoint: a teacher that failed this many times in a row (refused, timed "
                         "out, 5xx; retried after 1, 2, 4, ... s) is dropped; the run fails only when "
                         "every teacher is dropped (default 5)")
-    p.add_argument("--request-timeout", type=float, default=3600.0)
+    p.add_argument("--request-timeout", type=float, default=3600.0,
+                   help="endpoint: seconds one HTTP request may take")
     p.add_argument("--limit", type=int, default=None, help="first N problems only")
 
 
@@ -227,7 +229,8 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="JSONL of reference rows (input_ids, attention_mask)")
     p.add_argument("--output", required=True, help="output JSONL of {question, paths, summary}")
     p.add_argument("--tokenizer", required=True, help="checkpoint whose tokenizer made the rows")
-    p.add_argument("--skip-invalid", action="store_true")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip rows that do not split into prompt, paths and summary (and count them)")
     _template_args(p)
 
 
