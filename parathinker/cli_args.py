@@ -138,6 +138,16 @@ def add_path_budget_args(g: Any, *, max_path_tokens: int, min_path_tokens: int |
                         "number of paths means every path (default: %(default)s)")
 
 
+def add_failover_args(g: Any, who: str = "server") -> None:
+    """--server-retries --request-timeout of the commands that spread work over endpoints."""
+    g.add_argument("--server-retries", type=int, default=5,
+                   help=f"endpoint: a {who} that failed this many times in a row (refused, timed out, "
+                        f"5xx; retried after 1, 2, 4, ... s) is dropped for the run; the run fails "
+                        f"only when every {who} is dropped (default: %(default)s)")
+    g.add_argument("--request-timeout", type=float, default=3600.0,
+                   help="endpoint: seconds one HTTP request may take (default: %(default)s)")
+
+
 def checkpoint_config(model: str) -> dict[str, Any]:
     """config.json of a checkpoint directory or hub id ({} when it has none)."""
     from parathinker.model.checkpoint import resolve_model_dir

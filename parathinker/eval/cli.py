@@ -19,7 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from parathinker.cli_args import add_model_args, add_path_budget_args, add_sampling_args
+from parathinker.cli_args import (add_failover_args, add_model_args, add_path_budget_args,
+                                  add_sampling_args)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -82,17 +83,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                         "http://127.0.0.1:8000/v1; repeatable, comma-separated, or a file of URLs "
                         "(one a line); work is spread by load (default: none, the project's engine)")
     g.add_argument("--api-key", default=None, help="for --endpoint (default $OPENAI_API_KEY, else none)")
-    g.add_argument("--request-timeout", type=float, default=3600.0,
-                   help="seconds per HTTP request with --endpoint (default 3600)")
     g.add_argument("--batch-size", type=int, default=64,
                    help="requests in flight at once (engine batch / HTTP concurrency); default 64")
     g.add_argument("--concurrency", type=int, default=None,
                    help="with --endpoint: requests in flight per server, a free slot takes the next "
                         "sample (default: --batch-size)")
-    g.add_argument("--server-retries", type=int, default=5,
-                   help="with --endpoint: a server that failed this many times in a row (refused, "
-                        "timed out, 5xx; retried after 1, 2, 4, ... s) is dropped for the run; the run "
-                        "fails only when every server is dropped (default 5)")
+    add_failover_args(g)
 
 
 def benchmark_names(benchmark: tuple[str, ...] | None, data: list[str] | None) -> tuple[str, ...]:

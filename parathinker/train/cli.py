@@ -140,7 +140,7 @@ def _paths_range(text: str) -> tuple[int, int]:
 
 
 def add_build_data_args(p: argparse.ArgumentParser) -> None:
-    from parathinker.cli_args import add_model_args, add_sampling_args
+    from parathinker.cli_args import add_failover_args, add_model_args, add_sampling_args
 
     add_model_args(p, model_flag="--teacher",
                    model_help="local checkpoint (directory or hub id), or OpenAI-compatible base "
@@ -176,14 +176,9 @@ def add_build_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=8,
                    help="endpoint requests in flight per teacher (default 8)")
     p.add_argument("--traces-per-request", type=int, default=None,
-                   help="endpoint: traces (n) per request; 1 for servers that refuse n > 1, such as "
-                        "parathinker serve (default: all of a problem's missing traces)")
-    p.add_argument("--server-retries", type=int, default=5,
-                   help="endpoint: a teacher that failed this many times in a row (refused, timed "
-                        "out, 5xx; retried after 1, 2, 4, ... s) is dropped; the run fails only when "
-                        "every teacher is dropped (default 5)")
-    p.add_argument("--request-timeout", type=float, default=3600.0,
-                   help="endpoint: seconds one HTTP request may take")
+                   help="endpoint: traces (n) per request; 1 for servers that refuse n > 1 "
+                        "(default: all of a problem's missing traces)")
+    add_failover_args(p, "teacher")
     p.add_argument("--limit", type=int, default=None, help="first N problems only")
 
 
