@@ -98,10 +98,11 @@ def rule(command: str) -> str | None:
 
 
 def substitute(text: str, port: int, scratch: Path) -> str:
+    text = re.sub(r"\b8000\b", str(port), text)  # on the doc's text, before any path is put in
+    text = re.sub(r"(?<![\w.])/tmp/", f"{scratch}/tmp/", text)  # then paths (maybe in /tmp)
     for pattern, repl in SUBSTITUTIONS:
         text = re.sub(pattern, repl, text, flags=re.M)
-    text = re.sub(r"\b8000\b", str(port), text)
-    return re.sub(r"(?<![\w.])/tmp/", f"{scratch}/tmp/", text)
+    return text
 
 
 def script(doc: str, port: int, scratch: Path) -> tuple[str, list[str]]:
