@@ -150,6 +150,15 @@ def _run_until_both_served(cmd: list[str], records_file: Path, field: str, urls:
     return run, num_at_kill, by[urls[1]]
 
 
+def _each_once(path: Path, num_problems: int, per_problem: int) -> list[dict]:
+    """The records of `path`, after checking each (problem, sample) is there exactly once."""
+    records = _records(path)
+    keys = Counter((r["id"], r["sample"]) for r in records)
+    assert set(keys) == {(f"q{i}", j) for i in range(num_problems) for j in range(per_problem)}
+    assert set(keys.values()) == {1}
+    return records
+
+
 def test_eval_survives_a_killed_server(served, ckpt_dir, tmp_path):
     (_, a), (victim, b) = served["A"], served["B"]
     a, b = f"{a}/v1", f"{b}/v1"
@@ -165,9 +174,7 @@ def test_eval_survives_a_killed_server(served, ckpt_dir, tmp_path):
                                                          victim, total)
     stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
-    records = _records(out / "samples.jsonl")
-    keys = Counter((r["id"], r["sample"]) for r in records)
-    assert set(keys) == {(f"q{i}", s) for i in range(12) for s in range(3)} and set(keys.values()) == {1}
+    records = _each_once(out / "samples.jsonl", 12, 3)
     by = Counter(r["server"] for r in records)
     assert set(by) == {a, b} and by[b] >= b_at_kill >= 1 and by[a] == total - by[b]
     assert by[b] - b_at_kill <= 2  # after the kill B added only answers it had sent (--concurrency 2)
@@ -200,9 +207,7 @@ def test_build_data_survives_a_killed_teacher(served, ckpt_dir, tmp_path):
                                                victim, 10 * 4)
     stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr
-    records = _records(traces / "samples.jsonl")
-    keys = Counter((r["id"], r["sample"]) for r in records)
-    assert set(keys) == {(f"q{i}", j) for i in range(10) for j in range(4)} and set(keys.values()) == {1}
+    records = _each_once(traces / "samples.jsonl", 10, 4)
     by = Counter(r["teacher"] for r in records)
     assert set(by) == {a, c} and by[c] >= c_at_kill >= 1
     assert {r["teacher_model"] for r in records} == {str(ckpt_dir)}  # the served name: --model as given
