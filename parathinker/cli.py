@@ -16,7 +16,6 @@ import importlib
 import json
 import sys
 import time
-from pathlib import Path
 
 from parathinker.cli_args import (HelpFormatter, add_model_args, add_path_budget_args,
                                   add_sampling_args, llm_kwargs, rope_for_args)
@@ -78,18 +77,15 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _urls(value: object) -> bool:
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return any(isinstance(v, str) and (v.startswith(("http://", "https://")) or Path(v).is_file())
-               for v in values)  # URLs, or a file of them (a checkpoint is a directory or hub id)
-
-
 def check_extras(args: argparse.Namespace) -> None:
     """The command's optional dependencies, before anything runs (MissingExtra names the extra)."""
     if args.command in ("serve", "train"):
         need(args.command)
-    elif args.command == "build-data" and _urls(getattr(args, "teacher", None)):
-        need("teacher")
+    elif args.command == "build-data":
+        from parathinker.train.build_data import is_endpoint_spec
+
+        if is_endpoint_spec(args.teacher):
+            need("teacher")
     elif args.command == "eval" and getattr(args, "endpoint", None):
         need("endpoint")
 

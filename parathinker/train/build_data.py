@@ -110,7 +110,7 @@ class BuildConfig:
     def teacher_urls(self) -> tuple[str, ...]:
         """The endpoint teachers (`--teacher` URLs, comma-separated, or a file of them); ()
         for a local checkpoint."""
-        if not _is_endpoint_spec(self.teacher):
+        if not is_endpoint_spec(self.teacher):
             return ()
         from parathinker.eval.endpoints import endpoint_urls
 
@@ -121,7 +121,7 @@ class BuildConfig:
         return bool(self.teacher_urls)
 
 
-def _is_endpoint_spec(teacher: Any) -> bool:
+def is_endpoint_spec(teacher: Any) -> bool:
     """URLs, or a file (a checkpoint is a directory or a hub id) of URLs."""
     return isinstance(teacher, str) and (teacher.startswith(("http://", "https://"))
                                          or Path(teacher).is_file())
@@ -352,8 +352,8 @@ def check_trace_settings(work: Path, cfg: BuildConfig, has_traces: bool) -> None
                          "or delete that directory")
     stored = json.loads(file.read_text())
     diff = [f"{k}: {stored.get(k)!r} there, {v!r} now" for k, v in json.loads(json.dumps(mine)).items()
-            if stored.get(k) != v and not (k == "teacher" and _is_endpoint_spec(v)
-                                           and _is_endpoint_spec(stored.get(k)))]
+            if stored.get(k) != v and not (k == "teacher" and is_endpoint_spec(v)
+                                           and is_endpoint_spec(stored.get(k)))]
     if diff:
         raise ValueError(f"{work} holds traces made with other settings, which a resume would mix "
                          "with new ones and misattribute: " + "; ".join(diff) + ". Use the same "
