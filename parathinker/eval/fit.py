@@ -24,27 +24,27 @@ def fit_to_context(cfg: EvalConfig, problems: dict[str, list[dict[str, Any]]]) -
     if not questions:
         return cfg
     fit = ContextFit(cfg.model)
-    changes: dict[str, int] = {}
+    resolved = {"max_path_tokens": cfg.max_path_tokens, "max_tokens": cfg.sequential_max_tokens,
+                "majority_max_tokens": cfg.vote_max_tokens}
+    fitted = dict(resolved)
     if "parathinker" in cfg.modes:
         lp = fit.longest(fit.prompt(q) for q in questions)
         room = min(path_room(fit.context, lp, cfg.max_summary_tokens, layout, fit.has_bos)
                    for layout in cfg.layouts)
-        changes["max_path_tokens"] = fit.cap(
+        fitted["max_path_tokens"] = fit.cap(
             "--max-path-tokens", cfg.max_path_tokens, room,
             f" with the longest prompt ({lp} tokens) and --max-summary-tokens {cfg.max_summary_tokens}")
-    plain = {"sequential": ("max_tokens", "--max-tokens", cfg.sequential_max_tokens),
-             "majority": ("majority_max_tokens", "--majority-max-tokens", cfg.vote_max_tokens)}
+    plain = {"sequential": ("max_tokens", "--max-tokens"),
+             "majority": ("majority_max_tokens", "--majority-max-tokens")}
     if any(mode in cfg.modes for mode in plain):
         lp = fit.longest(fit.prompt(q, SEQUENTIAL_PROMPT_TEMPLATE) for q in questions)
-        for mode, (field, flag, value) in plain.items():
-            if mode in cfg.modes:  # resolved now: their defaults follow --max-path-tokens
-                changes[field] = fit.cap(flag, value, fit.context - lp,
-                                         f" with the longest prompt ({lp} tokens)")
-    resolved = {"max_path_tokens": cfg.max_path_tokens, "max_tokens": cfg.sequential_max_tokens,
-                "majority_max_tokens": cfg.vote_max_tokens}
-    lowered = {k: v for k, v in changes.items() if v < resolved[k]}
+        for mode, (field, flag) in plain.items():
+            if mode in cfg.modes:
+                fitted[field] = fit.cap(flag, resolved[field], fit.context - lp,
+                                        f" with the longest prompt ({lp} tokens)")
+    lowered = {k: v for k, v in fitted.items() if v < resolved[k]}
     if "max_path_tokens" in lowered:
         for k in ("max_tokens", "majority_max_tokens"):
             if getattr(cfg, k) is None:  # its default follows --max-path-tokens: pin what it was
-                lowered.setdefault(k, changes.get(k, resolved[k]))
+                lowered.setdefault(k, fitted[k])
     return dataclasses.replace(cfg, **lowered) if lowered else cfg
