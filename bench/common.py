@@ -19,7 +19,7 @@ import torch
 from parathinker.config import ModelConfig
 from parathinker.model.decoder import ParaThinkerForCausalLM
 from parathinker.model.rope import rope_parameters
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 
 QWEN_1_5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,

@@ -69,7 +69,7 @@ def start_server(args: argparse.Namespace, model: str, port: int) -> subprocess.
 
 def template_length(model: str) -> int:
     from parathinker.model.checkpoint import load_tokenizer, resolve_model_dir
-    from parathinker.tokens import DEFAULT_SUMMARY_TEMPLATE
+    from parathinker.spec.tokens import DEFAULT_SUMMARY_TEMPLATE
 
     tok = load_tokenizer(resolve_model_dir(model, None))
     return len(tok.encode(DEFAULT_SUMMARY_TEMPLATE, add_special_tokens=False))

@@ -36,7 +36,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 def fit_generate_budgets(args: argparse.Namespace) -> None:
     """--max-path-tokens (and --min-path-tokens) lowered to what the model's context leaves after
     this prompt and --max-summary-tokens, with a note; before the rope scaling is resolved from it."""
-    from parathinker.budgets import ContextFit, path_room
+    from parathinker.spec.budgets import ContextFit, path_room
 
     fit = ContextFit(args.model)
     prompt_len = fit.longest([fit.prompt(args.question)])

@@ -25,9 +25,9 @@ from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_mod
 from parathinker.model.fast_linear import apply_linear_backend
 from parathinker.outputs import PathOutput, RequestOutput, SequentialOutput, SummaryOutput
 from parathinker.reference import RawRequestOutput, generate_request
-from parathinker.reference_layout import (ReferenceTokens, check_params, pad_prompt,
+from parathinker.spec.reference_layout import (ReferenceTokens, check_params, pad_prompt,
                                           padded_prompt_len, path_text_ids, summary_cap)
-from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
+from parathinker.spec.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
                                 SEQUENTIAL_PROMPT_TEMPLATE, ControlTokens, last_boxed)
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class LLM:
             raise ValueError(
                 f"{self.model_dir} has no ParaThinker control tokens (<think1>, <summary>, ...): it is a "
                 "base model, which runs plain traces only (LLM.generate_sequential, eval --mode "
-                "sequential/majority); add the tokens with parathinker.tokens.add_parathinker_tokens "
+                "sequential/majority); add the tokens with parathinker.spec.tokens.add_parathinker_tokens "
                 "and train them (parathinker train) for parallel thinking"
             )
         if params.num_paths > self.max_paths:
@@ -140,7 +140,7 @@ class LLM:
                 f"num_paths={params.num_paths} exceeds what this checkpoint supports "
                 f"({self.ctrl.max_paths} <think{{k}}> tokens in the tokenizer, max_segments="
                 f"{self.config.max_segments}); use num_paths <= {self.max_paths} or add tokens with "
-                "parathinker.tokens.add_parathinker_tokens and train them"
+                "parathinker.spec.tokens.add_parathinker_tokens and train them"
             )
         template_len = len(self.summary_template_ids)
         if params.max_summary_tokens <= template_len:

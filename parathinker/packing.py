@@ -1,6 +1,6 @@
 """Pack one request (prompt, paths, summary) into one row for a dense (training) forward.
 
-Positions, segment ids and visibility come from `parathinker.layout`, the same functions the
+Positions, segment ids and visibility come from `parathinker.spec.layout`, the same functions the
 generator and the engine follow, so a training forward over a generated request reproduces the
 engine's logits. Several requests can share a row (`doc_ids` keep them apart).
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parathinker.layout import can_see, request_layout
+from parathinker.spec.layout import can_see, request_layout
 
 
 @dataclass

@@ -16,13 +16,13 @@ import torch
 from parathinker.attention.paged import PagedAttention, PagedKVCache, runs_of
 from parathinker.config import SamplingParams
 from parathinker.engine.request import SUMMARY_STREAM
-from parathinker.layout import path_segment, summary_start
+from parathinker.spec.layout import path_segment, summary_start
 from parathinker.model.decoder import ParaThinkerForCausalLM
-from parathinker.rules import (BUDGET, CUT, can_end, is_at_budget, path_choice, should_stop_thinking,
+from parathinker.spec.rules import (BUDGET, CUT, can_end, is_at_budget, path_choice, should_stop_thinking,
                                summary_choice)
 from parathinker import sampler as sampling
 from parathinker.sampler import LogitMasks
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 
 
 @dataclass

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 
 _MASK32 = 0xFFFFFFFF
 # murmur3 fmix32 multipliers as the signed values congruent to them mod 2^32: a 32-bit x times one

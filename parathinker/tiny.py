@@ -15,7 +15,7 @@ import torch
 
 from parathinker.config import ModelConfig
 from parathinker.model import ParaThinkerForCausalLM, save_model
-from parathinker.tokens import parathinker_token_names
+from parathinker.spec.tokens import parathinker_token_names
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 BASE_SPECIAL = [BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]

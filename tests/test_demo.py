@@ -12,7 +12,7 @@ from parathinker.demo.pipeline import PRESETS, run_demo
 from parathinker.demo.report import check_claims, teacher_accuracy
 from parathinker.demo.task import (MODULUS, all_problems, build, make_problem, split_problems, teacher_path,
                                    teacher_sample)
-from parathinker.tokens import last_boxed
+from parathinker.spec.tokens import last_boxed
 
 STEP = re.compile(r"(\d+)\*(\d+) (\d+) \+ (\d+) (\d+), (\d+) (yes|no) (\d+)\.")
 PROBLEMS = all_problems()

@@ -16,7 +16,7 @@ from parathinker.config import SamplingParams
 from parathinker.engine.block_manager import BlockManager
 from parathinker.engine.request import FAILED, FINISHED, Request
 from parathinker.engine.scheduler import Scheduler
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 
 CTRL = ControlTokens(think_open=tuple(range(100, 108)), think_close=tuple(range(110, 118)),
                      summary_open=120, summary_close=121, eos=2, pad=122,

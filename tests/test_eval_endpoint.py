@@ -20,7 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from parathinker.eval.cli import main
 from parathinker.eval.plan import derive_seed
-from parathinker.tokens import SEQUENTIAL_PROMPT_TEMPLATE
+from parathinker.spec.tokens import SEQUENTIAL_PROMPT_TEMPLATE
 
 PROBLEMS = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(1, 4)]
 

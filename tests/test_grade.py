@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("math_verify")
 
 from parathinker.eval.grade import _get_pool, grade, majority_vote, verify_in_process
-from parathinker.tokens import last_boxed
+from parathinker.spec.tokens import last_boxed
 
 B = "\\boxed"
 CASES = [

@@ -2,7 +2,7 @@
 
 import torch
 
-from parathinker.layout import PROMPT, SUMMARY, request_layout, summary_start, visibility
+from parathinker.spec.layout import PROMPT, SUMMARY, request_layout, summary_start, visibility
 from parathinker.packing import concat_rows, dense_mask, pack_request
 
 

@@ -7,11 +7,11 @@ from tiny import make_checkpoint
 
 from parathinker import LLM, SamplingParams
 from parathinker.engine import Engine
-from parathinker.reference_layout import (BUDGET, END, ReferenceTokens, check_params, check_path,
+from parathinker.spec.reference_layout import (BUDGET, END, ReferenceTokens, check_params, check_path,
                                           is_thinking_over, pad_prompt, padded_prompt_len,
                                           path_text_ids, path_token, reference_layout, summary_cap,
                                           summary_end, summary_first_position, summary_token)
-from parathinker.tokens import DEFAULT_SUMMARY_TEMPLATE, ControlTokens
+from parathinker.spec.tokens import DEFAULT_SUMMARY_TEMPLATE, ControlTokens
 
 QUESTIONS = ["What is 2+3?", "Find x if 2x + 3 = 11.", "Let me check 7*3 mod 10.", "abc", "Sum 1..10"]
 # A short prompt keeps the oracle's full recomputes cheap (padded to 16 or 32 tokens).

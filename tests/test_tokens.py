@@ -4,7 +4,7 @@ import pytest
 
 from parathinker.config import ModelConfig
 from parathinker.model import ParaThinkerForCausalLM
-from parathinker.tokens import ControlTokens, add_parathinker_tokens, last_boxed
+from parathinker.spec.tokens import ControlTokens, add_parathinker_tokens, last_boxed
 from tiny import make_tokenizer, tiny_config
 
 

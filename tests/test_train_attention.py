@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from parathinker.model import load_model
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 from parathinker.train.data import TokenSample
 from parathinker.train.loss import TrainForward, attention_meta, token_loss_sum
 from parathinker.train.pack import IGNORE, PackOptions, build_row, collate

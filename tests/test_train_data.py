@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from parathinker.tokens import DEFAULT_SUMMARY_TEMPLATE, ControlTokens
+from parathinker.spec.tokens import DEFAULT_SUMMARY_TEMPLATE, ControlTokens
 from parathinker.train.cli import main
 from parathinker.train.data import (Limits, Sample, SampleEncoder, SampleError, TextFormat,
                                     load_token_samples, read_samples, split_reference_row,

@@ -6,9 +6,9 @@ from array import array
 import pytest
 import torch
 
-from parathinker.layout import request_layout
+from parathinker.spec.layout import request_layout
 from parathinker.packing import pack_request
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 from parathinker.train.data import TokenSample
 from parathinker.train.pack import (IGNORE, PackOptions, build_row, collate, epoch_plan, make_row,
                                     pack_sample, path_indices, plan_rows, row_targets)

@@ -11,7 +11,7 @@ import torch
 from parathinker.config import ModelConfig
 from parathinker.model import ParaThinkerForCausalLM, save_model
 from parathinker.tiny import EOS, tiny_config, train_tokenizer
-from parathinker.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE
+from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE
 
 CORPUS = [
     DEFAULT_PROMPT_TEMPLATE.replace("{question}", "What is 2+3?"),

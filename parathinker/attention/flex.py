@@ -1,5 +1,5 @@
 """FlexAttention backend for packed training rows: a block mask built from the layout's visibility
-rule (`parathinker.layout.can_see`), never an L x L tensor. Imported only when used."""
+rule (`parathinker.spec.layout.can_see`), never an L x L tensor. Imported only when used."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def build_block_mask(regions: torch.Tensor, doc_ids: torch.Tensor) -> FlexAttent
     """regions, doc_ids: [B, L] (same device as the model) -> the packed rows' block mask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from parathinker.layout import can_see
+    from parathinker.spec.layout import can_see
 
     def mask_mod(b, h, q_idx, kv_idx):
         return can_see(q_idx, kv_idx, regions[b, q_idx], regions[b, kv_idx],

@@ -112,7 +112,7 @@ def entropy_floor(train_file: Path, model_dir: Path, num_samples: int = 2000) ->
 
     from parathinker.demo.task import MODULUS
     from parathinker.model import load_tokenizer
-    from parathinker.tokens import DEFAULT_SUMMARY_TEMPLATE
+    from parathinker.spec.tokens import DEFAULT_SUMMARY_TEMPLATE
     from parathinker.train.data import read_samples
 
     tok = load_tokenizer(model_dir)
@@ -134,7 +134,7 @@ def teacher_accuracy(cfg: DemoConfig, problems: list[dict[str, Any]], samples: i
     import random
 
     from parathinker.demo.task import teacher_sample
-    from parathinker.tokens import last_boxed
+    from parathinker.spec.tokens import last_boxed
 
     rng = random.Random(cfg.seed + 1)
     out = {}

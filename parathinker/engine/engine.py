@@ -32,7 +32,7 @@ from parathinker.engine.scheduler import Scheduler
 from parathinker.model.decoder import ParaThinkerForCausalLM
 from parathinker import sampler
 from parathinker.sampler import LogitMasks
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 4 << 30

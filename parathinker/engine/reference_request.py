@@ -1,7 +1,7 @@
 """A request in the reference engine's own layout (SPEC §6): `Engine(layout="reference")`.
 
 Same sequences, KV bookkeeping and work as `Request`; only the control flow differs, following
-the released vLLM fork step by step (rules in `parathinker.reference_layout`):
+the released vLLM fork step by step (rules in `parathinker.spec.reference_layout`):
 
 - the prompt arrives already padded (`LLM.engine_prompt`), so paths start at the padded length;
 - every step samples every unfinished path, with no logit mask (`uses_logit_masks = False`);
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from parathinker.config import SamplingParams
 from parathinker.engine.request import FINISHED, Request, Seq
-from parathinker.reference_layout import (CUT, ReferenceTokens, check_params, check_path,
+from parathinker.spec.reference_layout import (CUT, ReferenceTokens, check_params, check_path,
                                           is_thinking_over, path_token, summary_cap, summary_end,
                                           summary_first_position, summary_token)
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 
 
 class ReferenceRequest(Request):

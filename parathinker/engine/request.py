@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from parathinker.config import PlainParams, SamplingParams
 from parathinker.engine.block_manager import BlockManager
-from parathinker.layout import path_segment, summary_start
-from parathinker.rules import (BUDGET, CUT, END, can_end, is_at_budget, path_choice,
+from parathinker.spec.layout import path_segment, summary_start
+from parathinker.spec.rules import (BUDGET, CUT, END, can_end, is_at_budget, path_choice,
                                should_stop_thinking, summary_choice)
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 
 WAITING, RUNNING, FINISHED, FAILED, ABORTED = "waiting", "running", "finished", "failed", "aborted"
 SUMMARY_STREAM = 1 << 20  # sampling counter stream of the summary; path k uses k, a trace 0

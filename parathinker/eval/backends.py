@@ -29,7 +29,7 @@ from typing import Any
 
 from parathinker.config import PlainParams, SamplingParams
 from parathinker.eval.endpoints import Dispatcher, EndpointError, Server, endpoint_urls, normalize_endpoint
-from parathinker.tokens import SEQUENTIAL_PROMPT_TEMPLATE, last_boxed
+from parathinker.spec.tokens import SEQUENTIAL_PROMPT_TEMPLATE, last_boxed
 
 __all__ = ["EndpointBackend", "EndpointError", "EngineBackend", "Job", "ParallelResult", "Trace",
            "endpoint_urls", "normalize_endpoint"]

@@ -92,7 +92,7 @@ def _from_hub(name: str) -> list[dict[str, Any]]:
         rows = json.loads(local.read_text(encoding="utf-8"))
     else:
         rows = [json.loads(line) for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from parathinker.tokens import last_boxed
+    from parathinker.spec.tokens import last_boxed
 
     records = []
     for i, row in enumerate(rows):

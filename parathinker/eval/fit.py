@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from parathinker.budgets import ContextFit, path_room
+from parathinker.spec.budgets import ContextFit, path_room
 from parathinker.eval.config import EvalConfig
-from parathinker.tokens import SEQUENTIAL_PROMPT_TEMPLATE
+from parathinker.spec.tokens import SEQUENTIAL_PROMPT_TEMPLATE
 
 
 def fit_to_context(cfg: EvalConfig, problems: dict[str, list[dict[str, Any]]]) -> EvalConfig:

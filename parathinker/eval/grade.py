@@ -5,7 +5,7 @@
 
 How a response is graded (`grade(gold, response)`):
 1. the last complete `\\boxed{...}` / `\\fbox{...}` (or `\\boxed 5`) of the response is the answer
-   (`parathinker.tokens.last_boxed`, the extractor `RequestOutput.answer` uses too); without
+   (`parathinker.spec.tokens.last_boxed`, the extractor `RequestOutput.answer` uses too); without
    one, math-verify searches the whole response, as it does by default;
 2. fast path: equal after light string normalisation -> True;
 3. multiple choice: when the gold is a letter A-E (`C`, `(C)`, `\\text{(C)}`) and the boxed answer is or
@@ -224,7 +224,7 @@ def shutdown_workers() -> None:
 def grade(gold: str, response: str, timeout_s: float = 5.0) -> bool:
     """True when the response's final answer is equivalent to `gold`. Never raises on bad input."""
     # imported here: the grading workers load this file alone, without the package (and torch)
-    from parathinker.tokens import last_boxed
+    from parathinker.spec.tokens import last_boxed
 
     try:
         boxed = last_boxed(response)
@@ -248,7 +248,7 @@ def majority_vote(
 ) -> str | None:
     """Most common answer, equivalent answers grouped; None answers are ignored.
 
-    Answers are bare final answers (e.g. `parathinker.tokens.last_boxed` output). Each answer joins
+    Answers are bare final answers (e.g. `parathinker.spec.tokens.last_boxed` output). Each answer joins
     the first earlier group whose first member (as gold) grades it correct, or with use_grader=False
     whose normalised string is equal. Deterministic: ties go to the group that appeared first.
     Returns that group's first member, or None when there is no answer.

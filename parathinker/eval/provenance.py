@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from parathinker.eval.config import EvalConfig
-from parathinker.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE, SEQUENTIAL_PROMPT_TEMPLATE
+from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE, SEQUENTIAL_PROMPT_TEMPLATE
 
 
 def git_commit() -> str:

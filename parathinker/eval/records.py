@@ -1,6 +1,6 @@
 """Record building: a finished sample graded into its samples.jsonl line (fields in docs/EVAL.md).
 
-A response's answer is the last `\\boxed{}` of the summary / trace (`parathinker.tokens.last_boxed`,
+A response's answer is the last `\\boxed{}` of the summary / trace (`parathinker.spec.tokens.last_boxed`,
 the extractor `RequestOutput.answer` uses); one without a box is wrong.
 """
 
@@ -13,7 +13,7 @@ from parathinker.eval.backends import ParallelResult, Trace
 from parathinker.eval.config import EvalConfig
 from parathinker.eval.grade import grade, majority_vote
 from parathinker.eval.plan import Unit
-from parathinker.tokens import last_boxed
+from parathinker.spec.tokens import last_boxed
 
 TAIL_CHARS = 400  # how much of a plain trace a record keeps without --save-text
 

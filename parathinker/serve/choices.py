@@ -23,7 +23,7 @@ from typing import Any
 from parathinker.outputs import RequestOutput
 from parathinker.serve.detokenize import IncrementalDetokenizer, token_bytes
 from parathinker.serve.protocol import finish_reason
-from parathinker.tokens import last_boxed
+from parathinker.spec.tokens import last_boxed
 
 NEG_INF_LOGPROB = -9999.0
 

@@ -22,7 +22,7 @@ from parathinker.serve import protocol as P
 from parathinker.serve.choices import StopFilter
 from parathinker.serve.detokenize import IncrementalDetokenizer
 from parathinker.serve.engine_loop import Delta
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 
 
 class StreamText:

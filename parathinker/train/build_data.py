@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from parathinker.tokens import SEQUENTIAL_PROMPT_TEMPLATE
+from parathinker.spec.tokens import SEQUENTIAL_PROMPT_TEMPLATE
 from parathinker.train.data import Sample, write_samples
 
 SELECTIONS = ("any-correct", "all-correct", "all")
@@ -365,8 +365,8 @@ def fit_to_context(cfg: BuildConfig, problems: Sequence[dict[str, Any]]) -> Buil
     (with a note); an endpoint fits its own requests."""
     from dataclasses import replace
 
-    from parathinker.budgets import ContextFit, path_room
-    from parathinker.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE
+    from parathinker.spec.budgets import ContextFit, path_room
+    from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE
 
     if cfg.is_endpoint or not problems:
         return cfg
@@ -389,7 +389,7 @@ def build_data(cfg: BuildConfig) -> dict[str, Any]:
 
     from parathinker.eval.data import read_jsonl
     from parathinker.eval.grade import grade
-    from parathinker.tokens import last_boxed
+    from parathinker.spec.tokens import last_boxed
     from parathinker.eval.results import SampleStore
 
     problems = read_jsonl(cfg.problems)[: cfg.limit]

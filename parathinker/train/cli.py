@@ -231,7 +231,7 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     from parathinker.model import load_tokenizer, resolve_model_dir
-    from parathinker.tokens import ControlTokens
+    from parathinker.spec.tokens import ControlTokens
     from parathinker.train.data import (SampleError, TextFormat, iter_jsonl, split_reference_row,
                                         token_sample_to_text, write_samples)
 

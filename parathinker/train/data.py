@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE, SUMMARY_OPEN,
+from parathinker.spec.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE, SUMMARY_OPEN,
                                 ControlTokens)
 
 REF_PROMPT, REF_SUMMARY = 1, 10  # segment indices in the reference rows' attention_mask

@@ -1,6 +1,6 @@
 """The training forward: packed rows -> summed cross-entropy over their targets.
 
-Attention metadata comes from the layout, two ways with one rule (`parathinker.layout.can_see`):
+Attention metadata comes from the layout, two ways with one rule (`parathinker.spec.layout.can_see`):
 "flex" builds a FlexAttention block mask (no L x L tensor once compiled: GPU, 28K-token rows);
 "sdpa" builds a dense [B, L, L] boolean mask (CPU, small rows, and the tests' slow twin).
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from parathinker.layout import PROMPT
+from parathinker.spec.layout import PROMPT
 from parathinker.packing import PackedRow, concat_rows, pack_request
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 from parathinker.train.data import TokenSample
 
 IGNORE = -100

@@ -31,7 +31,7 @@ import torch
 
 from parathinker.model import load_model, load_tokenizer, resolve_model_dir
 from parathinker.model.decoder import ParaThinkerForCausalLM
-from parathinker.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE, ControlTokens,
+from parathinker.spec.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE, ControlTokens,
                                 add_parathinker_tokens)
 from parathinker.train import checkpoints as ckpts
 from parathinker.train.data import Limits, SampleEncoder, TextFormat, TokenSample, load_token_samples
