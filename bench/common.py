@@ -61,7 +61,7 @@ def add_model_flags(ap: Any) -> None:
                     help="random weights of the 1.5B shape, or the small one (hidden 512, 8 layers)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    ap.add_argument("--attention", default="auto", help="auto, runs, flex or reference")
+    ap.add_argument("--attention", default="auto", help="auto, runs, flex or gathered")
     ap.add_argument("--linear", default="auto")
 
 

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from common import QWEN_1_5B, machine, prompt_ids, random_model, report, synthetic_ctrl, timed
-from parathinker.attention.reference import DenseAttention
+from parathinker.attention.dense import DenseAttention
 from parathinker.config import SamplingParams
 from parathinker.engine import Engine
 from parathinker.model.fast_linear import apply_linear_backend

@@ -1,7 +1,7 @@
 """ParaThinker: native parallel thinking for LLMs (P reasoning paths, then one summary)."""
 
 from parathinker.config import ModelConfig, PlainParams, SamplingParams
-from parathinker.outputs import PathOutput, RequestOutput, SequentialOutput, SummaryOutput
+from parathinker.engine.outputs import PathOutput, RequestOutput, SequentialOutput, SummaryOutput
 
 __version__ = "0.1.0"
 __all__ = [

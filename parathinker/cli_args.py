@@ -17,7 +17,7 @@ from parathinker.config import parse_rope_scaling, resolve_rope_scaling
 
 LAYOUTS = ("native", "reference")  # as parathinker.engine.LAYOUTS, without importing torch here
 LINEAR_BACKENDS = ("auto", "plain", "packed", "int8")  # as parathinker.model.fast_linear
-ATTENTION_BACKENDS = ("runs", "flex", "reference")  # parathinker.attention.paged.BACKENDS
+ATTENTION_BACKENDS = ("runs", "flex", "gathered")  # parathinker.attention.paged.BACKENDS
 PLAIN_ROPE = {"rope_type": "default"}  # an LLM(rope_scaling=...) override meaning "no scaling"
 
 ROPE_HELP = (

@@ -23,8 +23,8 @@ from parathinker.engine import LAYOUTS, Engine
 from parathinker.engine.request import FINISHED, Request
 from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from parathinker.model.fast_linear import apply_linear_backend
-from parathinker.outputs import PathOutput, RequestOutput, SequentialOutput, SummaryOutput
-from parathinker.reference import RawRequestOutput, generate_request
+from parathinker.engine.outputs import PathOutput, RequestOutput, SequentialOutput, SummaryOutput
+from parathinker.engine.slow_twin import RawRequestOutput, generate_request
 from parathinker.spec.reference_layout import (ReferenceTokens, check_params, pad_prompt,
                                           padded_prompt_len, path_text_ids, summary_cap)
 from parathinker.spec.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
@@ -241,14 +241,14 @@ class LLM:
                 None if req.status == FINISHED else (req.error or req.status)))
         return outs
 
-    def generate_reference(self, prompts: Sequence[str] | str | None = None,
+    def generate_slow_twin(self, prompts: Sequence[str] | str | None = None,
                            params: SamplingParams | None = None, *,
                            prompt_token_ids: Sequence[Sequence[int]] | None = None
                            ) -> list[RequestOutput]:
-        """The same outputs from the slow reference generator, one request at a time (the native
+        """The same outputs from the slow slow twin, one request at a time (the native
         layout's twin: refused under layout='reference', whose slow twin is the test oracle)."""
         if self.layout == "reference":
-            raise ValueError("generate_reference is the slow twin of the native layout; an LLM built "
+            raise ValueError("generate_slow_twin is the slow twin of the native layout; an LLM built "
                              "with layout='reference' is checked against tests/oracle_reference.py")
         params = params or SamplingParams()
         encoded = self.encode_prompts(prompts, prompt_token_ids)

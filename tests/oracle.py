@@ -8,7 +8,7 @@ of the SPEC.
 
 import torch
 
-from parathinker.attention.reference import DenseAttention
+from parathinker.attention.dense import DenseAttention
 
 
 def _forward_last(model, ids, positions, segments, visible):

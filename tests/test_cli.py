@@ -33,7 +33,7 @@ def test_generate_json(ckpt_dir):
     # --attention picks the backend; seeded outputs do not depend on it
     r = run("generate", "--model", str(ckpt_dir), "--device", "cpu", "--paths", "2",
             "--max-path-tokens", "10", "--max-summary-tokens", "80", "--seed", "1", "--json",
-            "--attention", "reference", "q")
+            "--attention", "gathered", "q")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["paths"] == data["paths"]
     r = run("generate", "--model", str(ckpt_dir), "--attention", "dense", "q")

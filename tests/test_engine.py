@@ -1,4 +1,4 @@
-"""The batched engine equals the reference generator token for token (greedy, float32), through
+"""The batched engine equals the slow twin token for token (greedy, float32), through
 every attention backend that runs on this machine ("flex" compiles FlexAttention on CPU too)."""
 
 import pytest
@@ -38,12 +38,12 @@ def small_pool(request, ckpt_dir):
 
 def test_single_request_matches_reference(llm):
     for p in (params(num_paths=1), params(num_paths=4), params(num_paths=4, min_finished_paths=4)):
-        same(llm.generate(QUESTIONS[:1], p)[0], llm.generate_reference(QUESTIONS[:1], p)[0])
+        same(llm.generate(QUESTIONS[:1], p)[0], llm.generate_slow_twin(QUESTIONS[:1], p)[0])
 
 
 def test_many_requests_at_once_match_reference(llm):
     p = params(num_paths=3, min_finished_paths=2)
-    for a, b in zip(llm.generate(QUESTIONS, p), llm.generate_reference(QUESTIONS, p)):
+    for a, b in zip(llm.generate(QUESTIONS, p), llm.generate_slow_twin(QUESTIONS, p)):
         same(a, b)
     assert llm.engine.block_manager.num_used == 0
 
@@ -56,7 +56,7 @@ def test_mixed_num_paths_in_one_batch(llm):
     engine.run_to_completion()
     assert engine.num_steps > 0
     for req, ids, p in zip(reqs, prompts, configs):
-        same(llm.request_output(req), llm.generate_reference(prompt_token_ids=[ids], params=p)[0])
+        same(llm.request_output(req), llm.generate_slow_twin(prompt_token_ids=[ids], params=p)[0])
 
 
 def test_forced_preemption_keeps_results(small_pool):
@@ -66,7 +66,7 @@ def test_forced_preemption_keeps_results(small_pool):
     outs = llm.generate(prompt_token_ids=prompts, params=p)
     assert sum(o.metrics["num_preemptions"] for o in outs) > 0, "the pool was meant to be too small"
     for o, ids in zip(outs, prompts):
-        same(o, llm.generate_reference(prompt_token_ids=[ids], params=p)[0])
+        same(o, llm.generate_slow_twin(prompt_token_ids=[ids], params=p)[0])
     bm = llm.engine.block_manager
     assert bm.num_used == 0 and not any(bm.ref_counts) and bm.peak_used <= bm.num_blocks
 
@@ -104,7 +104,7 @@ def test_seeded_sampling_matches_reference(llm):
     """One generator per request, consumed in the reference's order: batching changes nothing."""
     p = SamplingParams(num_paths=3, max_path_tokens=12, max_summary_tokens=84, temperature=1.0,
                        top_p=0.95, seed=11)
-    for a, b in zip(llm.generate(QUESTIONS[:3], p), llm.generate_reference(QUESTIONS[:3], p)):
+    for a, b in zip(llm.generate(QUESTIONS[:3], p), llm.generate_slow_twin(QUESTIONS[:3], p)):
         same(a, b)
 
 
@@ -112,7 +112,7 @@ def naive_plain_greedy(model, prompt, max_tokens, eos):
     """Full recompute, no cache: the obviously-correct twin of plain decoding."""
     import torch
 
-    from parathinker.attention.reference import DenseAttention
+    from parathinker.attention.dense import DenseAttention
 
     ids = list(prompt)
     while len(ids) - len(prompt) < max_tokens:
@@ -175,5 +175,5 @@ def test_never_written_pool_memory_cannot_leak_into_outputs(ckpt_dir, monkeypatc
     monkeypatch.setattr(PagedKVCache, "allocate", classmethod(poisoned))
     llm = LLM(str(ckpt_dir), device="cpu", dtype="float32", num_kv_blocks=64, attention=backend)
     p = params(num_paths=3)
-    for a, b in zip(llm.generate(QUESTIONS[:2], p), llm.generate_reference(QUESTIONS[:2], p)):
+    for a, b in zip(llm.generate(QUESTIONS[:2], p), llm.generate_slow_twin(QUESTIONS[:2], p)):
         same(a, b)

@@ -39,7 +39,7 @@ def test_chunked_prefill_and_recompute_match_reference(ckpt_dir, monkeypatch):
     assert max(sizes) <= 7 and len(llm.encode_prompts(questions[:1], None)[0]) > 40
     assert sum(o.metrics["num_preemptions"] for o in outs) > 0, "the pool was meant to be too small"
     for o, q in zip(outs, questions):
-        same(o, llm.generate_reference([q], p)[0])
+        same(o, llm.generate_slow_twin([q], p)[0])
     assert llm.engine.block_manager.num_used == 0
 
 
@@ -63,7 +63,7 @@ def test_seeded_request_same_alone_in_a_batch_and_after_preemption(ckpt_dir):
     assert sum(o.metrics["num_preemptions"] for o in outs) > 0
     for o in outs:
         same(o, alone)
-    same(roomy.generate_reference(q, p)[0], alone)
+    same(roomy.generate_slow_twin(q, p)[0], alone)
 
 
 def test_a_request_that_breaks_a_step_fails_alone(llm, monkeypatch):
@@ -138,4 +138,4 @@ def test_llama_checkpoint_runs_chunked(tmp_path):
     llm = LLM(str(make_checkpoint(tmp_path / "llama", model_type="llama", end_boost=1.3)),
               device="cpu", dtype="float32", max_num_batched_tokens=5)
     p = params(num_paths=2)
-    same(llm.generate(["What is 2+3?"], p)[0], llm.generate_reference(["What is 2+3?"], p)[0])
+    same(llm.generate(["What is 2+3?"], p)[0], llm.generate_slow_twin(["What is 2+3?"], p)[0])

@@ -13,7 +13,7 @@ from test_sampler import reference_probs
 
 from parathinker import LLM, SamplingParams
 from parathinker.engine.request import FINISHED
-from parathinker.sampler import SamplingTensors, logprobs_rows, sample_rows
+from parathinker.engine.sampler import SamplingTensors, logprobs_rows, sample_rows
 
 QUESTION = "What is 2+3?"
 

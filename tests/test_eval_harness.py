@@ -17,7 +17,7 @@ from parathinker.eval.cli import main
 from parathinker.eval.config import EvalConfig
 from parathinker.eval.plan import Unit, derive_seed, request_params
 from parathinker.eval.records import build_record
-from parathinker.outputs import PathOutput, RequestOutput, SummaryOutput
+from parathinker.engine.outputs import PathOutput, RequestOutput, SummaryOutput
 
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 needs_bench = pytest.mark.skipif(not (BENCH / "amc23.jsonl").is_file(), reason=f"no benchmarks in {BENCH}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from parathinker import LLM, SamplingParams
-from parathinker.attention.reference import DenseAttention
+from parathinker.attention.dense import DenseAttention
 from parathinker.model import load_model
 from parathinker.model.fast_linear import PackedLinear, can_prepack, prepack_linears, quantize_int8
 

@@ -1,8 +1,8 @@
 """The flex backend (FlexAttention over the paged pool, `parathinker.attention.flex_paged`) against
-the reference backend on the same pool and metadata.
+the gathered backend on the same pool and metadata.
 
 CPU: the block mask evaluated in plain torch against the visibility rule (no compile; > 64
-sequences, arbitrary runs), then compiled flex_attention vs the reference, float32 (one compile:
+sequences, arbitrary runs), then compiled flex_attention vs the gathered backend, float32 (one compile:
 every batch below pads to the same shapes). GPU (marked `gpu`, skipped without CUDA): the same
 comparison in float32 and bfloat16, through both FlexAttention kernels (decoding and prefill).
 """
@@ -88,7 +88,7 @@ def compare(query_lens, contexts, cache, hq, dtype, device, seed, atol):
     k, v = torch.randn(1, n, hkv, d).to(device, dtype), torch.randn(1, n, hkv, d).to(device, dtype)
     runs = [runs_of(c) for c in contexts]
     ref_cache = PagedKVCache(cache.k.float(), cache.v.float())
-    meta = PagedAttention.build(query_lens, runs, device, "reference")
+    meta = PagedAttention.build(query_lens, runs, device, "gathered")
     expected = paged_attend(0, q.float(), k.float(), v.float(), meta, ref_cache)
     meta = PagedAttention.build(query_lens, runs, device, "flex")
     out = paged_attend(0, q, k, v, meta, cache)
@@ -169,7 +169,7 @@ def test_pages_are_full_where_no_mask_is_needed():
 
 
 def test_flex_matches_reference_cpu():
-    """Compiled flex vs the reference, float32: the engine's layout and arbitrary runs, then a
+    """Compiled flex vs the gathered backend, float32: the engine's layout and arbitrary runs, then a
     step with the same padded shapes reuses the compiled kernel."""
     from torch._dynamo.utils import counters
 

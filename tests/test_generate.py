@@ -7,7 +7,7 @@ import torch
 
 from oracle import oracle_generate
 from parathinker import SamplingParams
-from parathinker.reference import generate_request
+from parathinker.engine.slow_twin import generate_request
 
 QUESTIONS = ["What is 2+3?", "Find x if 2x + 3 = 11.", "Let me check 7*3 mod 10."]
 
@@ -90,14 +90,14 @@ def test_forward_count_proves_kv_reuse(llm):
         assert out.metrics["num_forward_tokens"] == expected
 
 
-@pytest.mark.parametrize("engine", [True, False], ids=["engine", "reference"])
+@pytest.mark.parametrize("engine", [True, False], ids=["engine", "slow_twin"])
 def test_forward_hook_sees_every_token_once(llm, engine):
     """Capture the token ids that actually enter the model: the prompt once, every path token
     once, the summary template in a single forward, then one summary token per forward."""
     calls = []
     hook = llm.model.model.embed_tokens.register_forward_hook(
         lambda mod, args, out: calls.append(args[0].flatten().tolist()))
-    run = llm.generate if engine else llm.generate_reference
+    run = llm.generate if engine else llm.generate_slow_twin
     try:
         (out,) = run(QUESTIONS[:1], greedy(num_paths=3, min_finished_paths=3))
     finally:
@@ -151,7 +151,7 @@ def test_half_precision_runs(ckpt_dir, dtype):
 
 
 def test_answer_is_last_boxed_of_summary(llm):
-    from parathinker.reference import RawRequestOutput
+    from parathinker.engine.slow_twin import RawRequestOutput
 
     tok = llm.tokenizer
     body = tok.encode(" 3, or rather \\boxed{4} and finally \\boxed{\\frac{1}{2}}.", add_special_tokens=False)

@@ -1,5 +1,5 @@
 """The engine on CUDA (marked `gpu`, skipped without it): greedy float32 outputs equal the
-reference generator token for token through every backend, with the KV pool sized by
+slow twin token for token through every backend, with the KV pool sized by
 profiling; seeded sampling gives the same tokens as on CPU for the same request."""
 
 import pytest
@@ -23,7 +23,7 @@ def test_greedy_cuda_matches_reference(ckpt_dir, backend):
     llm = LLM(str(ckpt_dir), device="cuda", dtype="float32", attention=backend)
     assert llm.engine.runner.attention == backend
     p = SamplingParams(num_paths=4, max_path_tokens=14, max_summary_tokens=84, temperature=0.0)
-    for a, b in zip(llm.generate(QUESTIONS, p), llm.generate_reference(QUESTIONS, p)):
+    for a, b in zip(llm.generate(QUESTIONS, p), llm.generate_slow_twin(QUESTIONS, p)):
         same(a, b)
     assert llm.engine.block_manager.num_used == 0
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from parathinker.attention.reference import DenseAttention
+from parathinker.attention.dense import DenseAttention
 from parathinker.model import load_model
 from tiny import make_checkpoint
 

@@ -1,4 +1,4 @@
-"""Paged attention backends (runs, reference) against per-sequence naive attention."""
+"""Paged attention backends (runs, gathered) against per-sequence naive attention."""
 
 import math
 import random
@@ -28,7 +28,7 @@ def test_runs_of():
 
 
 @pytest.mark.parametrize("backend,gather", [("runs", "never"), ("runs", "always"),
-                                            ("runs", "default"), ("reference", "default")])
+                                            ("runs", "default"), ("gathered", "default")])
 def test_paged_attention_matches_naive(backend, gather, monkeypatch):
     import parathinker.attention.paged as paged
 

@@ -276,4 +276,4 @@ def test_served_reference_layout_runs_the_padded_prompt(quick):
     assert [p["text"] for p in paths] == [p.text for p in expected.paths]
     assert r.choices[0].message.content == expected.summary.text
     with pytest.raises(ValueError, match="slow twin of the native layout"):
-        llm.generate_reference([q])
+        llm.generate_slow_twin([q])

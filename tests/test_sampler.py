@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-from parathinker.sampler import SamplingTensors, _log1p_neg_uniform, sample_rows, uniform_bits
+from parathinker.engine.sampler import SamplingTensors, _log1p_neg_uniform, sample_rows, uniform_bits
 
 INF = float("inf")
 M32 = 0xFFFFFFFF

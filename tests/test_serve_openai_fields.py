@@ -18,7 +18,7 @@ import torch
 from serve_util import JSON, MODEL, QUESTION, SMALL, client, running_server, wait_for_idle
 
 from parathinker import LLM, SamplingParams
-from parathinker.attention.reference import DenseAttention
+from parathinker.attention.dense import DenseAttention
 from parathinker.serve.choices import StopFilter
 
 pytest.importorskip("uvicorn")

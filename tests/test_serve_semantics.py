@@ -16,7 +16,7 @@ from serve_util import (APPS, JSON, MODEL, QUESTION, SMALL, chat, client, runnin
 
 from parathinker import LLM, SamplingParams
 from parathinker.config import MAX_TEMPERATURE, MIN_TEMPERATURE, MIN_TOP_P
-from parathinker.sampler import SamplingTensors, sample_rows
+from parathinker.engine.sampler import SamplingTensors, sample_rows
 
 pytest.importorskip("uvicorn")
 

@@ -17,7 +17,7 @@ from tiny import make_checkpoint, make_tokenizer
 from parathinker import SamplingParams
 from parathinker.model import load_model
 from parathinker.packing import pack_request
-from parathinker.reference import generate_request
+from parathinker.engine.slow_twin import generate_request
 from parathinker.train.checkpoints import latest_checkpoint
 from parathinker.train.cli import main, train_config
 from parathinker.train.loss import attention_meta, token_loss_sum

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from parathinker import SamplingParams
-from parathinker.attention.reference import DenseAttention
+from parathinker.attention.dense import DenseAttention
 from parathinker.packing import pack_request, row_tensors
-from parathinker.reference import generate_request
+from parathinker.engine.slow_twin import generate_request
 
 
 @pytest.mark.parametrize("num_paths", [1, 2, 4])

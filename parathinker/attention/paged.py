@@ -18,7 +18,7 @@ them and see the whole rest of the context. Backends, one `if` each:
   the pool; one softmax over the concatenated scores; the output is the sum over runs.
 - "flex" (GPU; also compiles on CPU): FlexAttention over the whole pool with a block mask built
   from the same runs (`parathinker.attention.flex_paged`).
-- "reference": gathers each context into a new tensor and runs masked SDPA: the slow,
+- "gathered": gathers each context into a new tensor and runs masked SDPA: the slow,
   obviously-correct twin the others are tested against.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("runs", "flex", "reference")
+BACKENDS = ("runs", "flex", "gathered")
 # The runs backend copies a context out of the pool when it has more than GATHER_MIN_RUNS runs
 # of fewer than GATHER_MAX_MEAN_RUN slots on average (a fragmented pool), else reads in place.
 GATHER_MIN_RUNS = 4
@@ -54,7 +54,7 @@ class PagedKVCache:
     def allocate(cls, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str,
                  zeroed: bool = False) -> PagedKVCache:
-        """zeroed=False (the runs and reference backends): torch.empty, so that on CPU the pages
+        """zeroed=False (the runs and gathered backends): torch.empty, so that on CPU the pages
         are only backed by memory once written (no 4 GiB of zeros at start); those backends read
         only slots written before. zeroed=True (flex): its kernels read whole 16-slot pages and
         mask the slots not in a context, but a masked slot's V still enters P @ V with weight 0,
@@ -70,7 +70,7 @@ class PagedKVCache:
 
 @dataclass
 class PagedAttention:
-    """Metadata of one step (see the module docstring). Host lists drive the runs and reference
+    """Metadata of one step (see the module docstring). Host lists drive the runs and gathered
     backends; `state` holds what a backend builds once per step for every layer (the flex block
     mask; the runs backend's ShortBatch)."""
 

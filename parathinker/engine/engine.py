@@ -30,8 +30,8 @@ from parathinker.engine.request import ABORTED, FAILED, FINISHED, PlainRequest, 
 from parathinker.engine.runner import ModelRunner, kv_bytes_per_block, profile_activation_bytes
 from parathinker.engine.scheduler import Scheduler
 from parathinker.model.decoder import ParaThinkerForCausalLM
-from parathinker import sampler
-from parathinker.sampler import LogitMasks
+from parathinker.engine import sampler
+from parathinker.engine.sampler import LogitMasks
 from parathinker.spec.tokens import ControlTokens
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from parathinker.attention.paged import PagedAttention
 from parathinker.attention.paged import PagedKVCache as KVCache
-from parathinker.attention.reference import DenseAttention, attend
+from parathinker.attention.dense import DenseAttention, attend
 from parathinker.config import ModelConfig
 from parathinker.model.rope import apply_rope, rope_cos_sin, rope_parameters
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from parathinker.outputs import RequestOutput
+from parathinker.engine.outputs import RequestOutput
 from parathinker.serve.detokenize import IncrementalDetokenizer, token_bytes
 from parathinker.serve.protocol import finish_reason
 from parathinker.spec.tokens import last_boxed

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parathinker.config import SamplingParams
-from parathinker.outputs import RequestOutput
+from parathinker.engine.outputs import RequestOutput
 
 PARALLEL_KEYS = ("num_paths", "max_path_tokens", "min_path_tokens", "max_summary_tokens",
                  "min_finished_paths")

@@ -1,5 +1,5 @@
 """The control-token rules of SPEC §5 as pure functions of ints (no torch): shared by the
-reference generator and the engine's scheduler. The logit masks live in `sampler.LogitMasks`.
+slow twin and the engine's scheduler. The logit masks live in `sampler.LogitMasks`.
 
 Paths: tags and summary tokens are never emitted; any end token (</think{j}>, </think>, EOS) ends
 the path with its own </think{k}>; a path holds at most max_path_tokens tokens (tags included);

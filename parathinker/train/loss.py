@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from parathinker.attention.reference import DenseAttention
+from parathinker.attention.dense import DenseAttention
 from parathinker.model.decoder import ParaThinkerForCausalLM
 from parathinker.packing import dense_mask
 from parathinker.train.pack import IGNORE

@@ -1,4 +1,4 @@
-"""Attention dispatch, and the dense-masked reference in plain torch (CPU and GPU).
+"""Attention dispatch, and dense-masked attention in plain torch (CPU and GPU).
 
 Three kinds of attention metadata, passed explicitly into the model's forward:
 

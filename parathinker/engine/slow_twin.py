@@ -1,4 +1,4 @@
-"""The reference generator: one request at a time, SPEC §5 step by step, with KV reuse.
+"""The slow twin of the engine: one request at a time, SPEC §5 step by step, with KV reuse.
 
 The prompt is prefilled once into a flat slot pool; the P paths decode together (one row per
 path) and read the prompt's slots by reference; the summary's context is the prompt's slots plus
@@ -67,7 +67,7 @@ class _Runner:
             pos += positions
             seg += [segment] * len(tokens)
         meta = PagedAttention.build([len(s[0]) for s in seqs], [runs_of(s[3]) for s in seqs],
-                                    self.device, backend="reference")
+                                    self.device, backend="gathered")
         as_tensor = lambda x: torch.tensor([x], dtype=torch.long, device=self.device)  # noqa: E731
         hidden = self.model(as_tensor(ids), as_tensor(pos), as_tensor(seg), meta, self.cache)[0]
         self.num_forward_tokens += len(ids)
