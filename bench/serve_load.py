@@ -6,7 +6,7 @@ a fixed number of chat requests with fixed seeds; requests/s and p50/p99 latency
     python bench/serve_load.py --model ./checkpoint --device cuda --max-path-tokens 1024
 
 Without --model a random checkpoint is written to a temporary directory (the tiny BPE tokenizer
-of parathinker.tiny; --shape tiny: hidden 64, 2 layers; small: hidden 512, 8 layers). Paths are
+of parathinker.testing.tiny; --shape tiny: hidden 64, 2 layers; small: hidden 512, 8 layers). Paths are
 fixed in length (min_path_tokens = max_path_tokens) so every run does the same work. The machine,
 commit and configuration are printed first, one JSON line last.
 """
@@ -40,7 +40,7 @@ SHAPES = {"tiny": {}, "small": {"hidden_size": 512, "intermediate_size": 1536,
 
 
 def write_random_checkpoint(out_dir: Path, shape: str) -> Path:
-    from parathinker.tiny import random_checkpoint, tiny_config, train_tokenizer
+    from parathinker.testing.tiny import random_checkpoint, tiny_config, train_tokenizer
 
     tok = train_tokenizer(CORPUS, vocab_size=300)
     random_checkpoint(out_dir, tiny_config(len(tok) + 13, **SHAPES[shape]), tok, seed=0,

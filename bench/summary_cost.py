@@ -20,7 +20,7 @@ from parathinker.attention.dense import DenseAttention
 from parathinker.config import SamplingParams
 from parathinker.engine import Engine
 from parathinker.model.fast_linear import apply_linear_backend
-from parathinker.packing import pack_request, row_tensors
+from parathinker.train.request_row import pack_request, row_tensors
 
 
 def main() -> None:

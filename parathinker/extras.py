@@ -3,7 +3,7 @@
     need("serve")   # raises MissingExtra: `serve` needs fastapi, uvicorn: pip install "parathinker[serve]"
 
 `pip install parathinker` runs `generate` and `eval` on the engine; the rest need an extra
-(pyproject.toml's [project.optional-dependencies], kept in step by tests/test_extras.py).
+(pyproject.toml's [project.optional-dependencies], kept in step by tests/cli/test_extras.py).
 """
 
 from __future__ import annotations

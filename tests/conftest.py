@@ -1,12 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny import make_checkpoint, make_tokenizer  # noqa: E402
+from parathinker.testing.checkpoints import make_checkpoint, make_tokenizer
 
 torch.set_num_threads(2)
 

@@ -14,7 +14,7 @@ the tokenizer are shared with the package.
 
 import torch
 
-from oracle import _forward_last
+from tests.oracle import _forward_last
 
 BLOCK = 16
 SUMMARY_MAX_TOKENS = 128

@@ -72,7 +72,7 @@ def _run(argv: list[str], log: Any) -> None:
 
 def make_initial_checkpoint(cfg: DemoConfig, train_file: Path, out_dir: Path) -> None:
     """A random tiny decoder with a byte-level BPE trained on the task's own text."""
-    from parathinker.tiny import random_checkpoint, tiny_config, train_tokenizer
+    from parathinker.testing.tiny import random_checkpoint, tiny_config, train_tokenizer
     from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE
 
     corpus = []

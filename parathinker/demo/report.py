@@ -265,6 +265,6 @@ def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]
               "around: `AutoTokenizer` rebuilt the demo's byte-level BPE with Qwen2's digit-splitting "
               "pre-tokenizer (and gives DeepSeek-R1-Distill checkpoints, whose tokenizer_config names "
               "`LlamaTokenizerFast`, a Metaspace one that drops spaces). `load_tokenizer` now loads "
-              "tokenizer.json verbatim (`tests/test_checkpoint.py::test_tokenizer_loads_exactly_as_saved`).",
+              "tokenizer.json verbatim (`tests/model/test_checkpoint.py::test_tokenizer_loads_exactly_as_saved`).",
               ""]
     return "\n".join(lines)

@@ -20,8 +20,8 @@ from parathinker.spec.layout import path_segment, summary_start
 from parathinker.model.decoder import ParaThinkerForCausalLM
 from parathinker.spec.rules import (BUDGET, CUT, can_end, is_at_budget, path_choice, should_stop_thinking,
                                summary_choice)
-from parathinker import sampler as sampling
-from parathinker.sampler import LogitMasks
+from parathinker.engine import sampler as sampling
+from parathinker.engine.sampler import LogitMasks
 from parathinker.spec.tokens import ControlTokens
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parathinker.config import PlainParams, SamplingParams
-from parathinker.eval.endpoints import Dispatcher, EndpointError, Server, endpoint_urls, normalize_endpoint
+from parathinker.client.endpoints import Dispatcher, EndpointError, Server, endpoint_urls, normalize_endpoint
 from parathinker.spec.tokens import SEQUENTIAL_PROMPT_TEMPLATE, last_boxed
 
 __all__ = ["EndpointBackend", "EndpointError", "EngineBackend", "Job", "ParallelResult", "Trace",

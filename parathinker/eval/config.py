@@ -120,7 +120,7 @@ class EvalConfig:
     @property
     def endpoints(self) -> tuple[str, ...]:
         """--endpoint as normalized URLs (`.../v1`), files of URLs read; () for the engine."""
-        from parathinker.eval.endpoints import endpoint_urls
+        from parathinker.client.endpoints import endpoint_urls
 
         return endpoint_urls([self.endpoint]) if self.endpoint else ()
 

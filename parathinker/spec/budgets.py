@@ -14,8 +14,8 @@ import json
 import sys
 from collections.abc import Iterable
 
-from parathinker.reference_layout import REFERENCE_BLOCK_SIZE, padded_prompt_len, summary_cap
-from parathinker.tokens import DEFAULT_PROMPT_TEMPLATE
+from parathinker.spec.reference_layout import REFERENCE_BLOCK_SIZE, padded_prompt_len, summary_cap
+from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE
 
 DEFAULT_CONTEXT = 32768  # as ModelConfig.from_dict when config.json names none
 

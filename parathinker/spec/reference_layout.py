@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from parathinker.layout import PROMPT, SUMMARY, RequestLayout
-from parathinker.tokens import ControlTokens
+from parathinker.spec.layout import PROMPT, SUMMARY, RequestLayout
+from parathinker.spec.tokens import ControlTokens
 
 END, BUDGET, CUT = "end", "budget", "cut"
 REFERENCE_BLOCK_SIZE = 16  # vLLM's default block_size, asserted by the example

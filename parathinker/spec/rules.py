@@ -10,7 +10,7 @@ think tags, <summary> and the pad are masked; </summary> or EOS ends it.
 from __future__ import annotations
 
 from parathinker.config import SamplingParams
-from parathinker.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens
 
 END, BUDGET, CUT = "end", "budget", "cut"
 

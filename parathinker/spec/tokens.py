@@ -81,7 +81,7 @@ class ControlTokens:
         if missing and not base:
             raise ValueError(
                 f"tokenizer lacks the ParaThinker control tokens {missing}; "
-                "add them with parathinker.tokens.add_parathinker_tokens(tokenizer, model)"
+                "add them with parathinker.spec.tokens.add_parathinker_tokens(tokenizer, model)"
             )
         if base:
             return cls((), (), None, None, int(eos), vocab.get(PAD), vocab.get(THINK_OPEN),

@@ -17,7 +17,7 @@ Teachers:
   (`--traces-per-request`, default all of a problem's). `--teacher` takes one URL, a comma list
   or a file of URLs: requests are spread by load, at most `--concurrency` in flight per teacher,
   and a teacher that stops answering is retried with backoff while its requests go to the others
-  (parathinker.eval.endpoints). Each trace record names its teacher and the served model.
+  (parathinker.client.endpoints). Each trace record names its teacher and the served model.
 
 Selection (`--select`), per sample of P paths (P fixed or drawn from a range per sample):
 - `any-correct` (default): one correct trace plus P-1 others drawn at random; problems with no
@@ -112,7 +112,7 @@ class BuildConfig:
         for a local checkpoint."""
         if not is_endpoint_spec(self.teacher):
             return ()
-        from parathinker.eval.endpoints import endpoint_urls
+        from parathinker.client.endpoints import endpoint_urls
 
         return endpoint_urls([self.teacher])
 
@@ -200,7 +200,7 @@ class EndpointTeacher:
     """One or more OpenAI-compatible teachers serving the same model, spread by load."""
 
     def __init__(self, cfg: BuildConfig) -> None:
-        from parathinker.eval.endpoints import Dispatcher, EndpointError, Server
+        from parathinker.client.endpoints import Dispatcher, EndpointError, Server
 
         self.cfg = cfg
         key = cfg.api_key or os.environ.get("OPENAI_API_KEY")
@@ -249,7 +249,7 @@ class EndpointTeacher:
         """(problem, trace indices, their traces, the teacher's URL) per request as it finishes:
         one request per problem, or per --traces-per-request of its missing traces; a request for
         traces j.. is seeded with `seed * 100003 + j` (its first index)."""
-        from parathinker.eval.endpoints import EndpointError
+        from parathinker.client.endpoints import EndpointError
 
         step = self.cfg.traces_per_request
         jobs = [(p, js[i:i + (step or len(js))]) for p, js in todo for i in range(0, len(js), step or len(js))]

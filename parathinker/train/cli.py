@@ -198,7 +198,7 @@ def run_build_data(args: argparse.Namespace) -> int:
         server_retries=args.server_retries, request_timeout=args.request_timeout, device=args.device,
         dtype=args.dtype, rope_scaling=args.rope_scaling, layout=args.layout, linear=args.linear, attention=args.attention,
         allow_pickle=args.allow_pickle, limit=args.limit, **extra)
-    from parathinker.eval.endpoints import EndpointError
+    from parathinker.client.endpoints import EndpointError
 
     try:
         stats = build_data(cfg)

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from parathinker.attention.dense import DenseAttention
 from parathinker.model.decoder import ParaThinkerForCausalLM
-from parathinker.packing import dense_mask
+from parathinker.train.request_row import dense_mask
 from parathinker.train.pack import IGNORE
 
 ATTENTION_BACKENDS = ("sdpa", "flex")

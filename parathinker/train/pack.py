@@ -1,6 +1,6 @@
 """Training rows: samples -> packed rows with per-position targets, and rows -> batch tensors.
 
-One sample becomes prompt | path 1 | ... | path P | summary, laid out by `parathinker.packing`
+One sample becomes prompt | path 1 | ... | path P | summary, laid out by `parathinker.train.request_row`
 (the layout functions inference uses). Several samples may share a row (`concat_rows`: they
 never see each other). The target of position i is the token the generator would produce next
 *in the same sequence*: path token j+1 for path token j, summary token j+1 for summary token j.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from parathinker.spec.layout import PROMPT
-from parathinker.packing import PackedRow, concat_rows, pack_request
+from parathinker.train.request_row import PackedRow, concat_rows, pack_request
 from parathinker.spec.tokens import ControlTokens
 from parathinker.train.data import TokenSample
 

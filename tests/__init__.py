@@ -1,0 +1,10 @@
+"""The test suite: one folder per package, CPU by default (`gpu` tests skip without CUDA).
+
+`tests/oracle.py` and `tests/oracle_reference.py` are the independent oracles (a naive dense
+generator, and the reference layout's), written from SPEC/REFERENCE without the package's engine.
+"""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+SHARED = ROOT.parent / "shared"  # ../shared: benchmarks, SPEC, REFERENCE (never committed here)

@@ -1,0 +1,141 @@
+"""The engine at long contexts, on tiny models: chunked prefill and recompute, slot runs,
+seeded sampling independent of the batch, failure isolation, validation at the boundary."""
+
+import pytest
+from parathinker.testing.checkpoints import make_checkpoint
+
+from parathinker import LLM, SamplingParams
+from parathinker.config import PlainParams
+from parathinker.engine.block_manager import BlockManager
+from parathinker.engine.request import Request, Seq
+from parathinker.engine.scheduler import Scheduler
+from tests.engine.test_engine import params, same
+from tests.engine.test_engine_properties import CTRL, TEMPLATE
+
+
+def count_forward_tokens(llm, monkeypatch):
+    sizes = []
+    run = llm.engine.runner.run
+
+    def spy(work):
+        sizes.append(sum(len(w.token_ids) for w in work))
+        return run(work)
+
+    monkeypatch.setattr(llm.engine.runner, "run", spy)
+    return sizes
+
+
+def test_chunked_prefill_and_recompute_match_reference(ckpt_dir, monkeypatch):
+    """A 7-token step budget: prompts of ~60 tokens, the summary template and every recompute
+    after preemption run in chunks; no forward ever holds more than 7 tokens."""
+    llm = LLM(str(ckpt_dir), device="cpu", dtype="float32", block_size=4, num_kv_blocks=160,
+              max_num_batched_tokens=7)
+    sizes = count_forward_tokens(llm, monkeypatch)
+    long_q = "Let x be a number. Then 2x + 3 = 11, so x = 4. Check: 2*4+3 = 11. " * 2
+    questions = [long_q + str(i) for i in range(5)]
+    p = params(num_paths=3, max_path_tokens=20, min_path_tokens=12, min_finished_paths=3,
+               max_summary_tokens=80)
+    outs = llm.generate(questions, p)
+    assert max(sizes) <= 7 and len(llm.encode_prompts(questions[:1], None)[0]) > 40
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0, "the pool was meant to be too small"
+    for o, q in zip(outs, questions):
+        same(o, llm.generate_slow_twin([q], p)[0])
+    assert llm.engine.block_manager.num_used == 0
+
+
+def test_seeded_request_same_alone_in_a_batch_and_after_preemption(ckpt_dir):
+    p = params(num_paths=3, max_path_tokens=16, temperature=1.0, top_p=0.9, top_k=40, seed=7)
+    others = [params(num_paths=k, temperature=t, seed=s, max_path_tokens=16)
+              for k, t, s in [(2, 0.7, 1), (4, 0.0, None), (1, 1.3, 3), (3, 0.5, 4), (2, 1.0, None),
+                              (4, 0.9, 6), (1, 0.0, 8)]]
+    q = ["What is 2+3?"]
+    roomy = LLM(str(ckpt_dir), device="cpu", dtype="float32")
+    alone = roomy.generate(q, p)[0]
+    engine = roomy.engine
+    ids = roomy.encode_prompts(["Sum 1..10", "abc", "Find x", "Check 7*3", "x", "y", "z"], None)
+    reqs = [engine.add_request(f"o{i}", ids[i], op) for i, op in enumerate(others)]
+    mine = engine.add_request("mine", roomy.encode_prompts(q, None)[0], p)
+    engine.run_to_completion()
+    same(roomy.request_output(mine), alone)
+    assert all(r.status == "finished" for r in reqs)
+    tight = LLM(str(ckpt_dir), device="cpu", dtype="float32", block_size=4, num_kv_blocks=110)
+    outs = tight.generate(q * 4, p)
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0
+    for o in outs:
+        same(o, alone)
+    same(roomy.generate_slow_twin(q, p)[0], alone)
+
+
+def test_a_request_that_breaks_a_step_fails_alone(llm, monkeypatch):
+    engine = llm.engine
+    ids = llm.encode_prompts(["What is 2+3?", "abc", "Sum 1..10"], None)
+    p = params(num_paths=2)
+    expected = [llm.generate(prompt_token_ids=[i], params=p)[0] for i in ids]
+    mask = engine._mask
+
+    def poisoned(req, logits):
+        if req.request_id == "poison" and req.summary is not None:
+            raise FloatingPointError("poisoned row")
+        mask(req, logits)
+
+    monkeypatch.setattr(engine, "_mask", poisoned)
+    reqs = [engine.add_request(f"ok{i}", i_ids, p) for i, i_ids in enumerate(ids)]
+    bad = engine.add_request("poison", ids[0], p)
+    engine.run_to_completion()
+    assert bad.status == "failed" and "poisoned row" in bad.error
+    for req, exp in zip(reqs, expected):
+        same(llm.request_output(req), exp)
+    assert engine.block_manager.num_used == 0
+
+
+def test_add_request_validates(llm):
+    engine = llm.engine
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add_request("e", [], params())
+    with pytest.raises(ValueError, match="outside"):
+        engine.add_request("v", [5, llm.model.vocab_size], params())
+    with pytest.raises(TypeError, match="SamplingParams or PlainParams"):
+        engine.add_request("t", [5, 6], {"num_paths": 2})
+    with pytest.raises(ValueError, match="num_paths=9"):
+        engine.add_request("n", [5, 6], params(num_paths=9))
+    assert not engine.has_unfinished()
+    (o,) = llm.generate_sequential(prompt_token_ids=[[5, 6, 7]], params=PlainParams(max_tokens=3))
+    assert o.error is None and len(o.token_ids) == 3
+
+
+def test_readmitted_request_keeps_its_arrival_order():
+    bm = BlockManager(12, 4)
+    sched = Scheduler(bm, 1000)
+    p = SamplingParams(num_paths=2, max_path_tokens=12, min_path_tokens=12, max_summary_tokens=6,
+                       temperature=0, min_finished_paths=2)
+    a, b = (Request(n, i, [7] * 8, p, CTRL, TEMPLATE) for i, n in enumerate("ab"))
+    sched.add(a)
+    sched.add(b)
+    sched.schedule()
+    assert [r.request_id for r in sched.running] == ["a", "b"]
+    sched._preempt(a)  # as if a had been the victim once
+    sched.schedule()
+    assert [r.request_id for r in sched.running] == ["a", "b"], "a is back before b"
+
+
+def test_lockstep_growth_keeps_slot_runs_few():
+    """Eight paths growing a token at a time, as in decoding: each sequence's slots stay in a
+    few long runs of the pool, so attention reads them as a few views."""
+    bm = BlockManager(4096, 16)
+    prompt = Seq([1] * 100, 0, 0)
+    prompt.place(bm)
+    paths = [Seq([1], k + 1, 100) for k in range(8)]
+    for _ in range(2000):
+        for s in paths:
+            s.tokens.append(2)
+            s.place(bm)
+    assert prompt.runs == [[0, 100]]
+    assert all(len(s.runs) <= 3 for s in paths), [len(s.runs) for s in paths]
+    assert all(sum(n for _, n in s.runs) == len(s.tokens) for s in paths)
+
+
+def test_llama_checkpoint_runs_chunked(tmp_path):
+    llm = LLM(str(make_checkpoint(tmp_path / "llama", model_type="llama", end_boost=1.3)),
+              device="cpu", dtype="float32", max_num_batched_tokens=5)
+    p = params(num_paths=2)
+    same(llm.generate(["What is 2+3?"], p)[0], llm.generate_slow_twin(["What is 2+3?"], p)[0])
