@@ -210,7 +210,7 @@ class EndpointTeacher:
         for s in self.servers:
             try:
                 if self.model is None:  # the first answering teacher's first model
-                    self.model = s.client.with_options(timeout=15.0).models.list().data[0].id
+                    self.model = s.list_models().data[0].id
                 s.fetch_card(self.model)
             except EndpointError:
                 raise
