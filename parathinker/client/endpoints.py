@@ -15,12 +15,17 @@ it is probed again after 1, 2, 4, ... s (at most 60 s). After `retries` failures
 dropped for the rest of the run; the run fails (EndpointError) only when every server is dropped.
 HTTP 429 (a full queue) puts a job back without counting against the server. Any other error
 (400, 401, 404: the request or the setup is wrong) stops the run with an EndpointError.
+
+Every HTTP call has a finite timeout: a call `timeout_s` (--request-timeout), a model-list probe
+at most 15 s (never more than `timeout_s`). Each call runs on a daemon thread, so a run stopped by
+an error does not keep the process waiting on the requests it abandoned.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +35,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 MAX_BACKOFF_S = 60.0
+PROBE_TIMEOUT_S = 15.0  # a /v1/models probe; capped by --request-timeout
 
 
 class EndpointError(RuntimeError):
@@ -109,6 +115,15 @@ class Server:
         self.client.close()
         self.client = self._new_client()
 
+    def list_models(self) -> Any:
+        """GET /v1/models within the probe timeout."""
+        return self.client.with_options(timeout=min(PROBE_TIMEOUT_S, self.timeout_s)).models.list()
+
+    @property
+    def is_parathinker(self) -> bool:
+        """Its model card says it is `parathinker serve` (paths in every answer)."""
+        return (self.card or {}).get("owned_by") == "parathinker"
+
     @property
     def in_rotation(self) -> bool:
         return not self.dropped and self.retry_at is None
@@ -134,7 +149,7 @@ class Server:
         """The server's model card for `model` ({} when it has no /models route); EndpointError when
         it does not serve that model, _Down when it does not answer."""
         try:
-            listed = self.client.with_options(timeout=15.0).models.list()
+            listed = self.list_models()
         except self._openai.NotFoundError:
             self.card = {}
             return self.card
@@ -167,6 +182,22 @@ class _Attempt:
     outputs: list[Any] = field(default_factory=list)
     num_done: int = 0
     live: bool = True
+
+
+def _spawn(fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
+    """fn(*args) on a daemon thread: a call abandoned by a stopped run (it may wait up to its
+    timeout) never holds up the process's exit, as a ThreadPoolExecutor's workers would."""
+    fut: cf.Future[Any] = cf.Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever reads the future
+            fut.set_exception(e)
+
+    fut.set_running_or_notify_cancel()
+    threading.Thread(target=run, name="eval-endpoint", daemon=True).start()
+    return fut
 
 
 def _warn(msg: str) -> None:
@@ -212,8 +243,6 @@ class Dispatcher:
         is_exhausted = False
         calls: dict[cf.Future[Any], tuple[_Attempt, int]] = {}
         probes: dict[cf.Future[Any], Server] = {}
-        pool = cf.ThreadPoolExecutor(self.concurrency * len(servers) + len(servers),
-                                     thread_name_prefix="eval-endpoint")
 
         def requeue(att: _Attempt) -> None:
             att.live = False
@@ -224,7 +253,7 @@ class Dispatcher:
             server.first_start = server.first_start or time.monotonic()
             for slot, call in enumerate(att.calls):
                 server.in_flight += 1
-                calls[pool.submit(call, server)] = (att, slot)
+                calls[_spawn(call, server)] = (att, slot)
 
         try:
             while True:
@@ -233,7 +262,7 @@ class Dispatcher:
                     if s.retry_at is None or s.retry_at > now or s in probes.values():
                         continue
                     if s.down:
-                        probes[pool.submit(s.client.with_options(timeout=10.0).models.list)] = s
+                        probes[_spawn(s.list_models)] = s
                     else:
                         s.retry_at = None
                 while True:  # fill free slots, least loaded server first
@@ -306,6 +335,5 @@ class Dispatcher:
                         server.last_end = time.monotonic()
                         yield att.tag, att.outputs, server
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
             for s in {a.server for a, _ in calls.values() if a.server is not None}:
                 s.reset_client()  # stop waiting on answers nobody will read

@@ -178,10 +178,6 @@ class ParallelResult:
 _SUMMARY_FINISH = {"stop": "end", "length": "budget"}  # the server's mapping (serve/protocol.py), reversed
 
 
-def _is_parathinker_server(server: Server) -> bool:
-    return (server.card or {}).get("owned_by") == "parathinker"
-
-
 class EndpointBackend:
     """Requests on one or more OpenAI-compatible servers, spread by load (eval/endpoints.py).
 
@@ -228,8 +224,8 @@ class EndpointBackend:
         """The answering servers that run a job of this kind (layout None: plain traces)."""
         live = [s for s in self.servers if not s.dropped]
         if layout is None:
-            return [s for s in live if not _is_parathinker_server(s)]
-        return [s for s in live if _is_parathinker_server(s) and s.card.get("layout", "native") == layout]
+            return [s for s in live if not s.is_parathinker]
+        return [s for s in live if s.is_parathinker and s.card.get("layout", "native") == layout]
 
     def validate(self, layout: str | None, num_paths: int) -> None:
         """ValueError before anything runs when no answering server can take these jobs."""
@@ -243,7 +239,7 @@ class EndpointBackend:
                                      "/v1/models (a parathinker serve older than this eval): upgrade it")
             return
         kinds = ", ".join(f"{s.url} ({(s.card or {}).get('owned_by', '?')}"
-                          + (f", {s.card.get('layout')} layout" if _is_parathinker_server(s) else "") + ")"
+                          + (f", {s.card.get('layout')} layout" if s.is_parathinker else "") + ")"
                           for s in self.servers if not s.dropped)
         if layout is None:
             raise ValueError("sequential and majority traces need an OpenAI-compatible server other than "

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from parathinker.spec.reference_layout import REFERENCE_BLOCK_SIZE
 from parathinker.spec.tokens import SEQUENTIAL_PROMPT_TEMPLATE
 from parathinker.train.data import Sample, write_samples
 
@@ -131,6 +132,7 @@ def is_endpoint_spec(teacher: Any) -> bool:
 class Trace:
     text: str
     finish_reason: str  # "end" | "budget"
+    is_path: bool = False  # a ParaThinker path: its text is kept byte for byte (leading space too)
 
 
 def clean_trace(text: str, path_text: str, eos: str | None = None) -> str:
@@ -144,6 +146,12 @@ def clean_trace(text: str, path_text: str, eos: str | None = None) -> str:
 
 
 # ----- teachers: generate(questions, indices) -> per question, one Trace per requested index
+
+def _all_finish(num_paths: int, layout: str | None) -> int:
+    """min_finished_paths for paths that all run to their end; the reference layout always
+    stops at the first finished path (SPEC §6): the others come back cut (as truncated traces)."""
+    return 1 if layout == "reference" else num_paths
+
 
 class LocalTeacher:
     def __init__(self, cfg: BuildConfig) -> None:
@@ -175,11 +183,12 @@ class LocalTeacher:
         if c.teacher_mode == "paths":
             for i, (q, js) in enumerate(zip(questions, indices)):
                 params = SamplingParams(
-                    num_paths=len(js), min_finished_paths=len(js), max_path_tokens=c.max_tokens + 2,
+                    num_paths=len(js), min_finished_paths=_all_finish(len(js), c.layout),
+                    max_path_tokens=c.max_tokens + 2,
                     max_summary_tokens=len(self.llm.summary_template_ids) + 1,
                     temperature=c.temperature, top_p=c.top_p, seed=c.seed * 100003 + js[0])
                 (res,) = self.llm.generate([q], params)
-                out[i] = [Trace(p.text, "end" if p.finish_reason == "end" else "budget")
+                out[i] = [Trace(p.text, "end" if p.finish_reason == "end" else "budget", True)
                           for p in res.paths]
             return out
         for j in sorted({j for js in indices for j in js}):  # one batched call per trace index
@@ -210,7 +219,7 @@ class EndpointTeacher:
         for s in self.servers:
             try:
                 if self.model is None:  # the first answering teacher's first model
-                    self.model = s.client.with_options(timeout=15.0).models.list().data[0].id
+                    self.model = s.list_models().data[0].id
                 s.fetch_card(self.model)
             except EndpointError:
                 raise
@@ -219,8 +228,60 @@ class EndpointTeacher:
                 self.dispatcher.warn(f"{s.last_error}; not used in this run")
         if all(s.dropped for s in self.servers):
             raise EndpointError("no teacher answers: " + "; ".join(s.last_error for s in self.servers))
+        for s in self.servers:
+            if s.is_parathinker:
+                self._check_parathinker(s)
+
+    def _check_parathinker(self, server: Any) -> None:
+        """ValueError before anything runs when a `parathinker serve` teacher cannot take these
+        requests (each is one request of `--traces-per-request` paths, see _paths)."""
+        c, card = self.cfg, server.card
+        if c.api == "completions":
+            raise ValueError(f"the teacher {server.url} is parathinker serve: its paths come from "
+                             "chat requests; drop --api completions")
+        if "summary_template_tokens" not in card:
+            raise ValueError(f"the teacher {server.url} does not report summary_template_tokens in "
+                             "/v1/models (a parathinker serve older than this build-data): upgrade it")
+        step, most = c.traces_per_request or c.traces_per_problem, int(card.get("max_paths") or 1)
+        if step > most:
+            raise ValueError(f"the teacher {server.url} serves at most {most} paths per request and "
+                             f"each of its paths is one trace: pass --traces-per-request {most}")
+        if card.get("layout") == "reference" and (c.max_tokens + 2) % REFERENCE_BLOCK_SIZE:
+            fit = (c.max_tokens + 2) // REFERENCE_BLOCK_SIZE * REFERENCE_BLOCK_SIZE - 2
+            raise ValueError(f"the teacher {server.url} runs the reference layout: a path's budget "
+                             f"(--max-tokens + 2 tags) must be a multiple of {REFERENCE_BLOCK_SIZE}; "
+                             f"pass --max-tokens {fit}")
+
+    def _paths(self, server: Any, question: str, n: int, seed: int) -> list[Trace]:
+        """A ParaThinker teacher: one request of n paths that all run to their end (as
+        --teacher-mode paths does locally), each served path one trace, its text as served."""
+        from parathinker.client.endpoints import EndpointError
+
+        c = self.cfg
+        settings = {"num_paths": n, "min_finished_paths": _all_finish(n, server.card.get("layout")),
+                    "max_path_tokens": c.max_tokens + 2,
+                    "max_summary_tokens": int(server.card["summary_template_tokens"]) + 1}
+        try:
+            r = server.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": question}], n=1,
+                temperature=c.temperature, top_p=c.top_p, seed=seed, extra_body={"parallel": settings})
+        except Exception as e:  # noqa: BLE001 - a budget the server refuses: name the flag
+            err = server.error(e)
+            if isinstance(err, EndpointError):
+                raise EndpointError(f"{err}{_budget_hint(str(err), c.max_tokens, server.card)}") from None
+            raise err from None
+        paths = (r.choices[0].message.model_extra or {}).get("paths") if r.choices else None
+        if not paths or any("text" not in p for p in paths):
+            raise EndpointError(f"the teacher {server.url} answered without the parallel extension's "
+                                "paths and their text: is it parathinker serve?")
+        return [Trace(p["text"], "end" if p["finish_reason"] == "end" else "budget", True)
+                for p in sorted(paths, key=lambda p: p["index"])]
 
     def _one(self, server: Any, question: str, n: int, seed: int) -> list[Trace]:
+        from parathinker.client.endpoints import EndpointError
+
+        if server.is_parathinker:
+            return self._paths(server, question, n, seed)
         c = self.cfg
         client = server.client
         common = dict(model=self.model, n=n, max_tokens=c.max_tokens, temperature=c.temperature,
@@ -237,6 +298,10 @@ class EndpointTeacher:
         for ch in r.choices:
             # servers with a reasoning parser return the thinking apart from the content
             msg = ch.message
+            if "paths" in (msg.model_extra or {}):
+                raise EndpointError(f"the teacher {server.url} answers with ParaThinker paths, but its "
+                                    "/v1/models does not say it is parathinker serve: the paths "
+                                    "would be glued into one trace")
             thinking = getattr(msg, "reasoning_content", None) or getattr(msg, "reasoning", None)
             text = msg.content or ""
             if thinking:
@@ -264,6 +329,22 @@ class EndpointTeacher:
                                     f"n={len(js)}; pass --traces-per-request 1 for a server that "
                                     "ignores n")
             yield p, js, traces, server.url
+
+
+def _budget_hint(message: str, max_tokens: int, card: dict[str, Any]) -> str:
+    """For parathinker serve's "lower the budgets" 400s: the flag to lower, and to what."""
+    m = re.search(r"max_path_tokens \((\d+)\).*?(\d+) positions.*?context \((\d+)\)", message)
+    if m:  # path budget minus the overflow, tags (2) off; reference: a multiple of 16
+        room = int(m[1]) - (int(m[2]) - int(m[3]))
+        if card.get("layout") == "reference":
+            room = room // REFERENCE_BLOCK_SIZE * REFERENCE_BLOCK_SIZE
+        if room - 2 >= 1:
+            return f" (--max-tokens {max_tokens} does not fit this prompt: pass --max-tokens {room - 2})"
+        return " (the prompt alone fills the teacher's context)"
+    if "KV blocks" in message:
+        return (f" (each request asks for --traces-per-request paths of --max-tokens {max_tokens} + 2 "
+                "tokens: lower --max-tokens or --traces-per-request)")
+    return ""
 
 
 def _check_served_model(store: Any, model: str | None) -> None:
@@ -412,7 +493,7 @@ def build_data(cfg: BuildConfig) -> dict[str, Any]:
         def keep(p: dict[str, Any], js: Sequence[int], traces: Sequence[Trace], **where: Any) -> None:
             for j, tr in zip(js, traces):
                 full = clean_trace(tr.text, "full", eos)  # graded whole, answer included
-                path = clean_trace(tr.text, cfg.path_text, eos)
+                path = tr.text if tr.is_path else clean_trace(tr.text, cfg.path_text, eos)
                 store.append({"benchmark": "build-data", "mode": "trace", "num_paths": 1,
                               "id": p["id"], "sample": j, "answer": last_boxed(full),
                               "correct": bool(full) and grade(p["answer"], full),
