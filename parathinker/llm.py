@@ -25,8 +25,8 @@ from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_mod
 from parathinker.model.fast_linear import apply_linear_backend
 from parathinker.engine.outputs import PathOutput, RequestOutput, SequentialOutput, SummaryOutput
 from parathinker.engine.slow_twin import RawRequestOutput, generate_request
-from parathinker.spec.reference_layout import (ReferenceTokens, check_params, pad_prompt,
-                                          padded_prompt_len, path_text_ids, summary_cap)
+from parathinker.spec.budgets import check_context
+from parathinker.spec.reference_layout import ReferenceTokens, check_params, pad_prompt, path_text_ids
 from parathinker.spec.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
                                 SEQUENTIAL_PROMPT_TEMPLATE, ControlTokens, last_boxed)
 
@@ -154,34 +154,12 @@ class LLM:
         if len(prompt_ids) >= limit:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the model's "
                              f"context ({limit} positions); shorten it")
-        if self.layout == "reference":
-            self._validate_reference(prompt_ids, params, limit)
-            return
-        needed = len(prompt_ids) + params.max_path_tokens + params.max_summary_tokens
-        if needed > limit:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)}) + max_path_tokens ({params.max_path_tokens}) + "
-                f"max_summary_tokens ({params.max_summary_tokens}) = {needed} positions exceed the "
-                f"model's context ({limit}); lower the budgets"
-            )
-
-    def _validate_reference(self, prompt_ids: list[int], params: SamplingParams,
-                            limit: int) -> None:
-        """SPEC §6 requests: what the reference layout cannot run (reference_layout.check_params),
-        and positions up to 2·Lp + max_path_tokens + the summary cap (Lp = the padded prompt)."""
-        ReferenceTokens.from_ctrl(self.ctrl)
-        check_params(params.num_paths, params.max_path_tokens, params.min_path_tokens,
-                     params.min_finished_paths, params.max_summary_tokens,
-                     len(self.summary_template_ids))
-        lp = padded_prompt_len(len(prompt_ids), self.tokenizer.bos_token_id is not None)
-        needed = 2 * lp + params.max_path_tokens + summary_cap(params.max_summary_tokens)
-        if needed > limit:
-            raise ValueError(
-                f"layout='reference' places the summary at 2 x padded prompt ({lp}) + "
-                f"max_path_tokens ({params.max_path_tokens}); with its "
-                f"{summary_cap(params.max_summary_tokens)} tokens that is {needed} positions, more "
-                f"than the model's context ({limit}); lower the budgets"
-            )
+        if self.layout == "reference":  # what the reference layout cannot run as it does
+            ReferenceTokens.from_ctrl(self.ctrl)
+            check_params(params.num_paths, params.max_path_tokens, params.min_path_tokens,
+                         params.min_finished_paths, params.max_summary_tokens, template_len)
+        check_context(len(prompt_ids), params.max_path_tokens, params.max_summary_tokens, limit,
+                      self.layout, self.tokenizer.bos_token_id is not None)
 
     def engine_prompt(self, prompt_ids: list[int]) -> list[int]:
         """The ids the engine runs for an encoded prompt: unchanged in the native layout; in the

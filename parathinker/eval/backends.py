@@ -175,7 +175,7 @@ class ParallelResult:
                    len(out.summary.token_ids), out.metrics.get("latency_s"), out.error)
 
 
-_SUMMARY_FINISH = {"stop": "end", "length": "budget"}  # the server's mapping (serve/protocol.py), reversed
+_SUMMARY_FINISH = {"stop": "end", "length": "budget"}  # the server's mapping (serve/responses.py), reversed
 
 
 class EndpointBackend:

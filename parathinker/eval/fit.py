@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from parathinker.spec.budgets import ContextFit, path_room
+from parathinker.spec.budgets import ContextFit, path_room, trace_room
 from parathinker.eval.config import EvalConfig
 from parathinker.spec.tokens import SEQUENTIAL_PROMPT_TEMPLATE
 
@@ -40,7 +40,7 @@ def fit_to_context(cfg: EvalConfig, problems: dict[str, list[dict[str, Any]]]) -
         lp = fit.longest(fit.prompt(q, SEQUENTIAL_PROMPT_TEMPLATE) for q in questions)
         for mode, (field, flag) in plain.items():
             if mode in cfg.modes:
-                fitted[field] = fit.cap(flag, resolved[field], fit.context - lp,
+                fitted[field] = fit.cap(flag, resolved[field], trace_room(fit.context, lp),
                                         f" with the longest prompt ({lp} tokens)")
     lowered = {k: v for k, v in fitted.items() if v < resolved[k]}
     if "max_path_tokens" in lowered:

@@ -22,7 +22,7 @@ from typing import Any
 
 from parathinker.engine.outputs import RequestOutput
 from parathinker.serve.detokenize import IncrementalDetokenizer, token_bytes
-from parathinker.serve.protocol import finish_reason
+from parathinker.serve.responses import finish_reason
 from parathinker.spec.tokens import last_boxed
 
 NEG_INF_LOGPROB = -9999.0

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from parathinker.serve.protocol import APIError
+from parathinker.serve.fields import APIError
 
 log = logging.getLogger("parathinker.serve")
 DEFAULT_MAX_BODY_BYTES = 1 << 20

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from parathinker.serve import protocol as P
+from parathinker.serve import responses as P
 from parathinker.serve.choices import StopFilter
 from parathinker.serve.detokenize import IncrementalDetokenizer
 from parathinker.serve.engine_loop import Delta

@@ -1,11 +1,22 @@
-"""Token budgets that fit a checkpoint's context: what `generate`, `eval` and `build-data` cap.
+"""Token budgets against a checkpoint's context: the one statement of the context rule, and the
+fitting that `generate`, `eval`, `build-data` and `serve` do with it.
 
+A ParaThinker request reaches `positions(...)`: every path restarts where the prompt ends and the
+summary follows the longest path, so
+- native (SPEC §4): prompt + max_path_tokens + max_summary_tokens <= context;
+- reference (SPEC §6): 2 x padded prompt + max_path_tokens + summary cap <= context (the summary
+  starts at 2·Lp + L), max_path_tokens a multiple of REFERENCE_BLOCK_SIZE (16).
+A plain trace (the sequential and majority baselines): prompt + max_tokens <= context.
+
+    check_context(prompt_len, max_path, max_summary, context, layout, has_bos)  # ValueError
+    room = path_room(context, prompt_len, max_summary, layout, has_bos)  # largest max_path that fits
     fit = ContextFit(model)                          # config.json + tokenizer, no weights
     lp = fit.longest([fit.prompt(q) for q in questions])
     max_path = fit.cap("--max-path-tokens", max_path, path_room(fit.context, lp, max_summary))
 
-A budget the context cannot hold is lowered to what it can, with one note on stderr naming the
-flag, the model's context and the value used (`serve` fits request budgets the same way).
+A command's budget the context cannot hold is lowered to what it can, with one note on stderr
+naming the flag, the model's context and the value used; `serve` fits the budgets a request left
+out with the same path_room and round_paths.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from parathinker.spec.reference_layout import REFERENCE_BLOCK_SIZE, padded_prompt_len, summary_cap
 from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE
@@ -20,15 +32,67 @@ from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE
 DEFAULT_CONTEXT = 32768  # as ModelConfig.from_dict when config.json names none
 
 
+@dataclass(frozen=True)
+class Positions:
+    """The positions a request reaches, by piece (messages name them)."""
+
+    prompt: int  # native: the prompt; reference: 2 x the padded prompt
+    paths: int  # max_path_tokens
+    summary: int  # native: max_summary_tokens; reference: its cap (summary_cap)
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.paths + self.summary
+
+
+def positions(prompt_len: int, max_path_tokens: int, max_summary_tokens: int,
+              layout: str = "native", has_bos: bool = True) -> Positions:
+    if layout == "reference":
+        return Positions(2 * padded_prompt_len(prompt_len, has_bos), max_path_tokens,
+                         summary_cap(max_summary_tokens))
+    return Positions(prompt_len, max_path_tokens, max_summary_tokens)
+
+
+def check_context(prompt_len: int, max_path_tokens: int, max_summary_tokens: int, context: int,
+                  layout: str = "native", has_bos: bool = True) -> None:
+    """ValueError, naming each piece, when the request's positions exceed the context."""
+    need = positions(prompt_len, max_path_tokens, max_summary_tokens, layout, has_bos)
+    if need.total <= context:
+        return
+    if layout == "reference":
+        raise ValueError(
+            f"layout='reference' places the summary at 2 x padded prompt ({need.prompt // 2}) + "
+            f"max_path_tokens ({need.paths}); with its {need.summary} tokens that is {need.total} "
+            f"positions, more than the model's context ({context}); lower the budgets")
+    raise ValueError(
+        f"prompt ({need.prompt}) + max_path_tokens ({need.paths}) + max_summary_tokens "
+        f"({need.summary}) = {need.total} positions exceed the model's context ({context}); "
+        "lower the budgets")
+
+
+def path_multiple(layout: str) -> int:
+    """max_path_tokens must be a multiple of this: the reference's 16-token blocks (SPEC §6)."""
+    return REFERENCE_BLOCK_SIZE if layout == "reference" else 1
+
+
+def round_paths(max_path_tokens: int, layout: str = "native") -> int:
+    """A path budget rounded down to what the layout accepts, never below one multiple (a budget
+    too small is left for check_context and SamplingParams to explain)."""
+    m = path_multiple(layout)
+    return max_path_tokens if m == 1 else max(m, max_path_tokens // m * m)
+
+
 def path_room(context: int, prompt_len: int, max_summary_tokens: int, layout: str = "native",
               has_bos: bool = True) -> int:
-    """The largest max_path_tokens that LLM.validate accepts for this prompt and summary budget:
-    native, prompt + paths + summary <= context (SPEC §4); reference, 2 x padded prompt + paths +
-    the summary cap <= context, paths a multiple of 16 (SPEC §6)."""
-    if layout == "reference":
-        room = context - 2 * padded_prompt_len(prompt_len, has_bos) - summary_cap(max_summary_tokens)
-        return room // REFERENCE_BLOCK_SIZE * REFERENCE_BLOCK_SIZE
-    return context - prompt_len - max_summary_tokens
+    """The largest max_path_tokens that check_context accepts for this prompt and summary budget
+    (<= 0: none)."""
+    m = path_multiple(layout)
+    return (context - positions(prompt_len, 0, max_summary_tokens, layout, has_bos).total) // m * m
+
+
+def trace_room(context: int, prompt_len: int) -> int:
+    """The largest max_tokens of a plain trace (the sequential and majority baselines)."""
+    return context - prompt_len
 
 
 class ContextFit:

@@ -446,7 +446,7 @@ def fit_to_context(cfg: BuildConfig, problems: Sequence[dict[str, Any]]) -> Buil
     (with a note); an endpoint fits its own requests."""
     from dataclasses import replace
 
-    from parathinker.spec.budgets import ContextFit, path_room
+    from parathinker.spec.budgets import ContextFit, path_room, trace_room
     from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE
 
     if cfg.is_endpoint or not problems:
@@ -459,7 +459,7 @@ def fit_to_context(cfg: BuildConfig, problems: Sequence[dict[str, Any]]) -> Buil
         room = path_room(fit.context, lp, summary, cfg.layout, fit.has_bos) - 2
     else:
         lp = fit.longest(fit.prompt(q, cfg.prompt_template) for q in questions)
-        room = fit.context - lp
+        room = trace_room(fit.context, lp)
     max_tokens = fit.cap("--max-tokens", cfg.max_tokens, room, f" with the longest prompt ({lp} tokens)")
     return replace(cfg, max_tokens=max_tokens) if max_tokens != cfg.max_tokens else cfg
 

@@ -342,7 +342,7 @@ def test_engine_failures_answer_errors_and_free_blocks(base, server_llm, ckpt_di
 
 
 def test_chat_prompts(server_llm):
-    from parathinker.serve.protocol import ParsedRequest, chat_prompt
+    from parathinker.serve.requests import ParsedRequest, chat_prompt
 
     fmt = server_llm.format_prompt
     assert chat_prompt([{"role": "user", "content": "q"}], fmt) == fmt("q")

@@ -19,7 +19,8 @@ import httpx
 import pytest
 from parathinker import SamplingParams
 from parathinker.testing.servers import APPS, JSON, MODEL, QUESTION, SMALL, chat, client, free_port, metrics
-from parathinker.serve.app import LARGE_PROMPT_BYTES, create_app
+from parathinker.serve.admission import LARGE_PROMPT_BYTES
+from parathinker.serve.app import create_app
 
 pytest.importorskip("uvicorn")
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": QUESTION}],
