@@ -7,7 +7,7 @@
 
 Modules: app (routes, errors, auth, body limit, streaming), engine_loop (the thread that owns the
 engine), protocol (request parsing, response shapes), choices (stop strings, echo, logprobs),
-stream (streamed text), detokenize (incremental text), metrics (Prometheus text), cli (flags). docs/SERVE.md shows curl and openai-client calls.
+stream (streamed text), metrics (Prometheus text), cli (flags). docs/SERVE.md shows curl and openai-client calls.
 """
 
 from __future__ import annotations
