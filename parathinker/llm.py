@@ -20,15 +20,16 @@ import torch
 
 from parathinker.config import PlainParams, SamplingParams, normalize_rope_scaling
 from parathinker.engine import LAYOUTS, Engine
-from parathinker.engine.request import FINISHED, Request
+from parathinker.engine.request import Request
 from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from parathinker.model.fast_linear import apply_linear_backend
-from parathinker.engine.outputs import PathOutput, RequestOutput, SequentialOutput, SummaryOutput
+from parathinker.engine.outputs import (RequestOutput, SequentialOutput, build_output,
+                                        request_output, trace_output)
 from parathinker.engine.slow_twin import RawRequestOutput, generate_request
 from parathinker.spec.budgets import check_context
-from parathinker.spec.reference_layout import ReferenceTokens, check_params, pad_prompt, path_text_ids
+from parathinker.spec.reference_layout import ReferenceTokens, check_params, pad_prompt
 from parathinker.spec.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
-                                SEQUENTIAL_PROMPT_TEMPLATE, ControlTokens, last_boxed)
+                                SEQUENTIAL_PROMPT_TEMPLATE, ControlTokens)
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -207,17 +208,7 @@ class LLM:
                                  f"model's context ({limit} positions); lower max_tokens")
         reqs = [self.engine.add_request(f"seq-{next(self._ids)}", ids, params) for ids in encoded]
         self.engine.run_to_completion()
-        outs = []
-        for req in reqs:
-            latency = (req.finish_time or time.perf_counter()) - req.arrival_time
-            tokens = req.trace.tokens
-            text = self.tokenizer.decode(tokens[:-1] if req.trace_finish == "end" else tokens,
-                                         skip_special_tokens=False)
-            outs.append(SequentialOutput(
-                req.prompt.tokens, tokens, text, str(req.trace_finish), last_boxed(text),
-                {"latency_s": latency, "tokens_per_s": len(tokens) / max(latency, 1e-9)},
-                None if req.status == FINISHED else (req.error or req.status)))
-        return outs
+        return [trace_output(req, self.tokenizer) for req in reqs]
 
     def generate_slow_twin(self, prompts: Sequence[str] | str | None = None,
                            params: SamplingParams | None = None, *,
@@ -240,39 +231,12 @@ class LLM:
         return outputs
 
     def request_output(self, req: Request) -> RequestOutput:
-        """An engine request as a RequestOutput (`error` set if it failed)."""
-        latency = (req.finish_time or time.perf_counter()) - req.arrival_time
-        if req.status != FINISHED:
-            why = req.error or f"request {req.status}"
-            return RequestOutput(req.prompt.tokens, [], SummaryOutput([], "", req.status), None,
-                                 {"latency_s": latency}, error=why)
-        raw = RawRequestOutput([p.tokens for p in req.paths], [str(f) for f in req.path_finish],
-                               req.summary.tokens if req.summary else [], str(req.summary_finish),
-                               req.num_forward_tokens)
-        out = self.to_output(req.prompt.tokens, raw, latency)
-        out.metrics["num_preemptions"] = req.num_preemptions
-        if req.num_logprobs is not None and req.summary is not None:
-            out.summary.logprobs = [req.summary.logprobs.get(i)
-                                    for i in range(len(req.summary.tokens))]
-            if req.path_logprobs:
-                for p, seq in zip(out.paths, req.paths):
-                    p.logprobs = [seq.logprobs.get(i) for i in range(len(seq.tokens))]
-        return out
+        """An engine request as a RequestOutput (`error` set if it failed): `outputs.request_output`."""
+        return request_output(req, self.tokenizer, self.ctrl)
 
     def to_output(self, prompt_ids: list[int], raw: RawRequestOutput,
                   latency_s: float) -> RequestOutput:
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        closes = self.ctrl.think_close
-        paths = [PathOutput(k + 1, ids, decode(path_text_ids(ids, closes[k])), reason)
-                 for k, (ids, reason) in enumerate(zip(raw.path_token_ids, raw.path_finish))]
-        body = raw.summary_token_ids
-        if body and body[0] == self.ctrl.summary_open:
-            body = body[1:]
-        if body and raw.summary_finish == "end":
-            body = body[:-1]
-        summary_text = decode(body)
-        summary = SummaryOutput(raw.summary_token_ids, summary_text, raw.summary_finish)
-        num_generated = sum(len(p) for p in raw.path_token_ids) + len(raw.summary_token_ids)
-        metrics = {"latency_s": latency_s, "num_forward_tokens": raw.num_forward_tokens,
-                   "tokens_per_s": num_generated / max(latency_s, 1e-9)}
-        return RequestOutput(prompt_ids, paths, summary, last_boxed(summary_text), metrics)
+        """A slow-twin result as a RequestOutput, by the same rules as the engine's."""
+        return build_output(prompt_ids, raw.path_token_ids, raw.path_finish, raw.summary_token_ids,
+                            raw.summary_finish, raw.num_forward_tokens, latency_s,
+                            self.tokenizer, self.ctrl)

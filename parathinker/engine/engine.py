@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,7 +25,8 @@ from parathinker.config import PlainParams, SamplingParams
 from parathinker.engine.block_manager import BlockManager
 from parathinker.engine.group import SampleGroup, members
 from parathinker.engine.reference_request import ReferenceRequest
-from parathinker.engine.request import ABORTED, FAILED, FINISHED, PlainRequest, Request, SeqGroup
+from parathinker.engine.request import (ABORTED, FAILED, FINISHED, LogprobEntry, PlainRequest,
+                                        Request, SampleRow, SeqGroup)
 from parathinker.engine.runner import ModelRunner, kv_bytes_per_block, profile_activation_bytes
 from parathinker.engine.scheduler import Scheduler
 from parathinker.model.decoder import ParaThinkerForCausalLM
@@ -41,7 +41,6 @@ GPU_MEMORY_UTILIZATION = 0.9
 # fork's own layout (pads, lock-step first-finish, 2·Lp + L summary positions), for reproducing
 # the model card.
 LAYOUTS = ("native", "reference")
-SEED_BITS = 63
 
 
 def default_num_blocks(model: ParaThinkerForCausalLM, block_size: int,
@@ -66,6 +65,14 @@ def default_num_blocks(model: ParaThinkerForCausalLM, block_size: int,
     return max(1, kv_cache_memory // per_block)
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    num_kv_blocks_used: int
+    num_kv_blocks: int
+    num_running: int  # requests in the batch
+    num_waiting: int  # requests queued (new, or preempted)
+
+
 class Engine:
     def __init__(self, model: ParaThinkerForCausalLM, ctrl: ControlTokens, template_ids: list[int],
                  block_size: int = 16, num_kv_blocks: int | None = None,
@@ -88,7 +95,6 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens)
         self.runner = ModelRunner(model, num_kv_blocks, block_size, attention)
         self.masks = LogitMasks(ctrl, self.runner.device)
-        self.seeds: dict[str, int] = {}
         self.requests: dict[str, SeqGroup] = {}
         self._arrivals = itertools.count()
         self._aborted: list[SeqGroup] = []
@@ -118,7 +124,7 @@ class Engine:
         arrival = next(self._arrivals)
         if isinstance(params, PlainParams):
             req: SeqGroup = PlainRequest(request_id, arrival, prompt_ids, params, self.ctrl)
-            self.seeds[request_id] = _seed(params.seed)
+            req.seed = sampler.resolve_seed(params.seed)
         elif isinstance(params, SamplingParams):
             if params.num_paths > self.ctrl.max_paths:
                 raise ValueError(f"num_paths={params.num_paths} but the tokenizer has "
@@ -131,7 +137,7 @@ class Engine:
                 sample = cls(rid, arrival, prompt_ids, replace(params, seed=seed), self.ctrl,
                              self.template_ids)
                 sample.num_logprobs, sample.path_logprobs = logprobs, path_logprobs
-                self.seeds[rid] = _seed(seed)
+                sample.seed = sampler.resolve_seed(seed)
                 samples.append(sample)
             req = samples[0] if n == 1 else SampleGroup(request_id, arrival, prompt_ids, samples)
         else:
@@ -166,6 +172,19 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 
+    @property
+    def block_size(self) -> int:
+        return self.block_manager.block_size
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    def load(self) -> EngineLoad:
+        """What the engine holds now (for the server's admission and metrics)."""
+        return EngineLoad(self.block_manager.num_used, self.block_manager.num_blocks,
+                          len(self.scheduler.running), len(self.scheduler.waiting))
+
     def step(self) -> list[SeqGroup]:
         """Run one forward over every scheduled request; return the requests that ended."""
         ended = self._aborted
@@ -194,111 +213,56 @@ class Engine:
             self.requests.pop(req.request_id, None)
             for m in members(req):
                 m.finish_time = req.finish_time
-                self.seeds.pop(m.request_id, None)
         return ended
 
     @torch.inference_mode()
     def _run(self, scheduled: list[tuple[SeqGroup, int]]) -> None:
         """Forward, mask and sample first; only then change the requests (so a failure leaves
-        them as they were, and re-running is safe: the same K/V go to the same slots)."""
+        them as they were, and re-running is safe: the same K/V go to the same slots). Each
+        request hands over its rows once (`sample_rows`) and takes its tokens in one call."""
         work = [req.work(budget) for req, budget in scheduled]
         logits = self.runner.run([w for ws in work for w in ws])
-        plan: list[tuple[SeqGroup, list[tuple[SeqGroup, int, int]]]] = []
-        row = 0
-        for (req, _), ws in zip(scheduled, work):
-            has_rows = any(w.needs_logits for w in ws)
-            mine = []  # (sample, first row, number of rows) of each sample still running
-            for m in members(req):
-                if m.status == FINISHED:
-                    continue
-                n = len(m.sample_seqs()) if has_rows else 0
-                if n:
-                    self._mask(m, logits[row: row + n])
-                mine.append((m, row, n))
-                row += n
-            plan.append((req, mine))
-        tokens, entries = self._sample(logits, [x for _, mine in plan for x in mine if x[2]])
+        rows = [req.sample_rows() if any(w.needs_logits for w in ws) else []
+                for (req, _), ws in zip(scheduled, work)]
+        flat = [r for rs in rows for r in rs]
+        self.masks.rows(logits, [r.mask for r in flat], [r.can_end for r in flat])
+        tokens, entries = self._sample(logits, flat)
         for (req, _), ws in zip(scheduled, work):
             req.mark_computed(ws)
-        for req, mine in plan:
-            is_computed = req.is_computed()
-            for m, a, n in mine:
-                if n:
-                    self._apply(m, tokens[a: a + n], entries[a: a + n])
-                elif is_computed:  # e.g. every path closed by its budget: nothing to sample
-                    self._apply(m, [], [])
-            if isinstance(req, SampleGroup):
-                req.update_status()
+        a = 0
+        for (req, _), rs in zip(scheduled, rows):
+            if rs or req.is_computed():  # e.g. every path closed by its budget: nothing drawn
+                req.take(rs, tokens[a: a + len(rs)], entries[a: a + len(rs)])
+            a += len(rs)
 
-    def _mask(self, req: SeqGroup, logits: torch.Tensor) -> None:
-        if not isinstance(req, Request) or not req.uses_logit_masks:
-            return
-        if req.summary is None:
-            self.masks.paths(logits, req.path_can_end(req.paths_to_sample()))
-        else:
-            self.masks.summary(logits)
-
-    def _sample(self, logits: torch.Tensor, rows: list[tuple[SeqGroup, int, int]]
-                ) -> tuple[list[int], list[tuple[float, list[int], list[float]] | None]]:
-        """-> the sampled token of every row, and its logprob entry for the rows of requests
-        that asked (`logprobs`; None elsewhere), computed in the same step on the device."""
+    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]
+                ) -> tuple[list[int], list[LogprobEntry | None]]:
+        """-> the sampled token of every row, and its logprob entry for the rows whose request
+        asked (`logprobs`; None elsewhere), computed in the same step on the device."""
         if not rows:
             return [], []
-        cols: dict[str, list] = {"temperature": [], "top_p": [], "top_k": [], "seed": [], "counter": []}
-        for req, _, n in rows:
-            p = req.params
-            cols["temperature"] += [p.temperature] * n
-            cols["top_p"] += [p.top_p] * n
-            cols["top_k"] += [p.top_k] * n
-            cols["seed"] += [self.seeds[req.request_id]] * n
-            cols["counter"] += req.sample_counters()
-        st = sampler.SamplingTensors.from_rows(device=logits.device, **cols)
+        st = sampler.SamplingTensors.from_rows(
+            [r.owner.params.temperature for r in rows], [r.owner.params.top_p for r in rows],
+            [r.owner.params.top_k for r in rows], [r.owner.seed for r in rows],
+            [r.counter for r in rows], device=logits.device)
         tokens = sampler.sample_rows(logits, st)
-        asked = [(r, req.num_logprobs) for req, a, n in rows if _wants_logprobs(req)
-                 for r in range(a, a + n)]
-        entries: list[tuple[float, list[int], list[float]] | None] = [None] * len(cols["seed"])
+        asked = [i for i, r in enumerate(rows) if r.wants_logprobs]
+        entries: list[LogprobEntry | None] = [None] * len(rows)
         if asked:
-            idx = [r for r, _ in asked]
-            sub_cols = {k: [v[r] for r in idx] for k, v in cols.items()}
-            sub = sampler.SamplingTensors.from_rows(device=logits.device, **sub_cols)
-            where = torch.tensor(idx, device=logits.device)
+            where = torch.tensor(asked, device=logits.device)
             chosen, top_ids, top_lps = sampler.logprobs_rows(
-                logits[where], sub, tokens[where], max(k for _, k in asked))
-            for (r, k), lp, ids, lps in zip(asked, chosen.tolist(), top_ids.tolist(),
-                                            top_lps.tolist()):
-                entries[r] = (lp, ids[:k], lps[:k])
+                logits[where], st.select(where), tokens[where],
+                max(rows[i].owner.num_logprobs for i in asked))
+            for i, lp, ids, lps in zip(asked, chosen.tolist(), top_ids.tolist(), top_lps.tolist()):
+                k = rows[i].owner.num_logprobs
+                entries[i] = (lp, ids[:k], lps[:k])
         return tokens.tolist(), entries
-
-    @staticmethod
-    def _apply(req: SeqGroup, tokens: list[int],
-               entries: list[tuple[float, list[int], list[float]] | None]) -> None:
-        seqs = req.sample_seqs() if any(e is not None for e in entries) else []
-        at = [len(s.tokens) for s in seqs]
-        if isinstance(req, PlainRequest):
-            req.apply_token(tokens[0])
-        elif req.summary is None:
-            req.apply_paths(req.paths_to_sample(), tokens)
-        else:
-            req.apply_summary(tokens[0])
-        for seq, i, token, entry in zip(seqs, at, tokens, entries):
-            # kept only where the sampled token is the one appended (not a forced or rewritten one)
-            if entry is not None and len(seq.tokens) > i and seq.tokens[i] == token:
-                seq.logprobs[i] = entry
 
     def run_to_completion(self) -> list[SeqGroup]:
         ended = []
         while self.has_unfinished():
             ended += self.step()
         return ended
-
-
-def _seed(seed: int | None) -> int:
-    return random.getrandbits(SEED_BITS) if seed is None else seed % (1 << SEED_BITS)
-
-
-def _wants_logprobs(req: SeqGroup) -> bool:
-    return req.num_logprobs is not None and (getattr(req, "summary", None) is not None
-                                             or req.path_logprobs)
 
 
 __all__ = ["ABORTED", "Engine"]

@@ -10,7 +10,7 @@ its own with the same seed would. A member that ends waits, blocks held, for the
 
 from __future__ import annotations
 
-from parathinker.engine.request import FINISHED, Request, Seq, SeqGroup
+from parathinker.engine.request import FINISHED, LogprobEntry, Request, SampleRow, Seq, SeqGroup
 
 
 class SampleGroup(SeqGroup):
@@ -35,11 +35,19 @@ class SampleGroup(SeqGroup):
                 return m.readable(seq)
         raise ValueError("sequence not in this group")
 
-    def sample_seqs(self) -> list[Seq]:
-        return [s for m in self.live() for s in m.sample_seqs()]
+    def sample_rows(self) -> list[SampleRow]:
+        return [r for m in self.live() for r in m.sample_rows()]
 
-    def update_status(self) -> None:
-        """Finished once every member has."""
+    def take(self, rows: list[SampleRow], tokens: list[int],
+             entries: list[LogprobEntry | None]) -> None:
+        """Each running member takes its own rows (or none, once the group is computed); the
+        group is finished once every member has."""
+        is_computed = self.is_computed()
+        for m in self.live():
+            mine = [i for i, r in enumerate(rows) if r.owner is m]
+            if mine or is_computed:
+                m.take([rows[i] for i in mine], [tokens[i] for i in mine],
+                       [entries[i] for i in mine])
         if all(m.status == FINISHED for m in self.members):
             self.status = FINISHED
 

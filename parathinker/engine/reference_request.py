@@ -43,9 +43,6 @@ class ReferenceRequest(Request):
             return []
         return [k for k, f in enumerate(self.path_finish) if f is None]
 
-    def path_can_end(self, ks: list[int]) -> list[bool]:
-        return [True] * len(ks)  # nothing is masked; end tokens are rewritten after sampling
-
     def apply_paths(self, sampled: list[int], chosen: list[int]) -> None:
         tok = self.ref_tokens
         for k, p in enumerate(self.paths):  # pass 1: the stop checker, on every path

@@ -25,6 +25,7 @@ from parathinker.spec.tokens import ControlTokens
 
 WAITING, RUNNING, FINISHED, FAILED, ABORTED = "waiting", "running", "finished", "failed", "aborted"
 SUMMARY_STREAM = 1 << 20  # sampling counter stream of the summary; path k uses k, a trace 0
+LogprobEntry = tuple[float, list[int], list[float]]  # (logprob, top ids, top logprobs)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Seq:
     num_placed: int = 0  # tokens that have a slot
     forked: list[int] = field(default_factory=list)  # blocks of other sequences it reads
     # token index -> (logprob, top ids, top logprobs) of a sampled token, when the request asks
-    logprobs: dict[int, tuple[float, list[int], list[float]]] = field(default_factory=dict)
+    logprobs: dict[int, LogprobEntry] = field(default_factory=dict)
 
     @property
     def num_pending(self) -> int:
@@ -91,12 +92,33 @@ class SeqWork:
     seq: Seq = field(repr=False, compare=False)
 
 
+@dataclass
+class SampleRow:
+    """One row of a step's sampling, as a request hands it to the engine: the sequence whose
+    last logits it samples, which SPEC §5 mask applies, and the noise counter. `owner` is the
+    request (a group's member) whose params, seed and logprobs settings the row uses."""
+
+    owner: SeqGroup
+    seq: Seq
+    kind: str  # "path" | "summary" | "trace"
+    mask: str | None  # "path" | "summary" (LogitMasks.rows), or None: nothing masked
+    can_end: bool  # a masked path row may draw an end token
+    counter: int  # (stream << 32) + index of the token drawn: unique within the owner
+    path: int | None = None  # 0-based path index of a path row
+
+    @property
+    def wants_logprobs(self) -> bool:
+        o = self.owner
+        return o.num_logprobs is not None and (self.kind == "summary" or o.path_logprobs)
+
+
 class SeqGroup:
     """Sequences of one request and their KV; subclasses say which sequences read which, and
-    which are sampled after a step."""
+    which are sampled after a step (`sample_rows`), and apply the sampled tokens (`take`)."""
 
     num_logprobs: int | None = None  # record the logprobs of sampled summary tokens (top k)
     path_logprobs = False  # ... and of the paths' tokens too
+    seed = 0  # the sampling seed, set by the engine (sampler.resolve_seed)
 
     def __init__(self, request_id: str, arrival: int, prompt_ids: list[int],
                  ctrl: ControlTokens) -> None:
@@ -117,9 +139,29 @@ class SeqGroup:
         """The sequences `seq` reads before its own tokens, in context order."""
         return [] if seq is self.prompt else [self.prompt]
 
-    def sample_seqs(self) -> list[Seq]:
-        """Sequences whose last token's logits are sampled after this step, in seqs() order."""
+    def sample_rows(self) -> list[SampleRow]:
+        """The rows sampled after this step (one per sequence whose last logits are drawn
+        from), in seqs() order."""
         raise NotImplementedError
+
+    def apply(self, rows: list[SampleRow], tokens: list[int]) -> None:
+        """The request's transition on the tokens sampled for `rows` (SPEC §5)."""
+        raise NotImplementedError
+
+    def sample_seqs(self) -> list[Seq]:
+        return [r.seq for r in self.sample_rows()]
+
+    def take(self, rows: list[SampleRow], tokens: list[int],
+             entries: list[LogprobEntry | None]) -> None:
+        """After a step: apply the tokens sampled for `rows` (this step's `sample_rows()`, or
+        none when the step drew nothing but computed every pending token), then keep each
+        row's logprob entry where the sampled token is the one appended (not a forced or
+        rewritten one)."""
+        at = [len(r.seq.tokens) for r in rows]
+        self.apply(rows, tokens)
+        for r, i, token, entry in zip(rows, at, tokens, entries):
+            if entry is not None and len(r.seq.tokens) > i and r.seq.tokens[i] == token:
+                r.seq.logprobs[i] = entry
 
     # ----- KV bookkeeping
     def num_pending_tokens(self) -> int:
@@ -217,16 +259,21 @@ class Request(SeqGroup):
             return [self.prompt, *self.paths]
         return [self.prompt]
 
-    def sample_seqs(self) -> list[Seq]:
+    def sample_rows(self) -> list[SampleRow]:
+        masked = self.uses_logit_masks
         if self.summary is not None:
-            return [self.summary]
-        return [self.paths[k] for k in self.paths_to_sample()]
+            return [SampleRow(self, self.summary, "summary", "summary" if masked else None, True,
+                              (SUMMARY_STREAM << 32) + len(self.summary.tokens))]
+        return [SampleRow(self, p, "path", "path" if masked else None,
+                          not masked or can_end(len(p.tokens), self.params),
+                          ((k + 1) << 32) + len(p.tokens), k)
+                for k in self.paths_to_sample() for p in [self.paths[k]]]
 
-    def sample_counters(self) -> list[int]:
-        """Sampling counter of each row of sample_seqs(): (stream << 32) + index of the token."""
-        if self.summary is not None:
-            return [(SUMMARY_STREAM << 32) + len(self.summary.tokens)]
-        return [((k + 1) << 32) + len(self.paths[k].tokens) for k in self.paths_to_sample()]
+    def apply(self, rows: list[SampleRow], tokens: list[int]) -> None:
+        if self.summary is None:
+            self.apply_paths([r.path for r in rows], tokens)  # type: ignore[misc]
+        else:
+            self.apply_summary(tokens[0])
 
     # ----- one step
     def paths_to_sample(self) -> list[int]:
@@ -235,9 +282,6 @@ class Request(SeqGroup):
             return []
         return [k for k, p in enumerate(self.paths)
                 if self.path_finish[k] is None and not is_at_budget(len(p.tokens), self.params)]
-
-    def path_can_end(self, ks: list[int]) -> list[bool]:
-        return [can_end(len(self.paths[k].tokens), self.params) for k in ks]
 
     def apply_paths(self, sampled: list[int], chosen: list[int]) -> None:
         """After a thinking step: budget closes, sampled tokens, the termination policy."""
@@ -282,11 +326,12 @@ class PlainRequest(SeqGroup):
     def seqs(self) -> list[Seq]:
         return [self.prompt, self.trace]
 
-    def sample_seqs(self) -> list[Seq]:
-        return [self.trace if self.trace.tokens else self.prompt]
+    def sample_rows(self) -> list[SampleRow]:
+        seq = self.trace if self.trace.tokens else self.prompt
+        return [SampleRow(self, seq, "trace", None, True, len(self.trace.tokens))]
 
-    def sample_counters(self) -> list[int]:
-        return [len(self.trace.tokens)]
+    def apply(self, rows: list[SampleRow], tokens: list[int]) -> None:
+        self.apply_token(tokens[0])
 
     def apply_token(self, token: int) -> None:
         self.trace.tokens.append(token)

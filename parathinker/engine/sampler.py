@@ -42,7 +42,8 @@ Robustness: rows never mix, nothing is data-dependent on the host, and a row who
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -56,6 +57,7 @@ _FMIX_C2 = 0xC2B2AE35 - (1 << 32)
 _VOCAB_SALT = 0x9E3779B9
 _KEY_STARTS = (0x243F6A88, 0x85A308D3)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+SEED_BITS = 63
 
 
 class LogitMasks:
@@ -66,18 +68,28 @@ class LogitMasks:
         self.path_end = torch.tensor(ctrl.path_end_ids(), device=device)
         self.summary_banned = torch.tensor(ctrl.summary_banned_ids(), device=device)
 
-    def paths(self, logits: torch.Tensor, can_end: list[bool]) -> torch.Tensor:
-        """One row per path to sample; rows with can_end False also lose every end token."""
-        logits[:, self.path_banned] = float("-inf")
-        blocked = [r for r, ok in enumerate(can_end) if not ok]
-        if blocked:
-            rows = torch.tensor(blocked, device=logits.device)
-            logits[rows[:, None], self.path_end[None, :]] = float("-inf")
+    def rows(self, logits: torch.Tensor, masks: list[str | None], can_end: list[bool]
+             ) -> torch.Tensor:
+        """Row r gets mask masks[r]: "path" (and every end token too where can_end[r] is
+        False), "summary", or None (nothing banned)."""
+        for banned, rows in ((self.path_banned, [r for r, m in enumerate(masks) if m == "path"]),
+                             (self.path_end, [r for r, m in enumerate(masks)
+                                              if m == "path" and not can_end[r]]),
+                             (self.summary_banned, [r for r, m in enumerate(masks) if m == "summary"])):
+            if rows:
+                if len(rows) == logits.shape[0]:
+                    logits[:, banned] = float("-inf")
+                else:
+                    where = torch.tensor(rows, device=logits.device)
+                    logits[where[:, None], banned[None, :]] = float("-inf")
         return logits
 
+    def paths(self, logits: torch.Tensor, can_end: list[bool]) -> torch.Tensor:
+        """One row per path to sample; rows with can_end False also lose every end token."""
+        return self.rows(logits, ["path"] * len(can_end), can_end)
+
     def summary(self, logits: torch.Tensor) -> torch.Tensor:
-        logits[:, self.summary_banned] = float("-inf")
-        return logits
+        return self.rows(logits, ["summary"] * logits.shape[0], [True] * logits.shape[0])
 
 
 @dataclass
@@ -116,29 +128,40 @@ class SamplingTensors:
         floats, ints = floats.to(device), ints.to(device)
         return cls(floats[0], floats[1], ints[0], ints[1], ints[2], **flags)
 
+    def select(self, rows: torch.Tensor) -> SamplingTensors:
+        """These rows only ([R'] indices); the host flags stay the whole set's (still correct)."""
+        return replace(self, temperature=self.temperature[rows], top_p=self.top_p[rows],
+                       top_k=self.top_k[rows], seed=self.seed[rows], counter=self.counter[rows])
+
 
 def sample_rows(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """logits [R, V] float32 (banned tokens already -inf) -> token ids [R] int64 on the same
     device, in one batched computation (no per-row loop, nothing read back to the host)."""
     if st.is_all_greedy:
         return logits.argmax(-1)
-    logits = logits.float()
+    weights = filtered_logits(logits, st).exp_()  # p up to each row's normalization; 0 for
+    # banned and filtered tokens. weights / log1p(-u) = -p / E: its argmin is the race's winner.
+    noise = _log1p_neg_uniform(uniform_bits(st.seed, st.counter, logits.shape[-1]))
+    token = weights.div_(noise).argmin(-1)
+    if st.has_greedy:
+        token = torch.where(~(st.temperature.float() > 0), logits.argmax(-1), token)
+    return token
+
+
+def filtered_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """The one filter chain of sampling and logprobs: logits [R, V] -> x [R, V] float32, a new
+    tensor: (logits - max) / T (T = 1 on a greedy row), then every token below the row's top-k /
+    top-p threshold set to -inf. exp(x) is each row's distribution up to its normalization."""
     temperature = st.temperature.float()
-    is_greedy = ~(temperature > 0)  # 0, negative and NaN
-    temperature = torch.where(is_greedy, 1.0, temperature).clamp(max=_FLOAT32_MAX)
+    temperature = torch.where(~(temperature > 0), 1.0, temperature).clamp(max=_FLOAT32_MAX)
     # (logits - max) / T lies in [-inf, 0] with the top token at 0: a tiny T sends the others to
     # -inf instead of overflowing to +inf, a huge T flattens towards uniform; never inf - inf.
+    logits = logits.float()
     x = logits - logits.amax(-1, keepdim=True)  # [R, V]
     x.div_(temperature[:, None])
     if st.has_top_k or st.has_top_p:
         x.masked_fill_(x < _filter_threshold(x, st), float("-inf"))
-    weights = x.exp_()  # p up to each row's normalization; 0 for banned and filtered tokens
-    # weights / log1p(-u) = -p / E: its argmin is the race's winner, argmax p / E.
-    noise = _log1p_neg_uniform(uniform_bits(st.seed, st.counter, logits.shape[-1]))
-    token = weights.div_(noise).argmin(-1)
-    if st.has_greedy:
-        token = torch.where(is_greedy, logits.argmax(-1), token)
-    return token
+    return x
 
 
 def _filter_threshold(x: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -209,6 +232,11 @@ def _fmix32_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def resolve_seed(seed: int | None) -> int:
+    """A request's sampling seed: its own (mod 2^63), or a random one when it has none."""
+    return random.getrandbits(SEED_BITS) if seed is None else seed % (1 << SEED_BITS)
+
+
 def _wrap_int64(value: int) -> int:
     """An int's low 64 bits as a signed int64 (seeds and counters are taken mod 2^64)."""
     return ((int(value) + (1 << 63)) % (1 << 64)) - (1 << 63)
@@ -216,19 +244,13 @@ def _wrap_int64(value: int) -> int:
 
 def logprobs_rows(logits: torch.Tensor, st: SamplingTensors, tokens: torch.Tensor,
                   num_top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probabilities under the distribution each row was sampled from (`sample_rows`' own:
-    banned tokens already -inf in `logits`, then temperature, top-k and top-p, renormalized).
+    """Log-probabilities under the distribution each row was sampled from (`filtered_logits`,
+    the chain `sample_rows` draws from: banned tokens already -inf in `logits`, then
+    temperature, top-k and top-p, renormalized).
     A greedy row reports temperature 1 (its filters still apply), whose top token is the one
     chosen. -> (logprob of `tokens` [R], top `num_top` ids [R, k] and logprobs [R, k]), on the
     logits' device; a token the filters dropped has -inf."""
-    logits = logits.float()
-    temperature = st.temperature.float()
-    temperature = torch.where(~(temperature > 0), 1.0, temperature).clamp(max=_FLOAT32_MAX)
-    x = logits - logits.amax(-1, keepdim=True)
-    x.div_(temperature[:, None])
-    if st.has_top_k or st.has_top_p:
-        x.masked_fill_(x < _filter_threshold(x, st), float("-inf"))
-    logprobs = x.log_softmax(-1)
+    logprobs = filtered_logits(logits, st).log_softmax(-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]
     top = logprobs.topk(min(num_top, logprobs.shape[-1]), dim=-1)
     return chosen, top.indices, top.values

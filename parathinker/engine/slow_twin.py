@@ -8,7 +8,6 @@ that the batched engine is tested against; the test oracle checks it with full r
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -90,7 +89,7 @@ def generate_request(model: ParaThinkerForCausalLM, ctrl: ControlTokens, prompt_
     num_slots = prompt_len + num_paths * params.max_path_tokens + params.max_summary_tokens
     run = _Runner(model, num_slots, record_logits)
     masks = LogitMasks(ctrl, run.device)
-    seed = random.getrandbits(63) if params.seed is None else params.seed % (1 << 63)
+    seed = sampling.resolve_seed(params.seed)
 
     def sample(rows: torch.Tensor, counters: list[int]) -> list[int]:
         """The engine's sampler, with the engine's counters: (stream << 32) + token index."""

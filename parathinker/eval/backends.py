@@ -105,14 +105,11 @@ class EngineBackend:
         return ids
 
     def _trace(self, req: Any) -> Trace:
-        from parathinker.engine.request import FINISHED
+        from parathinker.engine.outputs import trace_output
 
-        latency = (req.finish_time or time.perf_counter()) - req.arrival_time
-        tokens = req.trace.tokens
-        text = self.llm.tokenizer.decode(tokens[:-1] if req.trace_finish == "end" else tokens,
-                                         skip_special_tokens=False)
-        error = None if req.status == FINISHED else (req.error or f"request {req.status}")
-        return Trace(text, str(req.trace_finish), len(req.prompt.tokens), len(tokens), latency, error)
+        out = trace_output(req, self.llm.tokenizer)
+        return Trace(out.text, out.finish_reason, len(out.prompt_token_ids), len(out.token_ids),
+                     out.metrics["latency_s"], out.error)
 
     def run(self, jobs: Iterable[Job], max_in_flight: int) -> Iterator[tuple[Job, list[Any]]]:
         _check_in_flight(max_in_flight)

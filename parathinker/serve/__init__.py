@@ -9,9 +9,10 @@ Modules: app (create_app: the wiring), server (what the handlers share, prompt e
 routes (the endpoints, auth), admission (limits, KV arithmetic, tickets), answers (JSON answers
 and SSE streams), requests (OpenAI bodies -> ParsedRequest), fields (typed fields, APIError),
 params (SamplingParams and budget fitting), responses (response and chunk bodies), http (body
-limit, Content-Type, Host, errors, SSE framing), engine_loop (the thread that owns the engine),
-choices (stop strings, echo, logprobs), stream (streamed text), detokenize (incremental text),
-metrics (Prometheus text), cli (flags). docs/SERVE.md shows curl and openai-client calls.
+limit, Content-Type, Host, errors, SSE framing), engine_loop (the thread that owns the engine:
+typed commands in, per-step deltas out), choices (stop strings, echo, logprobs), stream
+(streamed text), metrics (Prometheus text), cli (flags). docs/SERVE.md shows curl and
+openai-client calls.
 """
 
 from __future__ import annotations

@@ -119,14 +119,14 @@ def num_blocks_worst_case(block_size: int, prompt_len: int, params: SamplingPara
 
 def _check_blocks(server: Server, parsed: ParsedRequest, prompt_ids: list[int],
                   params: SamplingParams, where: str) -> None:
-    bm = server.llm.engine.block_manager
-    need = num_blocks_worst_case(bm.block_size, len(prompt_ids), params, parsed.n)
-    if need > bm.num_blocks:
+    engine = server.llm.engine
+    need = num_blocks_worst_case(engine.block_size, len(prompt_ids), params, parsed.n)
+    if need > engine.num_kv_blocks:
         samples = f"{parsed.n} samples x " if parsed.n > 1 else ""
-        raise APIError(400, f"the request may need {need} KV blocks of {bm.block_size} tokens "
+        raise APIError(400, f"the request may need {need} KV blocks of {engine.block_size} tokens "
                             f"(prompt {len(prompt_ids)}, {samples}{params.num_paths} x "
                             f"max_path_tokens {params.max_path_tokens}, max_summary_tokens "
-                            f"{params.max_summary_tokens}) but the pool has {bm.num_blocks} in "
+                            f"{params.max_summary_tokens}) but the pool has {engine.num_kv_blocks} in "
                             f"all; lower the budgets or n (or raise --num-kv-blocks){where}",
                        param=parsed.sources.get("max_path_tokens"), code="kv_cache_too_small")
 

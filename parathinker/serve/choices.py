@@ -20,18 +20,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from parathinker.engine.outputs import RequestOutput
-from parathinker.serve.detokenize import IncrementalDetokenizer, token_bytes
+from parathinker.engine.detokenize import IncrementalDetokenizer, token_bytes
+from parathinker.engine.outputs import RequestOutput, first_stop, summary_text_ids
 from parathinker.serve.responses import finish_reason
+from parathinker.spec.reference_layout import path_text_ids
 from parathinker.spec.tokens import last_boxed
 
 NEG_INF_LOGPROB = -9999.0
-
-
-def first_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int | None:
-    """Index of the earliest occurrence at or after `start` of any stop string, or None."""
-    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
-    return min(hits) if hits else None
 
 
 @dataclass
@@ -118,12 +113,9 @@ def _entries(tokenizer: Any, ids: list[int], logprobs: list[Any], num_chars: int
 
 
 def _summary_entries(tokenizer: Any, out: RequestOutput, final: Final, k: int):
-    """The tokens of the returned text: after <summary>, without the end token, up to the
-    stop string."""
-    ids = out.summary.token_ids[1:]
-    lps = (out.summary.logprobs or [None] * len(out.summary.token_ids))[1:]
-    if out.summary.finish_reason == "end" and ids:
-        ids, lps = ids[:-1], lps[:-1]
+    """The tokens of the returned text (`summary_text_ids`), up to the stop string."""
+    ids = summary_text_ids(out.summary.token_ids, out.summary.finish_reason)
+    lps = (out.summary.logprobs or [None] * len(out.summary.token_ids))[1:][:len(ids)]
     cut = len(final.text) if len(final.text) < len(out.summary.text) else None
     entries = _entries(tokenizer, ids, lps, cut)
     return [(t, b, lp, top[:k]) for t, b, lp, top in entries]
@@ -170,9 +162,8 @@ def path_logprobs(tokenizer: Any, out: RequestOutput, close_ids: list[int], k: i
     """Per path, the chat shape over its text's tokens (after <think{k}>, before its end tag)."""
     result = []
     for p in out.paths:
-        ids, lps = p.token_ids[1:], (p.logprobs or [None] * len(p.token_ids))[1:]
-        close = close_ids[p.index - 1]
-        n = ids.index(close) if close in ids else len(ids)
-        entries = _entries(tokenizer, ids[:n], lps[:n])
+        ids = path_text_ids(p.token_ids, close_ids[p.index - 1])
+        lps = (p.logprobs or [None] * len(p.token_ids))[1: 1 + len(ids)]
+        entries = _entries(tokenizer, ids, lps)
         result.append(chat_logprobs([(t, b, lp, top[:k]) for t, b, lp, top in entries]))
     return result

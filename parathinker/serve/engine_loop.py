@@ -7,11 +7,12 @@
     loop.fail_all("why")        # end everything in flight (shutdown drain timed out)
     loop.stop()
 
-Commands (add, abort, stop) are applied between steps, so every request in flight shares each
-forward (continuous batching across clients). After each step the thread publishes, per request,
-what is new since the last step as a `Delta` (token ids only: detokenizing is the handler's job);
-the last Delta of each of a request's n samples carries that ended sample. A sample whose
-summary's generated text (after its template) holds one of the job's stop strings is ended
+Commands (`_Add`, `_Abort`, `_FailAll`, `_Stop`) are applied between steps, so every request in
+flight shares each forward (continuous batching across clients). After each step the thread
+publishes, per request, what is new since the last step as a `Delta` (token ids only:
+detokenizing is the handler's job), built by the engine's `output_processor.SampleStream`; the
+last Delta of each of a request's n samples carries that ended sample. A sample whose summary's
+generated text holds one of the job's stop strings (`SampleStream.is_stop_hit`) is ended
 right after the step that completed it (`Engine.stop_sample`). With nothing to run it blocks on the
 queue: no busy wait. A request the engine fails alone (step() returns it with `error` set)
 fails alone here too; an exception out of a step fails the requests in flight, frees their
@@ -24,15 +25,14 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from parathinker.config import SamplingParams
 from parathinker.engine import Engine
 from parathinker.engine.group import members
-from parathinker.engine.request import FINISHED, Request
-from parathinker.serve.choices import first_stop
-from parathinker.serve.detokenize import IncrementalDetokenizer
+from parathinker.engine.output_processor import Delta, SampleStream
+from parathinker.engine.request import FINISHED
 from parathinker.serve.metrics import Metrics
 
 log = logging.getLogger("parathinker.serve")
@@ -48,59 +48,32 @@ class Job:
     stop: tuple[str, ...] = ()  # stop strings, on each summary's generated text
 
 
-@dataclass
-class Delta:
-    """What one sample of a request gained in one step (0-based path indices, raw token ids)."""
-
-    index: int = 0  # the sample, 0..n-1
-    path_tokens: dict[int, list[int]] = field(default_factory=dict)  # path -> new ids (tags too)
-    path_finish: dict[int, str] = field(default_factory=dict)  # path -> end | budget | cut
-    summary_tokens: list[int] = field(default_factory=list)  # new ids (the template first)
-    summary_finish: str | None = None  # end | budget
-    request: Request | None = None  # the ended sample, on its last Delta only
-    status: str | None = None  # the request's status, on the last Delta
-    error: str | None = None  # why it did not finish (with request, or alone if never added)
-    is_internal: bool = False  # the error is the server's fault (HTTP 500), not the request's
-    is_shutdown: bool = False  # ended because the server is shutting down (HTTP 503)
-
-    @property
-    def is_final(self) -> bool:
-        return self.request is not None or self.error is not None
-
-    def is_empty(self) -> bool:
-        return not (self.path_tokens or self.path_finish or self.summary_tokens
-                    or self.summary_finish or self.is_final)
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    publish: Callable[[Delta], None]
+    stream: bool
+    job: Job
 
 
-class _StopWatch:
-    """A sample's summary text after its template, decoded as it grows, checked for stops."""
-
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...], template_len: int) -> None:
-        self.stop, self.longest = stop, max(len(s) for s in stop)
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.text, self.num_fed = "", template_len
-
-    def is_hit(self, req: Request) -> bool:
-        if req.summary is None:
-            return False
-        tokens = req.summary.tokens
-        end = len(tokens) - (req.summary_finish == "end")  # </summary> or EOS is not text
-        if end <= self.num_fed:
-            return False
-        before = len(self.text)
-        self.text += self.detok.add(tokens[self.num_fed:end])
-        self.num_fed = end
-        return first_stop(self.text, self.stop, max(0, before - self.longest + 1)) is not None
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
 
 
-@dataclass
-class _Sent:
-    """What the handler has been sent of one sample."""
+@dataclass(frozen=True)
+class _FailAll:
+    why: str
 
-    path: list[int]
-    finish: list[bool]
-    summary: int = 0
-    watch: _StopWatch | None = None
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+_Command = _Add | _Abort | _FailAll | _Stop
 
 
 @dataclass
@@ -108,7 +81,7 @@ class _Tracked:
     req: Any  # Request or SampleGroup
     publish: Callable[[Delta], None]
     stream: bool  # publish every step, or only the final Deltas
-    samples: list[_Sent]
+    samples: list[SampleStream]
     is_started: bool = False
 
 
@@ -117,8 +90,8 @@ class EngineLoop:
                  template_len: int = 0) -> None:
         """tokenizer, template_len: for stop strings (the summary template's length in tokens)."""
         self.engine, self.tokenizer, self.template_len = engine, tokenizer, template_len
-        self.metrics = metrics or Metrics(engine.block_manager.num_blocks)
-        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.metrics = metrics or Metrics(engine.num_kv_blocks)
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
         self._thread = threading.Thread(target=self._run, name="parathinker-engine", daemon=True)
 
@@ -129,12 +102,12 @@ class EngineLoop:
     def stop(self, timeout: float = 30.0) -> None:
         """Abort everything in flight and end the thread."""
         if self._thread.is_alive():
-            self._commands.put(("stop",))
+            self._commands.put(_Stop())
             self._thread.join(timeout)
 
     def fail_all(self, why: str) -> None:
         """End every request in flight now (blocks freed); handlers get `is_shutdown` Deltas."""
-        self._commands.put(("fail_all", why))
+        self._commands.put(_FailAll(why))
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -144,11 +117,11 @@ class EngineLoop:
         """Queue a validated request; `publish` is called on the engine thread with each Delta."""
         if job.stop and self.tokenizer is None:
             raise ValueError("stop strings need the EngineLoop's tokenizer")
-        self._commands.put(("add", request_id, prompt_ids, params, publish, stream, job))
+        self._commands.put(_Add(request_id, prompt_ids, params, publish, stream, job))
 
     def abort(self, request_id: str) -> None:
         """Stop the request and free its blocks (a no-op if it already ended)."""
-        self._commands.put(("abort", request_id))
+        self._commands.put(_Abort(request_id))
 
     # ----- the engine thread
     def _run(self) -> None:
@@ -162,13 +135,15 @@ class EngineLoop:
                     except queue.Empty:
                         break
                 for cmd in commands:
-                    if cmd[0] == "stop":
+                    if isinstance(cmd, _Stop):
                         self._fail_all("the server is shutting down", is_shutdown=True)
                         return
-                    if cmd[0] == "fail_all":
-                        self._fail_all(cmd[1], is_shutdown=True)
-                        continue
-                    self._apply(cmd)
+                    if isinstance(cmd, _FailAll):
+                        self._fail_all(cmd.why, is_shutdown=True)
+                    elif isinstance(cmd, _Abort):
+                        self.engine.abort(cmd.request_id)
+                    else:
+                        self._add(cmd)
                 if self.engine.has_unfinished():
                     self._step()
                 self._snapshot()
@@ -176,23 +151,18 @@ class EngineLoop:
                 log.exception("engine loop error")
                 self._fail_all(f"internal server error: {e!r}", is_internal=True)
 
-    def _apply(self, cmd: tuple[Any, ...]) -> None:
-        if cmd[0] == "abort":
-            self.engine.abort(cmd[1])
-            return
-        _, rid, prompt_ids, params, publish, stream, job = cmd
+    def _add(self, cmd: _Add) -> None:
+        job = cmd.job
         try:
-            req = self.engine.add_request(rid, prompt_ids, params, n=job.n, logprobs=job.logprobs,
-                                          path_logprobs=job.path_logprobs)
+            req = self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, n=job.n,
+                                          logprobs=job.logprobs, path_logprobs=job.path_logprobs)
         except Exception as e:
             self.metrics.inc("parathinker_requests_total", status="failed")
-            _safe(publish, Delta(error=f"could not add the request: {e}", is_internal=True))
+            _safe(cmd.publish, Delta(error=f"could not add the request: {e}", is_internal=True))
             return
-        p = params.num_paths
-        samples = [_Sent([0] * p, [False] * p, watch=_StopWatch(self.tokenizer, job.stop,
-                                                                self.template_len)
-                         if job.stop else None) for _ in range(job.n)]
-        self._tracked[rid] = _Tracked(req, publish, stream, samples)
+        samples = [SampleStream(cmd.params.num_paths, job.stop, self.tokenizer, self.template_len)
+                   for _ in range(job.n)]
+        self._tracked[cmd.request_id] = _Tracked(req, cmd.publish, cmd.stream, samples)
 
     def _step(self) -> None:
         try:
@@ -210,7 +180,7 @@ class EngineLoop:
 
     def _check_stops(self, rid: str, t: _Tracked) -> None:
         for i, (m, sent) in enumerate(zip(members(t.req), t.samples)):
-            if sent.watch is not None and m.status != FINISHED and sent.watch.is_hit(m):
+            if sent.is_stop_hit(m):
                 self.engine.stop_sample(rid, i)
 
     def _publish(self, t: _Tracked, is_final: bool, error: str | None = None,
@@ -229,34 +199,24 @@ class EngineLoop:
                 m.inc("parathinker_request_latency_seconds_count")
             del self._tracked[req.request_id]
         for i, (sample, sent) in enumerate(zip(samples, t.samples)):
-            d = self._delta(i, sample, sent)
+            d = sent.delta(i, sample)
+            self._count(d)
             if is_final:
                 d.request, d.status, d.error = sample, req.status, error
                 d.is_internal, d.is_shutdown = is_internal, is_shutdown
             if is_final or (t.stream and not d.is_empty()):
                 _safe(t.publish, d)
 
-    def _delta(self, index: int, req: Request, sent: _Sent) -> Delta:
-        m, d = self.metrics, Delta(index)
-        for k, path in enumerate(req.paths):
-            if len(path.tokens) > sent.path[k]:
-                d.path_tokens[k] = path.tokens[sent.path[k]:]
-                m.inc("parathinker_tokens_total", len(d.path_tokens[k]), kind="path")
-                sent.path[k] = len(path.tokens)
-            reason = req.path_finish[k]
-            if reason is not None and not sent.finish[k]:
-                d.path_finish[k] = reason
-                sent.finish[k] = True
-                m.inc("parathinker_paths_finished_total", reason=reason)
-                if reason == "cut":
-                    m.inc("parathinker_paths_cut_total")
-        if req.summary is not None and len(req.summary.tokens) > sent.summary:
-            d.summary_tokens = req.summary.tokens[sent.summary:]
+    def _count(self, d: Delta) -> None:
+        m = self.metrics
+        for ids in d.path_tokens.values():
+            m.inc("parathinker_tokens_total", len(ids), kind="path")
+        for reason in d.path_finish.values():
+            m.inc("parathinker_paths_finished_total", reason=reason)
+            if reason == "cut":
+                m.inc("parathinker_paths_cut_total")
+        if d.summary_tokens:
             m.inc("parathinker_tokens_total", len(d.summary_tokens), kind="summary")
-            sent.summary = len(req.summary.tokens)
-        if req.status == FINISHED:
-            d.summary_finish = req.summary_finish
-        return d
 
     def _fail_all(self, why: str, is_internal: bool = False, is_shutdown: bool = False) -> None:
         """Abort every tracked request (freeing its blocks) and tell its handler why."""
@@ -275,11 +235,11 @@ class EngineLoop:
         self._snapshot()
 
     def _snapshot(self) -> None:
-        bm, sched, m = self.engine.block_manager, self.engine.scheduler, self.metrics
-        m.set("parathinker_kv_cache_blocks_used", bm.num_used)
-        m.set("parathinker_kv_cache_blocks_total", bm.num_blocks)
-        m.set("parathinker_requests_running", len(sched.running))
-        m.set("parathinker_requests_waiting", len(sched.waiting))
+        load, m = self.engine.load(), self.metrics
+        m.set("parathinker_kv_cache_blocks_used", load.num_kv_blocks_used)
+        m.set("parathinker_kv_cache_blocks_total", load.num_kv_blocks)
+        m.set("parathinker_requests_running", load.num_running)
+        m.set("parathinker_requests_waiting", load.num_waiting)
 
 
 def _safe(publish: Callable[[Delta], None], delta: Delta) -> None:

@@ -35,7 +35,7 @@ class Server:
                  defaults: SamplingParams, chat_template: str) -> None:
         self.llm, self.model_name, self.api_key = llm, model_name, api_key
         self.max_queued, self.defaults, self.chat_template = max_queued, defaults, chat_template
-        self.metrics = Metrics(llm.engine.block_manager.num_blocks)
+        self.metrics = Metrics(llm.engine.num_kv_blocks)
         self.template_len = len(llm.summary_template_ids)
         # what the summary text starts with: the template after <summary> (never stop-checked)
         self.template_text = llm.tokenizer.decode(llm.summary_template_ids[1:],

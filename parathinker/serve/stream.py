@@ -20,7 +20,7 @@ from typing import Any
 
 from parathinker.serve import responses as P
 from parathinker.serve.choices import StopFilter
-from parathinker.serve.detokenize import IncrementalDetokenizer
+from parathinker.engine.detokenize import IncrementalDetokenizer
 from parathinker.serve.engine_loop import Delta
 from parathinker.spec.tokens import ControlTokens
 

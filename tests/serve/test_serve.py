@@ -52,7 +52,7 @@ def test_incremental_detokenizer_equals_full_decode(tokenizer, byte_level):
     """Random ids (invalid UTF-8 included) fed in random pieces: the same text as one decode."""
     import random
 
-    from parathinker.serve.detokenize import IncrementalDetokenizer
+    from parathinker.engine.detokenize import IncrementalDetokenizer
 
     rng = random.Random(0)
     ids_list = [[rng.randrange(len(tokenizer)) for _ in range(rng.randint(0, 40))]
