@@ -26,7 +26,7 @@ from parathinker.model.fast_linear import apply_linear_backend
 from parathinker.engine.outputs import (RequestOutput, SequentialOutput, build_output,
                                         request_output, trace_output)
 from parathinker.engine.slow_twin import RawRequestOutput, generate_request
-from parathinker.spec.budgets import check_context
+from parathinker.spec.budgets import check_context, check_trace
 from parathinker.spec.reference_layout import ReferenceTokens, check_params, pad_prompt
 from parathinker.spec.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
                                 SEQUENTIAL_PROMPT_TEMPLATE, ControlTokens)
@@ -184,6 +184,12 @@ class LLM:
         self.engine.run_to_completion()
         return [self.request_output(r) for r in reqs]
 
+    def validate_trace(self, prompt_ids: list[int], params: PlainParams) -> None:
+        """A plain trace's checks (spec.budgets.check_trace): ValueError if it cannot run."""
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        check_trace(len(prompt_ids), params.max_tokens, self.config.max_position_embeddings)
+
     def generate_sequential(self, prompts: Sequence[str] | str | None = None,
                             params: PlainParams | None = None, *,
                             prompt_token_ids: Sequence[Sequence[int]] | None = None,
@@ -199,13 +205,8 @@ class LLM:
             encoded = self.encode_prompts(prompts, None, apply_template=False)
         else:
             encoded = self.encode_prompts(None, prompt_token_ids)
-        limit = self.config.max_position_embeddings
         for ids in encoded:
-            if not ids:
-                raise ValueError("empty prompt")
-            if len(ids) + params.max_tokens > limit:
-                raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceed the "
-                                 f"model's context ({limit} positions); lower max_tokens")
+            self.validate_trace(ids, params)
         reqs = [self.engine.add_request(f"seq-{next(self._ids)}", ids, params) for ids in encoded]
         self.engine.run_to_completion()
         return [trace_output(req, self.tokenizer) for req in reqs]
@@ -214,7 +215,7 @@ class LLM:
                            params: SamplingParams | None = None, *,
                            prompt_token_ids: Sequence[Sequence[int]] | None = None
                            ) -> list[RequestOutput]:
-        """The same outputs from the slow slow twin, one request at a time (the native
+        """The same outputs from the slow twin, one request at a time (the native
         layout's twin: refused under layout='reference', whose slow twin is the test oracle)."""
         if self.layout == "reference":
             raise ValueError("generate_slow_twin is the slow twin of the native layout; an LLM built "

@@ -96,12 +96,9 @@ class EngineBackend:
             for p in job.params:
                 llm.validate(ids, p)
             return ids
-        limit = llm.config.max_position_embeddings
         for p in job.params:
             assert isinstance(p, PlainParams)
-            if len(ids) + p.max_tokens > limit:
-                raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceed the "
-                                 f"model's context ({limit} positions); lower the budget")
+            llm.validate_trace(ids, p)
         return ids
 
     def _trace(self, req: Any) -> Trace:

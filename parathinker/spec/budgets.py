@@ -9,6 +9,7 @@ summary follows the longest path, so
 A plain trace (the sequential and majority baselines): prompt + max_tokens <= context.
 
     check_context(prompt_len, max_path, max_summary, context, layout, has_bos)  # ValueError
+    check_trace(prompt_len, max_tokens, context)                       # plain traces
     room = path_room(context, prompt_len, max_summary, layout, has_bos)  # largest max_path that fits
     fit = ContextFit(model)                          # config.json + tokenizer, no weights
     lp = fit.longest([fit.prompt(q) for q in questions])
@@ -93,6 +94,13 @@ def path_room(context: int, prompt_len: int, max_summary_tokens: int, layout: st
 def trace_room(context: int, prompt_len: int) -> int:
     """The largest max_tokens of a plain trace (the sequential and majority baselines)."""
     return context - prompt_len
+
+
+def check_trace(prompt_len: int, max_tokens: int, context: int) -> None:
+    """ValueError when a plain trace's positions exceed the context."""
+    if max_tokens > trace_room(context, prompt_len):
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceed the "
+                         f"model's context ({context} positions); lower max_tokens")
 
 
 class ContextFit:
