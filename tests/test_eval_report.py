@@ -61,7 +61,8 @@ def test_summary_math() -> None:
     assert (seq["accuracy"], seq["accuracy_se"]) == pytest.approx((0.5, 0.5))  # std([1, 0]) = 0.7071 / sqrt(2)
     assert "majority_accuracy" not in seq and "latency_s" not in seq and list(seq["tokens"]) == ["total_tokens"]
     one = s["math500"]["sequential"]
-    assert (one["accuracy"], one["accuracy_se"], one["num_problems"]) == (1.0, 0.0, 1)  # n = 1: s.e. 0
+    # n = 1: the sample std (ddof=1) divides by n - 1 = 0: the s.e. is undefined, not 0
+    assert (one["accuracy"], one["accuracy_se"], one["num_problems"]) == (1.0, None, 1)
 
 
 def test_summary_averages_samples_within_problem_first() -> None:
@@ -84,10 +85,11 @@ def test_write_report(tmp_path: Path) -> None:
     saved = json.loads((out / "summary.json").read_text())
     assert saved["config"] == {"model": "tiny", "num_samples": 2}
     assert saved["summary"]["aime24"]["P=2"]["accuracy"] == pytest.approx(0.5)
+    assert saved["summary"]["math500"]["sequential"]["accuracy_se"] is None  # JSON null
     md = (out / "report.md").read_text()
     assert "| benchmark | sequential | P=2 | majority@8 |" in md
-    assert "| aime24 | 50.0 ± 50.0 | 50.0 ± 28.9 | 0.0 ± 0.0 |" in md
-    assert "| math500 | 100.0 ± 0.0 | – | – |" in md
+    assert "| aime24 | 50.0 ± 50.0 | 50.0 ± 28.9 | 0.0 ± n/a |" in md  # majority@8: one problem
+    assert "| math500 | 100.0 ± n/a | – | – |" in md
     assert "| aime24 | 50.0 ± 28.9 |" in md.split("## Majority vote over paths")[1]
     assert "| aime24 | 83.3 ± 16.7 |" in md.split("## Any path correct")[1]
     assert "| aime24 | P=2 | 3 | 6 | 350 / 350 / 600 | 20 / 20 / 30 | 5 / 5 / 5 | 3.50 / 3.50 / 5.50 |" in md
@@ -101,5 +103,15 @@ def test_write_report_sequential_only(tmp_path: Path) -> None:
              "correct": True}]
     write_report(summarize(recs), {"seed": 0}, tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "Majority vote over paths" not in md and "| amc23 | 100.0 ± 0.0 |" in md
+    assert "Majority vote over paths" not in md and "| amc23 | 100.0 ± n/a |" in md
     assert (tmp_path / "accuracy_vs_paths.png").stat().st_size > 0
+
+
+def test_printed_summary_says_an_undefined_standard_error(capsys) -> None:
+    from parathinker.eval.runner import print_table
+
+    print_table(summarize(_records()))
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.endswith("sequential:  100.0 ± n/a (1 problems, 1 samples)") for ln in lines), lines
+    assert any("P=2:  50.0 ± 28.9 (3 problems, 6 samples) | majority 50.0 ± 28.9 | oracle 83.3 ± 16.7"
+               in ln for ln in lines), lines

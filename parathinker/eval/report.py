@@ -7,8 +7,8 @@
 A configuration is a mode, a path count and a layout: "sequential", "P=4" (parathinker, native
 layout), "P=4 (reference)" (the reference layout, next to its native twin), "majority@8", or
 "<mode>@<n>" for any other mode. pass@1 is the mean over problems of the mean over samples of
-`correct`; its standard error is the sample std (ddof=1) of the per-problem means over sqrt(n), 0 for
-n < 2. The path-majority (`majority_over_paths_correct`) and any-path oracle (`any_path_correct`)
+`correct`; its standard error is the sample std (ddof=1) of the per-problem means over sqrt(n), None
+(undefined: shown "n/a") for n < 2. The path-majority (`majority_over_paths_correct`) and any-path oracle (`any_path_correct`)
 accuracies of parathinker records are averaged the same way, over the records that have the field.
 """
 
@@ -42,11 +42,17 @@ def config_label(mode: str, num_paths: int, layout: str | None = None) -> str:
     return f"{mode}@{num_paths}"
 
 
-def _mean_se(per_problem: Sequence[float]) -> tuple[float, float]:
+def _mean_se(per_problem: Sequence[float]) -> tuple[float, float | None]:
     n = len(per_problem)
     mean = float(np.mean(per_problem)) if n else 0.0
-    se = float(np.std(per_problem, ddof=1) / math.sqrt(n)) if n >= 2 else 0.0
+    se = float(np.std(per_problem, ddof=1) / math.sqrt(n)) if n >= 2 else None  # one problem: no spread
     return mean, se
+
+
+def mean_se_text(mean: float, se: float | None) -> str:
+    """A fraction and its standard error in percent: "50.0 ± 2.9", or "100.0 ± n/a" when the s.e.
+    is undefined (one problem)."""
+    return f"{100 * mean:.1f} ± " + ("n/a" if se is None else f"{100 * se:.1f}")
 
 
 def _problem_means(records: Sequence[dict[str, Any]], field: str) -> list[float]:
@@ -139,7 +145,7 @@ def _servers_section(servers: dict[str, dict[str, Any]]) -> list[str]:
 def _pct(stats: dict[str, Any] | None, name: str) -> str:
     if stats is None or name not in stats:
         return "–"
-    return f"{100 * stats[name]:.1f} ± {100 * stats[name + '_se']:.1f}"
+    return mean_se_text(stats[name], stats[name + "_se"])
 
 
 def _table(summary: dict[str, dict[str, dict[str, Any]]], configs: list[str], name: str) -> list[str]:
@@ -212,11 +218,12 @@ def accuracy_figure(summary: dict[str, dict[str, dict[str, Any]]]) -> Figure:
     xs_all: set[int] = set()
     ys: list[tuple[float, float]] = []
 
-    def series(xs: list[int], acc: list[float], se: list[float], **style: Any) -> None:
+    def series(xs: list[int], acc: list[float], se: list[float | None], **style: Any) -> None:
         xs_all.update(xs)
-        ys.extend(zip([100 * a for a in acc], [100 * e for e in se]))
+        err = [100 * (e or 0.0) for e in se]  # an undefined s.e. (one problem): no bar
+        ys.extend(zip([100 * a for a in acc], err))
         # clip_on off: a point at 0 % or 100 % sits on the axis edge, drawn whole
-        ax.errorbar(xs, [100 * a for a in acc], [100 * e for e in se], capsize=3, clip_on=False, **style)
+        ax.errorbar(xs, [100 * a for a in acc], err, capsize=3, clip_on=False, **style)
 
     for k, (bench, by_config) in enumerate(summary.items()):
         color = f"C{k}"
