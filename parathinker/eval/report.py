@@ -10,6 +10,9 @@ layout), "P=4 (reference)" (the reference layout, next to its native twin), "maj
 `correct`; its standard error is the sample std (ddof=1) of the per-problem means over sqrt(n), None
 (undefined: shown "n/a") for n < 2. The path-majority (`majority_over_paths_correct`) and any-path oracle (`any_path_correct`)
 accuracies of parathinker records are averaged the same way, over the records that have the field.
+A configuration's `settings` are the distinct `settings` its samples were made with (the budgets as
+fitted to the model's context, the rope scaling as resolved): report.md shows them per column, so a
+report over several invocations says what each column ran with, not only what the last one did.
 """
 
 from __future__ import annotations
@@ -111,6 +114,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str
             if means:
                 stats[f"{name}_accuracy"], stats[f"{name}_accuracy_se"] = _mean_se(means)
         stats["tokens"] = {f: _stats(v, ("p50", "max")) for f in TOKEN_FIELDS if (v := _values(rs, f))}
+        distinct = {json.dumps(r["settings"], sort_keys=True): r["settings"] for r in rs if r.get("settings")}
+        stats["settings"] = list(distinct.values())
         if latency := _values(rs, "latency_s"):
             stats["latency_s"] = _stats(latency, ("p50", "p90"))
         summary.setdefault(bench, {})[config_label(mode, num_paths, layout)] = stats
@@ -155,6 +160,35 @@ def _table(summary: dict[str, dict[str, dict[str, Any]]], configs: list[str], na
     return lines
 
 
+def _setting_text(key: str, value: Any) -> str:
+    if value is None:
+        return "none" if key == "rope_scaling" else "–"
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+
+
+def _settings_section(summary: dict[str, dict[str, dict[str, Any]]], configs: list[str]) -> list[str]:
+    """Per configuration column, each setting its samples were made with; a value that differs
+    between benchmarks names them."""
+    keys = list(dict.fromkeys(k for by_config in summary.values() for s in by_config.values()
+                              for st in s.get("settings", ()) for k in st))
+    if not keys:
+        return []
+    lines = ["", "## Settings of each configuration (as its samples were made)", "",
+             "| setting | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
+    for key in keys:
+        cells = []
+        for c in configs:
+            benches: dict[str, list[str]] = {}
+            for bench, by_config in summary.items():
+                for st in by_config.get(c, {}).get("settings", ()):
+                    if key in st:
+                        benches.setdefault(_setting_text(key, st[key]), []).append(bench)
+            cells.append(" / ".join(v if len(benches) == 1 else f"{v} ({', '.join(dict.fromkeys(b))})"
+                                    for v, b in benches.items()) or "–")
+        lines.append(f"| {key} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
 def _fmt(d: dict[str, float] | None, keys: tuple[str, ...], digits: int) -> str:
     return " / ".join(f"{d[k]:.{digits}f}" for k in keys) if d else "–"
 
@@ -177,9 +211,12 @@ def render_markdown(summary: dict[str, dict[str, dict[str, Any]]], config: dict[
             tok = [_fmt(s["tokens"].get(f), ("mean", "p50", "max"), 0) for f in TOKEN_FIELDS]
             lines.append(f"| {bench} | {c} | {s['num_problems']} | {s['num_samples']} | " + " | ".join(tok)
                          + f" | {_fmt(s.get('latency_s'), ('mean', 'p50', 'p90'), 2)} |")
+    lines += _settings_section(summary, configs)
     if config.get("servers"):
         lines += _servers_section(config["servers"])
-    lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
+    lines += ["", "## Configuration", "", "The last invocation's flags, resolved, and provenance (runs.jsonl "
+              "holds every invocation's; each column's own settings are in the table above).", "",
+              "```json", json.dumps(config, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
 

@@ -194,7 +194,8 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
         records = store.records()
         summary = summarize(records)
     runs = [json.loads(line) for line in runs_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    history = [{k: r.get(k) for k in ("timestamp", "status", "git_commit", "backend", "num_samples_run")}
+    history = [{k: r.get(k) for k in ("timestamp", "status", "command", "git_commit", "backend",
+                                       "num_samples_run")}
                | {"model": r.get("config", {}).get("model"), "modes": r.get("config", {}).get("modes"),
                   "layouts": r.get("config", {}).get("layouts")}
                for r in runs]
