@@ -242,10 +242,40 @@ def _accuracy_ylim(values: list[tuple[float, float]]) -> tuple[float, float]:
     return lo, hi
 
 
+def _span(values: Iterable[Any]) -> str:
+    vs = sorted(set(values))
+    return str(vs[0]) if len(vs) == 1 else f"{vs[0]}–{vs[-1]}"
+
+
+def plot_title(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """What the plot shows: the model(s), each benchmark's problems x samples per problem, and the
+    token budgets, from the summary (its samples' settings)."""
+    stats = [s for by_config in summary.values() for s in by_config.values()]
+    settings = [st for s in stats for st in s.get("settings", ())]
+    models = list(dict.fromkeys(str(st["model"]) for st in settings if "model" in st))
+    benches = []
+    for bench, by_config in summary.items():
+        counted = [s for s in by_config.values() if s.get("num_problems")]
+        if not counted:
+            benches.append(bench)
+            continue
+        problems = _span(s["num_problems"] for s in counted)
+        per = _span(round(s["num_samples"] / s["num_problems"]) for s in counted)
+        benches.append(f"{bench} ({problems} problems × {per} samples)")
+    budgets = [f"{what} ≤ {_span(v)}" for what, key in (("paths", "max_path_tokens"),
+                                                         ("summary", "max_summary_tokens"),
+                                                         ("traces", "max_tokens"))
+               if (v := [st[key] for st in settings if st.get(key) is not None])]
+    first = "Accuracy vs parallel paths" + (f": {', '.join(models)}" if models else "")
+    second = ", ".join(benches) + (f"; tokens: {', '.join(budgets)}" if budgets else "")
+    return f"{first}\n{second}"
+
+
 def accuracy_figure(summary: dict[str, dict[str, dict[str, Any]]]) -> Figure:
     """Accuracy vs number of paths, one colour per benchmark: the summary (solid; dash-dot for the
     reference layout), path majority (dashed, squares), any-path oracle (dotted, hollow
-    triangles), sequential majority@N (dash-dot-dot, diamonds), sequential at P=1 (star)."""
+    triangles), sequential majority@N (dash-dot-dot, diamonds), sequential at P=1 (star); titled
+    with `plot_title`. Every series has its own legend entry, also where curves coincide."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
     from matplotlib.figure import Figure
 
@@ -296,6 +326,7 @@ def accuracy_figure(summary: dict[str, dict[str, dict[str, Any]]]) -> Figure:
     ax.set_xlabel("number of parallel paths P (sequential at 1)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
+    ax.set_title(plot_title(summary), fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
