@@ -33,24 +33,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="print the whole output (paths, summary, token ids, finish reasons) as JSON")
 
 
-def fit_generate_budgets(args: argparse.Namespace) -> None:
-    """--max-path-tokens (and --min-path-tokens) lowered to what the model's context leaves after
-    this prompt and --max-summary-tokens, with a note; before the rope scaling is resolved from it."""
-    from parathinker.spec.budgets import ContextFit, path_room
-
-    fit = ContextFit(args.model)
-    prompt_len = fit.longest([fit.prompt(args.question)])
-    room = path_room(fit.context, prompt_len, args.max_summary_tokens, args.layout, fit.has_bos)
-    args.max_path_tokens = fit.cap("--max-path-tokens", args.max_path_tokens, room,
-                                   f" with this {prompt_len}-token prompt and --max-summary-tokens "
-                                   f"{args.max_summary_tokens}")
-    args.min_path_tokens = min(args.min_path_tokens, args.max_path_tokens)
-
-
 def run_generate(args: argparse.Namespace) -> int:
     from parathinker import LLM, SamplingParams
+    from parathinker.spec.budgets import fit_path_args
 
-    fit_generate_budgets(args)
+    fit_path_args(args, args.question)  # before the rope scaling is resolved from it
     params = SamplingParams(
         num_paths=args.paths, max_path_tokens=args.max_path_tokens,
         min_path_tokens=args.min_path_tokens, max_summary_tokens=args.max_summary_tokens,

@@ -81,7 +81,7 @@ class EvalConfig:
                   ("--min-finished-paths", self.min_finished_paths, 1),
                   ("--max-tokens", self.max_tokens or 1, 1),
                   ("--majority-max-tokens", self.majority_max_tokens or 1, 1),
-                  ("--limit", 0 if self.limit is None else self.limit, 0))
+                  ("--limit", 1 if self.limit is None else self.limit, 1))  # 0: an empty report
         for name, value, low in checks:
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")

@@ -7,9 +7,12 @@
 A configuration is a mode, a path count and a layout: "sequential", "P=4" (parathinker, native
 layout), "P=4 (reference)" (the reference layout, next to its native twin), "majority@8", or
 "<mode>@<n>" for any other mode. pass@1 is the mean over problems of the mean over samples of
-`correct`; its standard error is the sample std (ddof=1) of the per-problem means over sqrt(n), 0 for
-n < 2. The path-majority (`majority_over_paths_correct`) and any-path oracle (`any_path_correct`)
+`correct`; its standard error is the sample std (ddof=1) of the per-problem means over sqrt(n), None
+(undefined: shown "n/a") for n < 2. The path-majority (`majority_over_paths_correct`) and any-path oracle (`any_path_correct`)
 accuracies of parathinker records are averaged the same way, over the records that have the field.
+A configuration's `settings` are the distinct `settings` its samples were made with (the budgets as
+fitted to the model's context, the rope scaling as resolved): report.md shows them per column, so a
+report over several invocations says what each column ran with, not only what the last one did.
 """
 
 from __future__ import annotations
@@ -42,11 +45,17 @@ def config_label(mode: str, num_paths: int, layout: str | None = None) -> str:
     return f"{mode}@{num_paths}"
 
 
-def _mean_se(per_problem: Sequence[float]) -> tuple[float, float]:
+def _mean_se(per_problem: Sequence[float]) -> tuple[float, float | None]:
     n = len(per_problem)
     mean = float(np.mean(per_problem)) if n else 0.0
-    se = float(np.std(per_problem, ddof=1) / math.sqrt(n)) if n >= 2 else 0.0
+    se = float(np.std(per_problem, ddof=1) / math.sqrt(n)) if n >= 2 else None  # one problem: no spread
     return mean, se
+
+
+def mean_se_text(mean: float, se: float | None) -> str:
+    """A fraction and its standard error in percent: "50.0 ± 2.9", or "100.0 ± n/a" when the s.e.
+    is undefined (one problem)."""
+    return f"{100 * mean:.1f} ± " + ("n/a" if se is None else f"{100 * se:.1f}")
 
 
 def _problem_means(records: Sequence[dict[str, Any]], field: str) -> list[float]:
@@ -105,6 +114,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str
             if means:
                 stats[f"{name}_accuracy"], stats[f"{name}_accuracy_se"] = _mean_se(means)
         stats["tokens"] = {f: _stats(v, ("p50", "max")) for f in TOKEN_FIELDS if (v := _values(rs, f))}
+        distinct = {json.dumps(r["settings"], sort_keys=True): r["settings"] for r in rs if r.get("settings")}
+        stats["settings"] = list(distinct.values())
         if latency := _values(rs, "latency_s"):
             stats["latency_s"] = _stats(latency, ("p50", "p90"))
         summary.setdefault(bench, {})[config_label(mode, num_paths, layout)] = stats
@@ -139,13 +150,42 @@ def _servers_section(servers: dict[str, dict[str, Any]]) -> list[str]:
 def _pct(stats: dict[str, Any] | None, name: str) -> str:
     if stats is None or name not in stats:
         return "–"
-    return f"{100 * stats[name]:.1f} ± {100 * stats[name + '_se']:.1f}"
+    return mean_se_text(stats[name], stats[name + "_se"])
 
 
 def _table(summary: dict[str, dict[str, dict[str, Any]]], configs: list[str], name: str) -> list[str]:
     lines = ["| benchmark | " + " | ".join(configs) + " |", "|---|" + "---:|" * len(configs)]
     for bench, by_config in summary.items():
         lines.append(f"| {bench} | " + " | ".join(_pct(by_config.get(c), name) for c in configs) + " |")
+    return lines
+
+
+def _setting_text(key: str, value: Any) -> str:
+    if value is None:
+        return "none" if key == "rope_scaling" else "–"
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+
+
+def _settings_section(summary: dict[str, dict[str, dict[str, Any]]], configs: list[str]) -> list[str]:
+    """Per configuration column, each setting its samples were made with; a value that differs
+    between benchmarks names them."""
+    keys = list(dict.fromkeys(k for by_config in summary.values() for s in by_config.values()
+                              for st in s.get("settings", ()) for k in st))
+    if not keys:
+        return []
+    lines = ["", "## Settings of each configuration (as its samples were made)", "",
+             "| setting | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
+    for key in keys:
+        cells = []
+        for c in configs:
+            benches: dict[str, list[str]] = {}
+            for bench, by_config in summary.items():
+                for st in by_config.get(c, {}).get("settings", ()):
+                    if key in st:
+                        benches.setdefault(_setting_text(key, st[key]), []).append(bench)
+            cells.append(" / ".join(v if len(benches) == 1 else f"{v} ({', '.join(dict.fromkeys(b))})"
+                                    for v, b in benches.items()) or "–")
+        lines.append(f"| {key} | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return lines
 
 
@@ -171,9 +211,12 @@ def render_markdown(summary: dict[str, dict[str, dict[str, Any]]], config: dict[
             tok = [_fmt(s["tokens"].get(f), ("mean", "p50", "max"), 0) for f in TOKEN_FIELDS]
             lines.append(f"| {bench} | {c} | {s['num_problems']} | {s['num_samples']} | " + " | ".join(tok)
                          + f" | {_fmt(s.get('latency_s'), ('mean', 'p50', 'p90'), 2)} |")
+    lines += _settings_section(summary, configs)
     if config.get("servers"):
         lines += _servers_section(config["servers"])
-    lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
+    lines += ["", "## Configuration", "", "The last invocation's flags, resolved, and provenance (runs.jsonl "
+              "holds every invocation's; each column's own settings are in the table above).", "",
+              "```json", json.dumps(config, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
 
@@ -199,10 +242,40 @@ def _accuracy_ylim(values: list[tuple[float, float]]) -> tuple[float, float]:
     return lo, hi
 
 
+def _span(values: Iterable[Any]) -> str:
+    vs = sorted(set(values))
+    return str(vs[0]) if len(vs) == 1 else f"{vs[0]}–{vs[-1]}"
+
+
+def plot_title(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """What the plot shows: the model(s), each benchmark's problems x samples per problem, and the
+    token budgets, from the summary (its samples' settings)."""
+    stats = [s for by_config in summary.values() for s in by_config.values()]
+    settings = [st for s in stats for st in s.get("settings", ())]
+    models = list(dict.fromkeys(str(st["model"]) for st in settings if "model" in st))
+    benches = []
+    for bench, by_config in summary.items():
+        counted = [s for s in by_config.values() if s.get("num_problems")]
+        if not counted:
+            benches.append(bench)
+            continue
+        problems = _span(s["num_problems"] for s in counted)
+        per = _span(round(s["num_samples"] / s["num_problems"]) for s in counted)
+        benches.append(f"{bench} ({problems} problems × {per} samples)")
+    budgets = [f"{what} ≤ {_span(v)}" for what, key in (("paths", "max_path_tokens"),
+                                                         ("summary", "max_summary_tokens"),
+                                                         ("traces", "max_tokens"))
+               if (v := [st[key] for st in settings if st.get(key) is not None])]
+    first = "Accuracy vs parallel paths" + (f": {', '.join(models)}" if models else "")
+    second = ", ".join(benches) + (f"; tokens: {', '.join(budgets)}" if budgets else "")
+    return f"{first}\n{second}"
+
+
 def accuracy_figure(summary: dict[str, dict[str, dict[str, Any]]]) -> Figure:
     """Accuracy vs number of paths, one colour per benchmark: the summary (solid; dash-dot for the
     reference layout), path majority (dashed, squares), any-path oracle (dotted, hollow
-    triangles), sequential majority@N (dash-dot-dot, diamonds), sequential at P=1 (star)."""
+    triangles), sequential majority@N (dash-dot-dot, diamonds), sequential at P=1 (star); titled
+    with `plot_title`. Every series has its own legend entry, also where curves coincide."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
     from matplotlib.figure import Figure
 
@@ -212,11 +285,12 @@ def accuracy_figure(summary: dict[str, dict[str, dict[str, Any]]]) -> Figure:
     xs_all: set[int] = set()
     ys: list[tuple[float, float]] = []
 
-    def series(xs: list[int], acc: list[float], se: list[float], **style: Any) -> None:
+    def series(xs: list[int], acc: list[float], se: list[float | None], **style: Any) -> None:
         xs_all.update(xs)
-        ys.extend(zip([100 * a for a in acc], [100 * e for e in se]))
+        err = [100 * (e or 0.0) for e in se]  # an undefined s.e. (one problem): no bar
+        ys.extend(zip([100 * a for a in acc], err))
         # clip_on off: a point at 0 % or 100 % sits on the axis edge, drawn whole
-        ax.errorbar(xs, [100 * a for a in acc], [100 * e for e in se], capsize=3, clip_on=False, **style)
+        ax.errorbar(xs, [100 * a for a in acc], err, capsize=3, clip_on=False, **style)
 
     for k, (bench, by_config) in enumerate(summary.items()):
         color = f"C{k}"
@@ -252,6 +326,7 @@ def accuracy_figure(summary: dict[str, dict[str, dict[str, Any]]]) -> Figure:
     ax.set_xlabel("number of parallel paths P (sequential at 1)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
+    ax.set_title(plot_title(summary), fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig

@@ -31,7 +31,7 @@ from parathinker.eval.plan import Unit, plan, request_params
 from parathinker.eval.pool import GradingPool
 from parathinker.eval.progress import Progress
 from parathinker.eval.provenance import engine_info, provenance
-from parathinker.eval.report import server_table, summarize, write_report
+from parathinker.eval.report import mean_se_text, server_table, summarize, write_report
 from parathinker.eval.results import SampleStore, sample_key
 
 
@@ -101,9 +101,9 @@ def print_table(summary: dict[str, dict[str, dict[str, Any]]], file: Any = None)
     file = file or sys.stdout  # looked up now: a default bound at import would outlive a redirect
     for bench, by_config in summary.items():
         for label, s in by_config.items():
-            extra = "".join(f" | {name} {100 * s[f'{name}_accuracy']:.1f} ± {100 * s[f'{name}_accuracy_se']:.1f}"
+            extra = "".join(f" | {name} {mean_se_text(s[f'{name}_accuracy'], s[f'{name}_accuracy_se'])}"
                             for name in ("majority", "oracle") if f"{name}_accuracy" in s)
-            print(f"{bench:>10} {label:>16}: {100 * s['accuracy']:5.1f} ± {100 * s['accuracy_se']:4.1f} "
+            print(f"{bench:>10} {label:>16}: {mean_se_text(s['accuracy'], s['accuracy_se']):>12} "
                   f"({s['num_problems']} problems, {s['num_samples']} samples){extra}", file=file)
 
 
@@ -194,7 +194,8 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
         records = store.records()
         summary = summarize(records)
     runs = [json.loads(line) for line in runs_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    history = [{k: r.get(k) for k in ("timestamp", "status", "git_commit", "backend", "num_samples_run")}
+    history = [{k: r.get(k) for k in ("timestamp", "status", "command", "git_commit", "backend",
+                                       "num_samples_run")}
                | {"model": r.get("config", {}).get("model"), "modes": r.get("config", {}).get("modes"),
                   "layouts": r.get("config", {}).get("layouts")}
                for r in runs]

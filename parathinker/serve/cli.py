@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from dataclasses import fields
+from typing import Any
 
 from parathinker.cli_args import (add_model_args, add_path_budget_args, add_sampling_args, llm_kwargs,
                                   rope_for_args)
@@ -59,8 +60,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_path_budget_args(g, max_path_tokens=d.max_path_tokens, min_path_tokens=d.min_path_tokens,
                          max_summary_tokens=d.max_summary_tokens,
                          min_finished_paths=d.min_finished_paths,
-                         note=" after a request's prompt, for a request that sets none; "
-                              "--rope-scaling auto derives the YaRN factor from it")
+                         note=" (at startup after an empty prompt; then after a request's "
+                              "prompt, for a request that sets none); --rope-scaling auto derives "
+                              "the YaRN factor from the startup value")
     add_sampling_args(g, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, seed_help="")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log verbosity")
@@ -71,13 +73,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from parathinker.serve.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    rope = serve_rope(args)
     defaults = SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)
                                  if f.name != "seed"})  # validated here, before loading
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
         logging.warning("serving on %s without --api-key: anyone who can reach it can use it",
                         args.host)
-    rope = rope_for_args(args, args.model, args.max_path_tokens)  # from the largest path budget
     llm = LLM(args.model, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
               kv_cache_memory=args.kv_cache_memory,
               max_num_batched_tokens=args.max_num_batched_tokens, **llm_kwargs(args, rope))
@@ -92,6 +94,15 @@ def run_serve(args: argparse.Namespace) -> int:
                      args.max_body_bytes, defaults, args.chat_template, allowed_hosts(args))
     _run_draining(app, args)
     return 0
+
+
+def serve_rope(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--max-path-tokens fitted to the model's context (an empty prompt, --max-summary-tokens), as
+    generate and eval fit theirs; then the rope scaling resolved from it, by the same rule."""
+    from parathinker.spec.budgets import fit_path_args
+
+    fit_path_args(args, None)
+    return rope_for_args(args, args.model, args.max_path_tokens)
 
 
 def allowed_hosts(args: argparse.Namespace) -> list[str] | None:

@@ -17,11 +17,14 @@ A plain trace (the sequential and majority baselines): prompt + max_tokens <= co
 
 A command's budget the context cannot hold is lowered to what it can, with one note on stderr
 naming the flag, the model's context and the value used; `serve` fits the budgets a request left
-out with the same path_room and round_paths.
+out with the same path_room and round_paths. `generate` and `serve` fit their flags with
+`fit_path_args` before resolving the rope scaling from --max-path-tokens, as `eval` does
+(eval/fit.py): a budget the model cannot run never turns on YaRN.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Iterable
@@ -133,3 +136,17 @@ class ContextFit:
         print(f"note: {flag} {value} does not fit {self.model}'s context of {self.context} "
               f"positions{what}; using {room}", file=sys.stderr)
         return room
+
+
+def fit_path_args(args: argparse.Namespace, question: str | None) -> None:
+    """args.max_path_tokens (and args.min_path_tokens) lowered to what args.model's context leaves
+    after the prompt of `question` and args.max_summary_tokens, with a note. `question` None
+    (`serve`, before any request): after an empty prompt, the longest paths a request could get."""
+    fit = ContextFit(args.model)
+    prompt_len = 0 if question is None else fit.longest([fit.prompt(question)])
+    room = path_room(fit.context, prompt_len, args.max_summary_tokens, args.layout, fit.has_bos)
+    what = "an empty" if question is None else f"this {prompt_len}-token"
+    args.max_path_tokens = fit.cap("--max-path-tokens", args.max_path_tokens, room,
+                                   f" with {what} prompt and --max-summary-tokens "
+                                   f"{args.max_summary_tokens}")
+    args.min_path_tokens = min(args.min_path_tokens, args.max_path_tokens)

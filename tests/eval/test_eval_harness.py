@@ -200,6 +200,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys) -> None
     assert "--concurrency must be >= 1, got 0" in fails("--endpoint", "http://127.0.0.1:9", "--concurrency", "0")
     assert "one --data FILE per --benchmark" in fails("--benchmark", "a,b", "--data", str(bad))
     assert "--samples must be >= 1" in fails("--samples", "0")
+    assert "--limit must be >= 1, got 0" in fails("--limit", "0")  # not an empty report and exit 0
     assert "top_p must be in (0, 1]" in fails("--top-p", "0")
 
 

@@ -61,7 +61,8 @@ def test_summary_math() -> None:
     assert (seq["accuracy"], seq["accuracy_se"]) == pytest.approx((0.5, 0.5))  # std([1, 0]) = 0.7071 / sqrt(2)
     assert "majority_accuracy" not in seq and "latency_s" not in seq and list(seq["tokens"]) == ["total_tokens"]
     one = s["math500"]["sequential"]
-    assert (one["accuracy"], one["accuracy_se"], one["num_problems"]) == (1.0, 0.0, 1)  # n = 1: s.e. 0
+    # n = 1: the sample std (ddof=1) divides by n - 1 = 0: the s.e. is undefined, not 0
+    assert (one["accuracy"], one["accuracy_se"], one["num_problems"]) == (1.0, None, 1)
 
 
 def test_summary_averages_samples_within_problem_first() -> None:
@@ -84,10 +85,11 @@ def test_write_report(tmp_path: Path) -> None:
     saved = json.loads((out / "summary.json").read_text())
     assert saved["config"] == {"model": "tiny", "num_samples": 2}
     assert saved["summary"]["aime24"]["P=2"]["accuracy"] == pytest.approx(0.5)
+    assert saved["summary"]["math500"]["sequential"]["accuracy_se"] is None  # JSON null
     md = (out / "report.md").read_text()
     assert "| benchmark | sequential | P=2 | majority@8 |" in md
-    assert "| aime24 | 50.0 ± 50.0 | 50.0 ± 28.9 | 0.0 ± 0.0 |" in md
-    assert "| math500 | 100.0 ± 0.0 | – | – |" in md
+    assert "| aime24 | 50.0 ± 50.0 | 50.0 ± 28.9 | 0.0 ± n/a |" in md  # majority@8: one problem
+    assert "| math500 | 100.0 ± n/a | – | – |" in md
     assert "| aime24 | 50.0 ± 28.9 |" in md.split("## Majority vote over paths")[1]
     assert "| aime24 | 83.3 ± 16.7 |" in md.split("## Any path correct")[1]
     assert "| aime24 | P=2 | 3 | 6 | 350 / 350 / 600 | 20 / 20 / 30 | 5 / 5 / 5 | 3.50 / 3.50 / 5.50 |" in md
@@ -101,5 +103,42 @@ def test_write_report_sequential_only(tmp_path: Path) -> None:
              "correct": True}]
     write_report(summarize(recs), {"seed": 0}, tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "Majority vote over paths" not in md and "| amc23 | 100.0 ± 0.0 |" in md
+    assert "Majority vote over paths" not in md and "| amc23 | 100.0 ± n/a |" in md
     assert (tmp_path / "accuracy_vs_paths.png").stat().st_size > 0
+
+
+def test_printed_summary_says_an_undefined_standard_error(capsys) -> None:
+    from parathinker.eval.runner import print_table
+
+    print_table(summarize(_records()))
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.endswith("sequential:  100.0 ± n/a (1 problems, 1 samples)") for ln in lines), lines
+    assert any("P=2:  50.0 ± 28.9 (3 problems, 6 samples) | majority 50.0 ± 28.9 | oracle 83.3 ± 16.7"
+               in ln for ln in lines), lines
+
+
+def test_report_shows_each_columns_settings_not_only_the_last_invocations(tmp_path: Path) -> None:
+    """README's two model-card commands into one output: ParaThinker paths fitted to 603 tokens,
+    then the sequential baseline, whose own flags (the last invocation) say 16384."""
+    par = {"model": "pt", "backend": "engine", "temperature": 0.5, "top_p": 1.0, "top_k": 0, "base_seed": 0,
+           "max_path_tokens": 603, "max_summary_tokens": 1024, "min_finished_paths": 1,
+           "rope_scaling": None}
+    seq = {"model": "r1", "backend": "engine", "temperature": 0.5, "top_p": 1.0, "top_k": 0, "base_seed": 0,
+           "max_tokens": 32768, "rope_scaling": None}
+    recs = [{"benchmark": b, "mode": "parathinker", "num_paths": n, "id": "q", "sample": 0, "answer": "1",
+             "correct": True, "settings": {**par, "min_finished_paths": 1}} for b in ("aime24", "amc23")
+            for n in (2, 4)]
+    recs += [{"benchmark": b, "mode": "sequential", "num_paths": 1, "id": "q", "sample": 0, "answer": "1",
+              "correct": False, "settings": {**seq, "max_tokens": m}} for b, m in (("aime24", 32768),
+                                                                                    ("amc23", 30000))]
+    write_report(summarize(recs), {"config": {"max_path_tokens": 16384, "modes": ["sequential"]}}, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    table = md.split("## Settings of each configuration")[1].split("\n## ")[0]
+    assert "| setting | sequential | P=2 | P=4 |" in table
+    assert "| max_path_tokens | – | 603 | 603 |" in table
+    assert "| model | r1 | pt | pt |" in table
+    assert "| max_tokens | 32768 (aime24) / 30000 (amc23) | – | – |" in table  # differs: named
+    assert "| rope_scaling | none | none | none |" in table
+    assert '"max_path_tokens": 16384' in md.split("## Configuration")[1]  # the last invocation's own
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["summary"]["amc23"]["P=4"]["settings"] == [par]

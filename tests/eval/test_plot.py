@@ -69,3 +69,22 @@ def test_legend_is_kept_in_the_png(tmp_path):
     height, width = imread(path).shape[:2]
     fig = accuracy_figure(_summary(0.5))
     assert width > fig.get_figwidth() * 120  # 9 in at 120 dpi, plus the legend beyond the figure
+
+
+def test_title_names_model_benchmark_samples_and_budgets_and_the_legend_lists_every_series():
+    """From records as eval stores them: 2 problems x 3 samples, every curve at the same accuracy."""
+    from parathinker.eval.report import summarize
+
+    par = {"model": "docs/demo/model", "max_path_tokens": 48, "max_summary_tokens": 32}
+    recs = [{"benchmark": "modeq", "mode": "parathinker", "num_paths": n, "id": q, "sample": i, "answer": "1",
+             "correct": q == "a", "majority_over_paths_correct": q == "a", "any_path_correct": q == "a",
+             "settings": par} for n in (1, 2, 4) for q in ("a", "b") for i in range(3)]
+    recs += [{"benchmark": "modeq", "mode": "sequential", "num_paths": 1, "id": q, "sample": i, "answer": "1",
+              "correct": q == "a", "settings": {"model": "docs/demo/model", "max_tokens": 96}}
+             for q in ("a", "b") for i in range(3)]
+    ax = accuracy_figure(summarize(recs)).axes[0]
+    assert ax.get_title() == ("Accuracy vs parallel paths: docs/demo/model\n"
+                              "modeq (2 problems × 3 samples); tokens: paths ≤ 48, summary ≤ 32, traces ≤ 96")
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["modeq summary", "modeq path majority", "modeq any-path oracle", "modeq sequential"]
+    assert {tuple(ln.get_ydata()) for ln in _series(ax).values()} == {(50.0, 50.0, 50.0), (50.0,)}  # equal

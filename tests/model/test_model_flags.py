@@ -4,6 +4,7 @@ inverse frequencies and attention scale computed here from the YaRN formulas (RE
 
 import argparse
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +198,42 @@ def test_serve_derives_yarn_from_its_path_budget_and_reports_it(long_ckpt, monke
     body = TestClient(made[0], base_url="http://127.0.0.1").get("/v1/models").json()
     (card,) = body["data"]
     assert card["rope_scaling"] == REFERENCE_16K and card["layout"] == "native"
+
+
+def _rope_each_command_loads(monkeypatch, tmp_path, model, *flags):
+    """{command: the rope_scaling its LLM is built with}, each command run with its defaults on
+    `model` and stopped as it builds the LLM (no weights are loaded)."""
+    from parathinker.llm import LLM
+
+    seen = []
+
+    def stop(self, *a, **k):
+        seen.append(k["rope_scaling"])
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(LLM, "__init__", stop)
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"id": "1", "problem": "Solve 5x + 4 = 7 modulo 13.", "answer": "11"}\n')
+    argvs = {"generate": ["generate", "Solve 5x + 4 = 7 modulo 13."],
+             "eval": ["eval", "--data", str(data), "--output", str(tmp_path / f"out-{Path(model).name}-{len(flags)}")],
+             "serve": ["serve"]}
+    out = {}
+    for command, argv in argvs.items():
+        assert main([*argv, "--model", str(model), "--device", "cpu", *flags]) == 2
+        out[command] = seen.pop()
+    return out
+
+
+def test_every_command_resolves_rope_scaling_by_one_rule(long_ckpt, monkeypatch, tmp_path):
+    """The default 16,384-token paths do not fit the demo model's 2,048 positions: every command
+    lowers them first, so none turns on a YaRN the model never saw; a Qwen2 checkpoint whose
+    context holds them gets the reference's YaRN (SPEC §5.6) from each command alike."""
+    demo = Path(__file__).resolve().parents[1] / "docs" / "demo" / "model"
+    assert '"max_position_embeddings": 2048' in (demo / "config.json").read_text()
+    plain = {"rope_type": "default"}  # LLM(rope_scaling=...) for plain RoPE
+    assert _rope_each_command_loads(monkeypatch, tmp_path, demo) == \
+        {"generate": plain, "eval": plain, "serve": plain}
+    assert _rope_each_command_loads(monkeypatch, tmp_path, long_ckpt) == \
+        {"generate": REFERENCE_16K, "eval": REFERENCE_16K, "serve": REFERENCE_16K}
+    assert _rope_each_command_loads(monkeypatch, tmp_path, long_ckpt, "--max-path-tokens", "24576") == \
+        {c: {**REFERENCE_16K, "factor": 3.0} for c in ("generate", "eval", "serve")}

@@ -36,6 +36,8 @@ def test_eval_fits_default_budgets_to_the_context(tokenizer, tmp_path):
     assert len(para) == len(seq) == 2 and not any(r["error"] for r in records)
     longest = max(r["prompt_tokens"] for r in para)
     assert {r["settings"]["max_path_tokens"] for r in para} == {context - longest - 90}
+    report = (tmp_path / "out" / "report.md").read_text()  # the fitted budget, in its column
+    assert f"| max_path_tokens | – | {context - longest - 90} |" in report.split("## Settings")[1]
     config = json.loads((tmp_path / "out" / "runs.jsonl").read_text().splitlines()[-1])["config"]
     assert config["max_tokens"] == context - max(r["prompt_tokens"] for r in seq)
     again = run_eval(ckpt_dir, data, tmp_path / "out", "--resume")  # the same fit: settings agree
