@@ -109,11 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     """Every subcommand, its flags described and their defaults shown."""
     # Subcommand modules are imported here, not at the top: `parathinker generate` should not pay
     # for FastAPI, and `parathinker serve` should not need the training extras.
-    parser = argparse.ArgumentParser(prog="parathinker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="parathinker", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, add_args, _, help_text) in COMMANDS.items():
         add = getattr(importlib.import_module(module), add_args)
-        add(sub.add_parser(name, help=help_text, description=help_text,
+        add(sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,
                            formatter_class=HelpFormatter))
     return parser
 
