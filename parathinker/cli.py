@@ -19,6 +19,7 @@ import time
 
 from parathinker.cli_args import (HelpFormatter, add_model_args, add_path_budget_args,
                                   add_sampling_args, llm_kwargs, rope_for_args)
+from parathinker.config import SamplingParams
 from parathinker.extras import MissingExtra, need
 
 
@@ -47,15 +48,21 @@ def fit_generate_budgets(args: argparse.Namespace) -> None:
     args.min_path_tokens = min(args.min_path_tokens, args.max_path_tokens)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from parathinker import LLM, SamplingParams
-
-    fit_generate_budgets(args)
-    params = SamplingParams(
+def generate_params(args: argparse.Namespace) -> SamplingParams:
+    """`generate`'s request from its flags; SamplingParams' own checks raise for a bad one."""
+    return SamplingParams(
         num_paths=args.paths, max_path_tokens=args.max_path_tokens,
         min_path_tokens=args.min_path_tokens, max_summary_tokens=args.max_summary_tokens,
         min_finished_paths=min(args.min_finished_paths, max(args.paths, 1)), temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    generate_params(args)  # a bad flag fails now, not after torch, the tokenizer or a download load
+    fit_generate_budgets(args)
+    params = generate_params(args)
+    from parathinker import LLM
+
     rope = rope_for_args(args, args.model, args.max_path_tokens)  # YaRN for 16K paths (SPEC §5.6)
     llm = LLM(args.model, **llm_kwargs(args, rope))
     start = time.perf_counter()
