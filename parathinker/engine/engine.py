@@ -93,6 +93,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._aborted: list[SeqGroup] = []
         self.num_steps = 0
+        self.num_sampled_tokens = 0  # every token sampled so far (progress bars)
 
     def add_request(self, request_id: str, prompt_ids: list[int],
                     params: SamplingParams | PlainParams, n: int = 1,
@@ -218,6 +219,7 @@ class Engine:
                 row += n
             plan.append((req, mine))
         tokens, entries = self._sample(logits, [x for _, mine in plan for x in mine if x[2]])
+        self.num_sampled_tokens += len(tokens)
         for (req, _), ws in zip(scheduled, work):
             req.mark_computed(ws)
         for req, mine in plan:

@@ -23,7 +23,7 @@ per-request `seed` too).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +114,10 @@ class EngineBackend:
         error = None if req.status == FINISHED else (req.error or f"request {req.status}")
         return Trace(text, str(req.trace_finish), len(req.prompt.tokens), len(tokens), latency, error)
 
-    def run(self, jobs: Iterable[Job], max_in_flight: int) -> Iterator[tuple[Job, list[Any]]]:
+    def run(self, jobs: Iterable[Job], max_in_flight: int,
+            on_tokens: Callable[[int], None] | None = None) -> Iterator[tuple[Job, list[Any]]]:
+        """`on_tokens(n)` after every engine step, with the n tokens it sampled (a progress bar's
+        sign of life while a long sample is still running)."""
         _check_in_flight(max_in_flight)
         engine = self.llm.engine
         pending_jobs = iter(jobs)
@@ -136,7 +139,11 @@ class EngineBackend:
                     by_request[rid] = (state, slot)
             if not engine.has_unfinished():
                 return
-            for req in engine.step():
+            sampled = engine.num_sampled_tokens
+            ended = engine.step()
+            if on_tokens is not None:
+                on_tokens(engine.num_sampled_tokens - sampled)
+            for req in ended:
                 if req.request_id not in by_request:
                     continue
                 state, slot = by_request.pop(req.request_id)
