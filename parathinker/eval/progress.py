@@ -53,7 +53,7 @@ class Progress:
         parts = [self.sample_text] if self.sample_text else []
         if self.first_token_at is not None:
             elapsed = time.perf_counter() - self.first_token_at
-            rate = f", {self.num_tokens / elapsed:.1f} tok/s" if elapsed > 0 else ""
+            rate = f", {self.num_tokens / elapsed:.1f} tok/s" if elapsed >= 1 else ""  # not 1 step's
             parts.append(f"{self.num_tokens} tok{rate}")
         self.bar.set_postfix_str(" | ".join(parts), refresh=refresh)
 
