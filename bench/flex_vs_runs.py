@@ -44,7 +44,7 @@ def best_of(fn, calls: int, rounds: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--layouts", default="contiguous,interleaved")

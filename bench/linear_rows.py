@@ -19,7 +19,7 @@ from common import machine, report
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--rows", default="1,2,4,8,16")
     ap.add_argument("--in-features", type=int, default=1536)
     ap.add_argument("--out-features", type=int, default=8960)

@@ -119,7 +119,7 @@ def profile_step(engine: Engine, top: int = 8) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--sizes", default="128,2048,8192", help="per-path contexts (prompt + path)")
     ap.add_argument("--paths", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")

@@ -20,7 +20,7 @@ from parathinker.model.fast_linear import apply_linear_backend
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--tokens", type=int, default=64, help="N tokens per path")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--paths", default="1,2,4,8,16")

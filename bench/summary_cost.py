@@ -24,7 +24,7 @@ from parathinker.train.request_row import pack_request, row_tensors
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--paths", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=512, help="tokens per path, tags included")
     ap.add_argument("--prompt", type=int, default=128)

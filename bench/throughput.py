@@ -17,7 +17,7 @@ from parathinker.model.fast_linear import apply_linear_backend
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--paths", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)

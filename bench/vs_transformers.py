@@ -34,7 +34,7 @@ def hf_model(ours: torch.nn.Module, device: str) -> torch.nn.Module:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--paths", type=int, default=8)

@@ -19,6 +19,7 @@ import time
 
 from parathinker.cli_args import (HelpFormatter, add_model_args, add_path_budget_args,
                                   add_sampling_args, llm_kwargs, rope_for_args)
+from parathinker.config import SamplingParams
 from parathinker.extras import MissingExtra, need
 
 
@@ -33,16 +34,23 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="print the whole output (paths, summary, token ids, finish reasons) as JSON")
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from parathinker import LLM, SamplingParams
-    from parathinker.spec.budgets import fit_path_args
-
-    fit_path_args(args, args.question)  # before the rope scaling is resolved from it
-    params = SamplingParams(
+def generate_params(args: argparse.Namespace) -> SamplingParams:
+    """`generate`'s request from its flags; SamplingParams' own checks raise for a bad one."""
+    return SamplingParams(
         num_paths=args.paths, max_path_tokens=args.max_path_tokens,
         min_path_tokens=args.min_path_tokens, max_summary_tokens=args.max_summary_tokens,
         min_finished_paths=min(args.min_finished_paths, max(args.paths, 1)), temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from parathinker.spec.budgets import fit_path_args
+
+    generate_params(args)  # a bad flag fails now, not after torch, the tokenizer or a download load
+    fit_path_args(args, args.question)  # before the rope scaling is resolved from it
+    params = generate_params(args)
+    from parathinker import LLM
+
     rope = rope_for_args(args, args.model, args.max_path_tokens)  # YaRN for 16K paths (SPEC §5.6)
     llm = LLM(args.model, **llm_kwargs(args, rope))
     start = time.perf_counter()
@@ -96,11 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     """Every subcommand, its flags described and their defaults shown."""
     # Subcommand modules are imported here, not at the top: `parathinker generate` should not pay
     # for FastAPI, and `parathinker serve` should not need the training extras.
-    parser = argparse.ArgumentParser(prog="parathinker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="parathinker", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, add_args, _, help_text) in COMMANDS.items():
         add = getattr(importlib.import_module(module), add_args)
-        add(sub.add_parser(name, help=help_text, description=help_text,
+        add(sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,
                            formatter_class=HelpFormatter))
     return parser
 

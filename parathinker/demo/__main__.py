@@ -22,7 +22,7 @@ PRESET_HELP = {"full": "the committed run (4 eval samples per problem)",
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m parathinker.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m parathinker.demo", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="docs/demo",
                     help="directory for the report (README.md), the plot, model/ and work/; "

@@ -99,6 +99,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._aborted: list[SeqGroup] = []
         self.num_steps = 0
+        self.num_sampled_tokens = 0  # every token sampled so far (progress bars)
 
     def add_request(self, request_id: str, prompt_ids: list[int],
                     params: SamplingParams | PlainParams, n: int = 1,
@@ -227,6 +228,7 @@ class Engine:
         flat = [r for rs in rows for r in rs]
         self.masks.rows(logits, [r.mask for r in flat], [r.can_end for r in flat])
         tokens, entries = self._sample(logits, flat)
+        self.num_sampled_tokens += len(tokens)
         for (req, _), ws in zip(scheduled, work):
             req.mark_computed(ws)
         a = 0

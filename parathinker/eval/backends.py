@@ -23,7 +23,7 @@ per-request `seed` too).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,7 +108,10 @@ class EngineBackend:
         return Trace(out.text, out.finish_reason, len(out.prompt_token_ids), len(out.token_ids),
                      out.metrics["latency_s"], out.error)
 
-    def run(self, jobs: Iterable[Job], max_in_flight: int) -> Iterator[tuple[Job, list[Any]]]:
+    def run(self, jobs: Iterable[Job], max_in_flight: int,
+            on_tokens: Callable[[int], None] | None = None) -> Iterator[tuple[Job, list[Any]]]:
+        """`on_tokens(n)` after every engine step, with the n tokens it sampled (a progress bar's
+        sign of life while a long sample is still running)."""
         _check_in_flight(max_in_flight)
         engine = self.llm.engine
         pending_jobs = iter(jobs)
@@ -130,7 +133,11 @@ class EngineBackend:
                     by_request[rid] = (state, slot)
             if not engine.has_unfinished():
                 return
-            for req in engine.step():
+            sampled = engine.num_sampled_tokens
+            ended = engine.step()
+            if on_tokens is not None:
+                on_tokens(engine.num_sampled_tokens - sampled)
+            for req in ended:
                 if req.request_id not in by_request:
                     continue
                 state, slot = by_request.pop(req.request_id)

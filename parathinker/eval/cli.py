@@ -163,7 +163,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="parathinker eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="parathinker eval", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     add_eval_args(parser)
     return run_eval(parser.parse_args(argv))
 

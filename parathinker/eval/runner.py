@@ -166,7 +166,8 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
                     backend = endpoint
                 jobs = (Job(i, u.problem["problem"], request_params(cfg, u)) for i, u in enumerate(group))
                 results = (backend.run(jobs, group[0].key[5]) if isinstance(backend, EndpointBackend)
-                           else ((j, o, None) for j, o in backend.run(jobs, cfg.batch_size)))
+                           else ((j, o, None)
+                                 for j, o in backend.run(jobs, cfg.batch_size, progress.add_tokens)))
                 for job, outputs, server in results:
                     grader.submit(group[job.index], outputs, server)
                     grader.store_finished()

@@ -32,7 +32,7 @@ def convert(model_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parathinker.model.to_safetensors",
+    p = argparse.ArgumentParser(prog="python -m parathinker.model.to_safetensors", allow_abbrev=False,
                                 description=__doc__.splitlines()[0])
     p.add_argument("model_dir", help="checkpoint directory holding pytorch_model*.bin")
     args = p.parse_args(argv)

@@ -159,7 +159,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="parathinker serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="parathinker serve", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     add_serve_args(parser)
     args = parser.parse_args(argv)
     try:

@@ -258,11 +258,13 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="parathinker-train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="parathinker-train", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_train_args(sub.add_parser("train", help="supervised fine-tuning"))
-    add_build_data_args(sub.add_parser("build-data", help="SFT data from a teacher"))
-    add_convert_args(sub.add_parser("convert-reference", help="reference rows -> JSONL samples"))
+    add_train_args(sub.add_parser("train", help="supervised fine-tuning", allow_abbrev=False))
+    add_build_data_args(sub.add_parser("build-data", help="SFT data from a teacher", allow_abbrev=False))
+    add_convert_args(sub.add_parser("convert-reference", help="reference rows -> JSONL samples",
+                                    allow_abbrev=False))
     args = parser.parse_args(argv)
     run = {"train": run_train, "build-data": run_build_data, "convert-reference": run_convert}
     try:

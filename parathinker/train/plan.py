@@ -75,6 +75,9 @@ class StepPlan:
         return rows[start:start + batch_size]
 
     def epoch_progress(self, step: int) -> float:
-        """Fractional epoch after `step` (0-based) is done, for logs."""
+        """Epochs of data trained on after `step` (0-based), as HF Trainer's `epoch`: the whole
+        epochs before, plus the fraction of this epoch's rows seen (a last step that wraps around
+        to the epoch's first rows completes the epoch; it does not count them twice)."""
         epoch, local = self.locate(step)
-        return epoch + (local + 1) / self.steps_in_epoch(epoch)
+        num_rows = len(self.epochs[epoch])
+        return epoch + min((local + 1) * self.rows_per_step, num_rows) / num_rows

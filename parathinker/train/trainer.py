@@ -370,7 +370,7 @@ def _save_checkpoint(accelerator: Any, fwd: torch.nn.Module, tokenizer: Any, out
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpts.write_json(tmp / "train_config.json", record)
-        epoch, _ = plan.locate(step - 1)
+        epoch = round(plan.epoch_progress(step - 1), 4)  # as metrics.jsonl's
         ckpts.write_json(tmp / ckpts.TRAINER_STATE, {"step": step, "epoch": epoch,
                                                      "total_steps": plan.total_steps})
         if final.exists():

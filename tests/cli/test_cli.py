@@ -82,3 +82,23 @@ def test_generate_caps_a_path_budget_the_context_cannot_hold(ckpt_dir):
     context = json.loads((ckpt_dir / "config.json").read_text())["max_position_embeddings"]
     prompt_len = len(json.loads(r.stdout)["prompt_token_ids"])
     assert used == context - prompt_len - 90
+
+
+def test_generate_checks_its_flags_before_loading_anything(tmp_path, capsys):
+    """A bad flag is reported at once, not after the tokenizer loads (or the hub model downloads):
+    the model here does not exist, so an error about it means the flags were checked too late."""
+    from parathinker.cli import main
+
+    missing = str(tmp_path / "no-such-model")
+    for flags, message in ((["--paths", "0"], "num_paths must be >= 1, got 0"),
+                           (["--min-finished-paths", "0"], "min_finished_paths must be in 1..num_paths"),
+                           (["--max-summary-tokens", "0"], "max_summary_tokens must be >= 1, got 0"),
+                           (["--max-path-tokens", "1"], "max_path_tokens=1 cannot hold"),
+                           (["--min-path-tokens", "-1"], "min_path_tokens must be in 0..max_path_tokens"),
+                           (["--temperature", "-1"], "temperature must be 0 (greedy) or in"),
+                           (["--top-p", "0"], "top_p must be in (0, 1]")):
+        assert main(["generate", "--model", missing, *flags, "q"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "no-such-model" not in err, (flags, err)
+    assert main(["generate", "--model", missing, "q"]) == 2  # good flags: now the model is the error
+    assert "no-such-model" in capsys.readouterr().err

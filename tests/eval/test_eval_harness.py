@@ -294,3 +294,24 @@ def test_sigterm_stops_the_run_as_ctrl_c_does(ckpt_dir, custom_file, tmp_path):
     assert "interrupted" in r.stderr
     assert 3 <= len(_records(out / "samples.jsonl")) < 8
     assert _records(out / "runs.jsonl")[-1]["status"] == "interrupted"
+
+
+def test_progress_counts_tokens_as_the_engine_steps(llm, ckpt_dir, custom_file, tmp_path, capsys):
+    """The bar is not stuck at 0/N during a long sample: after every engine step it hears how many
+    tokens were sampled; the total it shows at the end is the records' token count (sequential and
+    majority traces: every generated token is sampled)."""
+    import re
+
+    from parathinker.config import PlainParams
+    from parathinker.eval.backends import EngineBackend, Job
+
+    steps: list[int] = []
+    job = Job(0, "What is 2+3?", (PlainParams(max_tokens=12, temperature=0), PlainParams(max_tokens=9, seed=1)))
+    ((done, traces),) = list(EngineBackend(llm).run([job], 4, steps.append))
+    assert len(steps) >= 9 and sum(steps) == sum(t.num_tokens for t in traces)  # before the job ended
+    out = tmp_path / "out"
+    assert main(["--model", str(ckpt_dir), "--device", "cpu", "--benchmark", "mine", "--data",
+                 f"mine={custom_file}", "--mode", "sequential,majority", "--majority-n", "2",
+                 "--max-tokens", "12", "--majority-max-tokens", "8", "--output", str(out)]) == 0
+    shown = re.findall(r"(?<![\d.])(\d+) tok(?!/)", capsys.readouterr().err)  # the count, not tok/s
+    assert shown and int(shown[-1]) == sum(r["total_tokens"] for r in _records(out / "samples.jsonl"))

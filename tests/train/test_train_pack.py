@@ -130,3 +130,15 @@ def test_step_plan_covers_each_epoch_and_is_deterministic(ctrl):
     a = make_row(samples, plan.epochs[e][r], ctrl, opts, 1, e, r)
     b = make_row(samples, plan.epochs[e][r], ctrl, opts, 1, e, r)
     assert (a.row.input_ids, a.targets) == (b.row.input_ids, b.targets)
+
+
+def test_epoch_is_the_fraction_of_the_data_seen(ctrl):
+    """10 rows (no packing: one sample each), 4 rows per optimizer step: 3 steps an epoch, the
+    last one wrapping around to 2 rows already seen. After k steps of an epoch, min(4k, 10) of
+    its 10 rows have been trained on."""
+    samples = [sample(ctrl, [5], [[10]], [20]) for _ in range(10)]
+    plan = StepPlan.build(samples, 12, seed=0, num_epochs=2, max_steps=None, rows_per_step=4, pack=False)
+    assert [len(rows) for rows in plan.epochs] == [10, 10] and plan.total_steps == 6
+    expected = [e + min(4 * k, 10) / 10 for e in range(2) for k in (1, 2, 3)]
+    assert [plan.epoch_progress(s) for s in range(6)] == pytest.approx(expected)
+    assert expected == pytest.approx([0.4, 0.8, 1.0, 1.4, 1.8, 2.0])
