@@ -19,7 +19,8 @@ import time
 import torch
 
 from common import machine, report, sync
-from parathinker.attention.paged import PagedAttention, PagedKVCache, paged_attend
+from parathinker.attention.paged import backend_for
+from parathinker.attention.pool import PagedKVCache
 
 BLOCK = 16
 
@@ -72,15 +73,17 @@ def main() -> None:
     for layout in args.layouts.split(","):
         contexts = contexts_for(layout, args.seqs, args.context)
         for backend in args.backends.split(","):
+            chosen = backend_for(backend, args.device)
+
             def build():
-                return PagedAttention.build([1] * args.seqs, contexts, args.device, backend)
+                return chosen.build_metadata([1] * args.seqs, contexts, args.device)
 
             meta = build()
             t0 = time.perf_counter()
-            paged_attend(0, q, k, v, meta, cache)  # warm-up (flex: the compile)
+            meta.attend(0, q, k, v, cache)  # warm-up (flex: the compile)
             sync()
             warm = time.perf_counter() - t0
-            attend = best_of(lambda: paged_attend(0, q, k, v, meta, cache), args.calls, args.rounds)
+            attend = best_of(lambda: meta.attend(0, q, k, v, cache), args.calls, args.rounds)
             meta_s = best_of(build, args.calls, args.rounds)
             name = f"{layout}/{backend}"
             results[name] = {"attend_ms": round(attend * 1e3, 3), "build_ms": round(meta_s * 1e3, 3),

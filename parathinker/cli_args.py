@@ -98,7 +98,7 @@ def add_model_args(p: argparse.ArgumentParser, *, model_flag: str = "--model",
                         "`python -m parathinker.model.to_safetensors DIR` is safer)")
     g.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
                    help="attention over the paged KV cache: auto (runs on CPU, flex on CUDA), runs, "
-                        "flex (FlexAttention) or reference (the slow, gathered twin) "
+                        "flex (FlexAttention) or gathered (the slow twin: each context gathered) "
                         "(default: %(default)s)")
     return g
 

@@ -13,6 +13,11 @@ import torch
 class FlexAttention:
     block_mask: Any  # torch.nn.attention.flex_attention.BlockMask over [B, L, L]
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_cache: Any = None) -> torch.Tensor:
+        """The model's call (as attention.dense.DenseAttention.attend): no KV cache."""
+        return flex_attend(q, k, v, self)
+
 
 def build_block_mask(regions: torch.Tensor, doc_ids: torch.Tensor) -> FlexAttention:
     """regions, doc_ids: [B, L] (same device as the model) -> the packed rows' block mask."""

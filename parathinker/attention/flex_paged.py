@@ -1,4 +1,5 @@
-"""FlexAttention over the paged KV pool: the "flex" backend of `parathinker.attention.paged`.
+"""The "flex" paged backend (the CUDA default; also compiles on CPU): FlexAttention over the paged
+KV pool (`parathinker.attention.pool`).
 
 K/V are the whole pool of one layer, `[1, Hkv, num_slots, D]`, broadcast over a query batch of
 one row per sequence; nothing is gathered. Which pool slots a sequence reads is a `BlockMask`
@@ -42,14 +43,14 @@ of every BLOCK_M either kernel picks (the decoding kernel's is next_pow2(Q*G) >=
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from parathinker.attention.paged import PagedAttention
+from parathinker.attention.pool import PagedAttention, PagedKVCache, write_kv
 
 KV_BLOCK = 16  # slots per sparse KV block (the engine's block_size); see the module docstring
 Q_BLOCK = 128  # folded query rows per sparse Q block
@@ -65,6 +66,23 @@ def _bucket(n: int, minimum: int = 1) -> int:
     """The next power of two >= max(n, minimum)."""
     n = max(n, minimum)
     return 1 << (n - 1).bit_length()
+
+
+class FlexPagedBackend:
+    name = "flex"
+    zeroed_pool = True  # its kernels read whole pages, masked (PagedKVCache.allocate)
+
+    def build_metadata(self, query_lens: Sequence[int],
+                       contexts: Sequence[Sequence[tuple[int, int]]],
+                       device: torch.device | str) -> PagedAttention:
+        meta = PagedAttention.of_runs(query_lens, contexts, device, self)
+        meta.state = build_flex_state(meta, device)
+        return meta
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_cache: PagedKVCache, meta: PagedAttention) -> torch.Tensor:
+        write_kv(kv_cache, layer, k[0], v[0], meta.slot_mapping)
+        return flex_paged_attend(q, kv_cache.k[layer], kv_cache.v[layer], meta)
 
 
 @dataclass

@@ -15,42 +15,16 @@ import filecmp
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from parathinker.demo.config import DemoConfig
 from parathinker.demo.report import (check_claims, entropy_floor, render, summary_breakdown,
                                      teacher_accuracy)
 from parathinker.demo.task import build
 from parathinker.eval.data import read_jsonl
 from parathinker.train.data import read_samples
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    seed: int = 0
-    # the task: a·x + c = b mod 13; a path checks at most `tries` of the 12 candidates
-    tries: int = 3
-    num_train: int = 24000
-    num_held_out: int = 99  # of the 1716 problems, never trained on
-    max_train_paths: int = 8
-    # the model: a tiny Qwen2 decoder trained from scratch, a BPE tokenizer trained on the task
-    vocab_size: int = 1024  # above what the BPE can merge on this corpus: every number is one token
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    # training (`parathinker train`)
-    max_steps: int = 2800
-    learning_rate: float = 3e-3
-    warmup_ratio: float = 0.05
-    rows_per_step: int = 4
-    max_row_tokens: int = 512
-    # evaluation (`parathinker eval`): paths waited for, a fixed per-path budget
-    paths: tuple[int, ...] = (1, 2, 4, 8)
-    samples: int = 4
-    max_path_tokens: int = 48
-    max_summary_tokens: int = 32
-    temperature: float = 1.0
 
 
 PRESETS = {

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from parathinker.demo.pipeline import DemoConfig
+from parathinker.demo.config import DemoConfig
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:

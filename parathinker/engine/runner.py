@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from parathinker.attention.paged import BACKENDS, PagedAttention, PagedKVCache
+from parathinker.attention.paged import backend_for
+from parathinker.attention.pool import PagedAttention, PagedKVCache
 from parathinker.engine.request import SeqWork
 from parathinker.model.decoder import ParaThinkerForCausalLM
 
@@ -21,25 +22,17 @@ def kv_bytes_per_block(model: ParaThinkerForCausalLM, block_size: int, dtype: to
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
-def resolve_attention(attention: str, device: torch.device) -> str:
-    """"auto": the runs backend on CPU (it wins there, BENCHMARKS.md), FlexAttention on CUDA."""
-    if attention == "auto":
-        return "flex" if device.type == "cuda" else "runs"
-    if attention not in BACKENDS:
-        raise ValueError(f"unknown attention backend {attention!r}; use auto or one of {BACKENDS}")
-    return attention
-
-
 class ModelRunner:
     def __init__(self, model: ParaThinkerForCausalLM, num_blocks: int, block_size: int,
                  attention: str = "auto") -> None:
         cfg = model.config
         p = next(model.parameters())
         self.model, self.device = model, p.device
-        self.attention = resolve_attention(attention, self.device)
+        self.backend = backend_for(attention, self.device)  # the one choice of backend
+        self.attention = self.backend.name  # as resolved ("auto" -> runs or flex)
         self.kv_cache = PagedKVCache.allocate(cfg.num_hidden_layers, num_blocks * block_size,
                                               cfg.num_key_value_heads, cfg.head_dim, p.dtype,
-                                              p.device, zeroed=self.attention == "flex")
+                                              p.device, zeroed=self.backend.zeroed_pool)
 
     def build(self, work: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                   PagedAttention]:
@@ -47,8 +40,8 @@ class ModelRunner:
         ids = [t for w in work for t in w.token_ids]
         positions = [p for w in work for p in w.positions]
         segments = [w.segment for w in work for _ in w.token_ids]
-        meta = PagedAttention.build([len(w.token_ids) for w in work], [w.context for w in work],
-                                    self.device, self.attention)
+        meta = self.backend.build_metadata([len(w.token_ids) for w in work],
+                                           [w.context for w in work], self.device)
         flat = lambda x: torch.tensor([x], dtype=torch.long, device=self.device)  # noqa: E731
         return flat(ids), flat(positions), flat(segments), meta
 
@@ -80,8 +73,7 @@ def profile_activation_bytes(model: ParaThinkerForCausalLM, num_tokens: int) -> 
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    meta = PagedAttention.build([num_tokens], [[(0, num_tokens)]], device,
-                                resolve_attention("auto", device))
+    meta = backend_for("auto", device).build_metadata([num_tokens], [[(0, num_tokens)]], device)
     ids = torch.zeros(1, num_tokens, dtype=torch.long, device=device)
     hidden = model(ids, torch.arange(num_tokens, device=device)[None], ids, meta, cache)
     model.compute_logits(hidden[0, -1:])

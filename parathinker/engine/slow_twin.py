@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parathinker.attention.paged import PagedAttention, PagedKVCache, runs_of
+from parathinker.attention.paged import backend_for
+from parathinker.attention.pool import PagedKVCache, runs_of
 from parathinker.config import SamplingParams
 from parathinker.engine.request import SUMMARY_STREAM
 from parathinker.spec.layout import path_segment, summary_start
@@ -44,6 +45,7 @@ class _Runner:
         cfg = model.config
         p = next(model.parameters())
         self.model, self.device, self.record = model, p.device, record
+        self.attention = backend_for("gathered", self.device)  # the slow twin of every backend
         self.cache = PagedKVCache.allocate(cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads,
                                       cfg.head_dim, p.dtype, p.device)
         self.next_slot = 0
@@ -65,8 +67,8 @@ class _Runner:
             ids += tokens
             pos += positions
             seg += [segment] * len(tokens)
-        meta = PagedAttention.build([len(s[0]) for s in seqs], [runs_of(s[3]) for s in seqs],
-                                    self.device, backend="gathered")
+        meta = self.attention.build_metadata([len(s[0]) for s in seqs],
+                                             [runs_of(s[3]) for s in seqs], self.device)
         as_tensor = lambda x: torch.tensor([x], dtype=torch.long, device=self.device)  # noqa: E731
         hidden = self.model(as_tensor(ids), as_tensor(pos), as_tensor(seg), meta, self.cache)[0]
         self.num_forward_tokens += len(ids)

@@ -9,20 +9,27 @@ segment ids and the attention metadata; the model holds no per-request state.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from parathinker.attention.paged import PagedAttention
-from parathinker.attention.paged import PagedKVCache as KVCache
-from parathinker.attention.dense import DenseAttention, attend
+from parathinker.attention.pool import PagedKVCache as KVCache
 from parathinker.config import ModelConfig
 from parathinker.model.rope import apply_rope, rope_cos_sin, rope_parameters
 
-AttentionMeta = DenseAttention | PagedAttention | Any  # Any: attention.flex.FlexAttention
+
+class AttentionMeta(Protocol):
+    """One forward's attention metadata, passed in explicitly: attention.dense.DenseAttention
+    and attention.flex.FlexAttention (training, the oracle), attention.pool.PagedAttention (the
+    engine, carrying the backend picked when the runner was built)."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_cache: KVCache | None) -> torch.Tensor:
+        """q: [B, L, Hq, D], k/v: [B, L, Hkv, D] (after RoPE and thought embedding) -> [B, L, Hq, D]."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -61,7 +68,7 @@ class SelfAttention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim) + seg
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim) + seg
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attend(self.layer, q, k, v, attn, kv_cache)  # [B, T, Hq, D]
+        o = attn.attend(self.layer, q, k, v, kv_cache)  # [B, T, Hq, D]
         return self.o_proj(o.reshape(b, t, -1))
 
 

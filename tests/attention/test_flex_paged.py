@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from parathinker.attention import flex_paged
-from parathinker.attention.paged import PagedAttention, PagedKVCache, paged_attend, runs_of
+from parathinker.attention.paged import backend_for
+from parathinker.attention.pool import PagedKVCache, runs_of
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -88,10 +88,10 @@ def compare(query_lens, contexts, cache, hq, dtype, device, seed, atol):
     k, v = torch.randn(1, n, hkv, d).to(device, dtype), torch.randn(1, n, hkv, d).to(device, dtype)
     runs = [runs_of(c) for c in contexts]
     ref_cache = PagedKVCache(cache.k.float(), cache.v.float())
-    meta = PagedAttention.build(query_lens, runs, device, "gathered")
-    expected = paged_attend(0, q.float(), k.float(), v.float(), meta, ref_cache)
-    meta = PagedAttention.build(query_lens, runs, device, "flex")
-    out = paged_attend(0, q, k, v, meta, cache)
+    meta = backend_for("gathered", device).build_metadata(query_lens, runs, device)
+    expected = meta.attend(0, q.float(), k.float(), v.float(), ref_cache)
+    meta = backend_for("flex", device).build_metadata(query_lens, runs, device)
+    out = meta.attend(0, q, k, v, cache)
     assert out.shape == expected.shape and out.dtype == dtype
     assert torch.equal(cache.k.float(), ref_cache.k)  # both wrote the same new K/V
     torch.testing.assert_close(out.float(), expected, atol=atol, rtol=atol)
@@ -137,7 +137,7 @@ def test_block_mask_is_the_visibility_rule():
             contexts.append(c)
             taken |= set(c[-q:])
     assert len(contexts) > 66  # some of the engine batch too
-    meta = PagedAttention.build(query_lens, [runs_of(c) for c in contexts], "cpu", "flex")
+    meta = backend_for("flex", "cpu").build_metadata(query_lens, [runs_of(c) for c in contexts], "cpu")
     st = meta.state
     got = dense_visibility(st.block_mask(g, num_slots), num_slots)
     want = torch.zeros_like(got)
@@ -158,7 +158,7 @@ def test_pages_are_full_where_no_mask_is_needed():
     last page is masked; a chunk's pages holding its own new tokens are masked."""
     runs = [(0, 16 * 50), (16 * 60, 20)]  # 50 whole pages, then a partial two-page run
     chunk = [(16 * 70, 48)]  # three whole pages; its 20 new tokens are in the last two
-    meta = PagedAttention.build([1, 20], [runs, chunk], "cpu", "flex")
+    meta = backend_for("flex", "cpu").build_metadata([1, 20], [runs, chunk], "cpu")
     st = meta.state
     assert st.full_kv_num_blocks.tolist()[:2] == [51, 1]
     assert st.kv_num_blocks.tolist()[:2] == [1, 2]

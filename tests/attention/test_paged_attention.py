@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from parathinker.attention.paged import PagedAttention, PagedKVCache, paged_attend, runs_of
+from parathinker.attention.paged import BACKENDS, backend_for
+from parathinker.attention.pool import PagedKVCache, runs_of
 
 
 def naive(q, k_all, v_all, ctx, q_len):
@@ -30,13 +31,13 @@ def test_runs_of():
 @pytest.mark.parametrize("backend,gather", [("runs", "never"), ("runs", "always"),
                                             ("runs", "default"), ("gathered", "default")])
 def test_paged_attention_matches_naive(backend, gather, monkeypatch):
-    import parathinker.attention.paged as paged
+    import parathinker.attention.runs as runs
 
-    monkeypatch.setattr(paged, "MAX_SCORE_BYTES", 4096)  # force query chunking too
+    monkeypatch.setattr(runs, "MAX_SCORE_BYTES", 4096)  # force query chunking too
     if gather != "default":  # runs read in place, or every context copied out first
-        monkeypatch.setattr(paged, "GATHER_MIN_RUNS", 10**9 if gather == "never" else 0)
-        monkeypatch.setattr(paged, "GATHER_MAX_MEAN_RUN", 10**9)
-        monkeypatch.setattr(paged, "BATCH_MAX_CONTEXT", 0 if gather == "never" else 10**9)
+        monkeypatch.setattr(runs, "GATHER_MIN_RUNS", 10**9 if gather == "never" else 0)
+        monkeypatch.setattr(runs, "GATHER_MAX_MEAN_RUN", 10**9)
+        monkeypatch.setattr(runs, "BATCH_MAX_CONTEXT", 0 if gather == "never" else 10**9)
     rng = random.Random(0)
     torch.manual_seed(0)
     hq, hkv, d, num_slots = 6, 2, 8, 600
@@ -53,10 +54,10 @@ def test_paged_attention_matches_naive(backend, gather, monkeypatch):
         ctx = shared + own if rng.random() < 0.5 else own
         query_lens.append(q_len)
         contexts.append(ctx)
-    meta = PagedAttention.build(query_lens, [runs_of(c) for c in contexts], "cpu", backend)
+    meta = backend_for(backend, "cpu").build_metadata(query_lens, [runs_of(c) for c in contexts], "cpu")
     n = sum(query_lens)
     q, k, v = torch.randn(1, n, hq, d), torch.randn(1, n, hkv, d), torch.randn(1, n, hkv, d)
-    out = paged_attend(0, q, k, v, meta, cache)[0]
+    out = meta.attend(0, q, k, v, cache)[0]  # as the model calls it
     start = 0
     for q_len, ctx in zip(query_lens, contexts):
         # the new tokens' K/V were written at the last q_len slots of the context
@@ -64,3 +65,32 @@ def test_paged_attention_matches_naive(backend, gather, monkeypatch):
         expected = naive(q[0, start:start + q_len], cache.k[0], cache.v[0], ctx, q_len)
         assert torch.allclose(out[start:start + q_len], expected, atol=1e-5)
         start += q_len
+
+
+def test_backend_for_picks_each_backend_once_by_name():
+    """The user's names (LLM(attention=...), --attention) each give their backend; "auto" gives
+    runs on CPU and flex on CUDA (BENCHMARKS.md); a typo is an error naming the choices."""
+    assert [backend_for(name, "cpu").name for name in BACKENDS] == ["runs", "flex", "gathered"]
+    assert backend_for("auto", "cpu").name == "runs"
+    assert backend_for("auto", torch.device("cuda")).name == "flex"  # names a device; none needed
+    # only flex reads whole 16-slot pages (masked): its pool must start finite
+    assert [backend_for(name, "cpu").zeroed_pool for name in BACKENDS] == [False, True, False]
+    with pytest.raises(ValueError, match=r"unknown attention backend 'rusn'; use auto or one of"):
+        backend_for("rusn", "cpu")
+
+
+def test_metadata_carries_the_backend_that_built_it():
+    """One step's metadata is built once by the chosen backend and attends with it in every
+    layer: the gathered twin's metadata attends as the gathered twin, not as the runs default."""
+    cache = PagedKVCache.allocate(1, 64, 1, 4, torch.float32, "cpu")
+    meta = backend_for("gathered", "cpu").build_metadata([1], [[(0, 3)]], "cpu")
+    assert meta.backend.name == "gathered" and meta.state is None
+    assert meta.slot_mapping.tolist() == [2] and meta.runs(0) == [(0, 3)]
+    with pytest.raises(ValueError, match="2 new tokens for a context of runs"):
+        backend_for("runs", "cpu").build_metadata([2], [[(5, 1)]], "cpu")
+    q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4)
+    cache.k[0, :, :2].normal_()
+    cache.v[0, :, :2].normal_()
+    out = meta.attend(0, q, k, v, cache)[0]
+    expected = naive(q[0], cache.k[0], cache.v[0], [0, 1, 2], 1)
+    assert torch.allclose(out, expected, atol=1e-5)

@@ -161,7 +161,7 @@ def test_never_written_pool_memory_cannot_leak_into_outputs(ckpt_dir, monkeypatc
     """A fresh pool may hold anything (torch.empty reuses freed memory): here NaN wherever a
     backend is allowed to leave it unwritten. Flex reads whole pages, masked, so its pool must
     start finite (0 * NaN in P @ V is NaN); the others never read a slot before writing it."""
-    from parathinker.attention.paged import PagedKVCache
+    from parathinker.attention.pool import PagedKVCache
 
     allocate = PagedKVCache.allocate.__func__
 
