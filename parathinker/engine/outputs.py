@@ -67,12 +67,26 @@ class SequentialOutput:
 
 # ----- the output rules, stated once: LLM.generate, the eval engine backend and the server
 # (engine/output_processor.py for streams, serve/choices.py for final choices) all call these
-def summary_text_ids(token_ids: list[int], finish_reason: str | None) -> list[int]:
+class SummaryTextIds:
     """The ids a summary's text shows: without its first token (<summary>: every summary
     starts with it, the Engine checks its template) and, when it ended by itself ("end"),
-    without its end token (</summary> or EOS)."""
-    body = list(token_ids[1:])
-    return body[:-1] if body and finish_reason == "end" else body
+    without its end token (</summary> or EOS, the last token of the step that ended it). Fed as
+    the summary grows (`add`: the step's new ids and its finish reason, if it ended in this
+    step; returns the newly shown ids), or at once (`summary_text_ids`)."""
+
+    def __init__(self) -> None:
+        self.is_started = False
+
+    def add(self, token_ids: list[int], finish_reason: str | None) -> list[int]:
+        ids = list(token_ids)
+        if ids and not self.is_started:
+            ids, self.is_started = ids[1:], True
+        return ids[:-1] if ids and finish_reason == "end" else ids
+
+
+def summary_text_ids(token_ids: list[int], finish_reason: str | None) -> list[int]:
+    """All of a summary's text ids (`SummaryTextIds`)."""
+    return SummaryTextIds().add(token_ids, finish_reason)
 
 
 def trace_text_ids(token_ids: list[int], finish_reason: str | None) -> list[int]:

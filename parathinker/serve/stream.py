@@ -1,7 +1,8 @@
 """Engine Deltas -> the text of streamed chunks.
 
-Two views of the paths, both detokenized incrementally with the tags dropped exactly as
-LLM.to_output does:
+Two views of the paths, both detokenized incrementally, their text ids chosen by the same rules
+as the whole outputs' (`spec.reference_layout.PathTextIds`, `engine.outputs.SummaryTextIds`, fed
+step by step):
 - the readable stream, in `reasoning_content` and `reasoning`: the non-streamed
   reasoning_content ("<think1>…</think1>\\n<think2>…</think2>") sent in order. Path 1 goes out
   as it is generated; path k's text is held back until paths 1..k-1 have closed, then sent at
@@ -21,7 +22,9 @@ from typing import Any
 from parathinker.serve import responses as P
 from parathinker.serve.choices import StopFilter
 from parathinker.engine.detokenize import IncrementalDetokenizer
+from parathinker.engine.outputs import SummaryTextIds
 from parathinker.serve.engine_loop import Delta
+from parathinker.spec.reference_layout import PathTextIds
 from parathinker.spec.tokens import ControlTokens
 
 
@@ -33,13 +36,12 @@ class StreamText:
         self.stop = StopFilter(stop, len(template_text))
         self.include_reasoning, self.include_paths = include_reasoning, include_paths
         self.paths = [IncrementalDetokenizer(tokenizer) for _ in range(num_paths)]
-        self.num_seen = [0] * num_paths
+        self.path_ids = [PathTextIds(ctrl.think_close[k]) for k in range(num_paths)]
         self.held = [""] * num_paths  # path text not yet in the readable stream
         self.is_closed = [False] * num_paths
-        self.is_ended = [False] * num_paths  # its end tag seen: the rest is not text
         self.current, self.is_open = 0, False  # the path the readable stream is in
         self.summary = IncrementalDetokenizer(tokenizer)
-        self.num_summary_seen = 0
+        self.summary_ids = SummaryTextIds()
 
     def choices(self, kind: str, d: Delta) -> list[dict[str, Any]]:
         out = []
@@ -65,21 +67,12 @@ class StreamText:
         return out
 
     def _path_text(self, k: int, d: Delta) -> tuple[str, str | None]:
-        """As path_text_ids: after <think{k}>, up to (not including) the path's own end tag;
-        nothing after it (the reference layout pads a finished path). A cut path has no tag."""
-        ids = d.path_tokens.get(k, [])
-        first = self.num_seen[k] == 0
-        self.num_seen[k] += len(ids)
-        ids = ids[1:] if first else ids  # <think{k}>
-        close = self.ctrl.think_close[k]
-        if self.is_ended[k]:
-            ids = []
-        elif close in ids:
-            ids, self.is_ended[k] = ids[: ids.index(close)], True
-            text = self.paths[k].add(ids) + self.paths[k].flush()
-            return text, d.path_finish.get(k)
+        """Path k's new text (`PathTextIds`: nothing of its tags or after its end tag), and its
+        finish reason if it closed in this step."""
+        ids = self.path_ids[k].add(d.path_tokens.get(k, []))
         reason = d.path_finish.get(k)
-        return self.paths[k].add(ids) + (self.paths[k].flush() if reason else ""), reason
+        done = reason is not None or self.path_ids[k].is_ended
+        return self.paths[k].add(ids) + (self.paths[k].flush() if done else ""), reason
 
     def _readable(self) -> str:
         text = ""
@@ -96,12 +89,7 @@ class StreamText:
         return text
 
     def _summary_text(self, d: Delta) -> str:
-        ids = d.summary_tokens
-        if ids and self.num_summary_seen == 0 and ids[0] == self.ctrl.summary_open:
-            ids = ids[1:]
-        self.num_summary_seen += len(d.summary_tokens)
-        if d.summary_finish == "end":
-            ids = ids[:-1]  # </summary> or EOS
+        ids = self.summary_ids.add(d.summary_tokens, d.summary_finish)
         final = d.summary_finish is not None or d.is_final
         text = self.summary.add(ids) + (self.summary.flush() if final else "")
         return self.stop.add(text, final=final)

@@ -196,8 +196,25 @@ def reference_layout(prompt_len: int, num_paths: int, path_len: int,
     return RequestLayout(positions, segment_ids, regions)
 
 
+class PathTextIds:
+    """The ids a path's text shows: after its <think{k}>, up to (not including) its own end tag
+    `close`; the block padding after the tag is dropped. A path without its tag (truncated) shows
+    all. Fed as the path grows (`add` returns the newly shown ids), or at once (`path_text_ids`)."""
+
+    def __init__(self, close: int) -> None:
+        self.close, self.is_started, self.is_ended = close, False, False
+
+    def add(self, token_ids: Sequence[int]) -> list[int]:
+        if self.is_ended or not token_ids:
+            return []
+        ids = list(token_ids)
+        if not self.is_started:
+            ids, self.is_started = ids[1:], True  # <think{k}>
+        if self.close in ids:
+            ids, self.is_ended = ids[: ids.index(self.close)], True
+        return ids
+
+
 def path_text_ids(token_ids: Sequence[int], close: int) -> list[int]:
-    """The ids a path's text shows: after its <think{k}>, up to (not including) its own end tag;
-    the block padding after the tag is dropped. A path without its tag (truncated) shows all."""
-    body = list(token_ids[1:])
-    return body[: body.index(close)] if close in body else body
+    """All of a path's text ids (`PathTextIds`)."""
+    return PathTextIds(close).add(token_ids)
