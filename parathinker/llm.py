@@ -20,6 +20,7 @@ import torch
 
 from parathinker.config import PlainParams, SamplingParams, normalize_rope_scaling
 from parathinker.engine import LAYOUTS, Engine
+from parathinker.engine.engine import check_prompt
 from parathinker.engine.request import Request
 from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from parathinker.model.fast_linear import apply_linear_backend
@@ -120,10 +121,8 @@ class LLM:
         out = []
         for i, ids in enumerate(prompt_token_ids or []):
             ids = list(ids)
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt_token_ids[{i}] has ids outside 0..{self.config.vocab_size - 1}: "
-                                 f"{bad[:5]}")
+            if ids:  # an empty one is refused by validate, with the request's other checks
+                check_prompt(ids, self.config.vocab_size, f"prompt_token_ids[{i}]")
             out.append(ids)
         return out
 
@@ -149,8 +148,7 @@ class LLM:
                 f"max_summary_tokens={params.max_summary_tokens} cannot hold the summary template "
                 f"({template_len} tokens) and an answer; use at least {template_len + 1}"
             )
-        if not prompt_ids:
-            raise ValueError("empty prompt")
+        check_prompt(prompt_ids, self.config.vocab_size)
         limit = self.config.max_position_embeddings
         if len(prompt_ids) >= limit:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the model's "
@@ -186,8 +184,7 @@ class LLM:
 
     def validate_trace(self, prompt_ids: list[int], params: PlainParams) -> None:
         """A plain trace's checks (spec.budgets.check_trace): ValueError if it cannot run."""
-        if not prompt_ids:
-            raise ValueError("empty prompt")
+        check_prompt(prompt_ids, self.config.vocab_size)
         check_trace(len(prompt_ids), params.max_tokens, self.config.max_position_embeddings)
 
     def generate_sequential(self, prompts: Sequence[str] | str | None = None,

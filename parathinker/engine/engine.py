@@ -113,11 +113,7 @@ class Engine:
         (`Seq.logprobs`; path tokens too with path_logprobs)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt has token ids outside 0..{self.vocab_size - 1}: {bad[:5]}")
+        check_prompt(prompt_ids, self.vocab_size)
         if n < 1 or n > 1 and not isinstance(params, SamplingParams):
             raise ValueError(f"n must be >= 1 (and 1 for a plain trace), got {n}")
         if logprobs is not None and not 0 <= logprobs <= self.vocab_size:
@@ -267,4 +263,13 @@ class Engine:
         return ended
 
 
-__all__ = ["ABORTED", "Engine"]
+
+def check_prompt(prompt_ids: list[int], vocab_size: int, name: str = "prompt") -> None:
+    """The one check of a prompt's token ids (LLM and Engine): not empty, every id in the vocab."""
+    if not prompt_ids:
+        raise ValueError(f"empty {name}")
+    bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{name} has token ids outside 0..{vocab_size - 1}: {bad[:5]}")
+
+__all__ = ["ABORTED", "Engine", "check_prompt"]
