@@ -71,16 +71,16 @@ def test_a_request_that_breaks_a_step_fails_alone(llm, monkeypatch):
     ids = llm.encode_prompts(["What is 2+3?", "abc", "Sum 1..10"], None)
     p = params(num_paths=2)
     expected = [llm.generate(prompt_token_ids=[i], params=p)[0] for i in ids]
-    mask = engine._mask
-
-    def poisoned(req, logits):
-        if req.request_id == "poison" and req.summary is not None:
-            raise FloatingPointError("poisoned row")
-        mask(req, logits)
-
-    monkeypatch.setattr(engine, "_mask", poisoned)
     reqs = [engine.add_request(f"ok{i}", i_ids, p) for i, i_ids in enumerate(ids)]
     bad = engine.add_request("poison", ids[0], p)
+    rows = bad.sample_rows
+
+    def poisoned():  # the poisoned request breaks every step once its summary runs
+        if bad.summary is not None:
+            raise FloatingPointError("poisoned row")
+        return rows()
+
+    monkeypatch.setattr(bad, "sample_rows", poisoned)
     engine.run_to_completion()
     assert bad.status == "failed" and "poisoned row" in bad.error
     for req, exp in zip(reqs, expected):
