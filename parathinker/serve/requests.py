@@ -9,7 +9,8 @@ request field it came from).
 Extension fields (all optional; a plain OpenAI request uses the server's defaults):
 - request: "parallel": {"num_paths", "max_path_tokens", "min_path_tokens",
   "max_summary_tokens", "min_finished_paths"} (the SamplingParams fields, summary template
-  included in max_summary_tokens); "top_k" at the top level (as vLLM);
+  included in max_summary_tokens), each also accepted flat at the top level (vLLM's extra_body
+  style; in both places with different values: 400); "top_k" at the top level (as vLLM);
   "include_reasoning" (default true); "stream_options": {"include_usage", "include_paths"}.
 - `max_completion_tokens` (else `max_tokens`) caps what is generated: path tokens plus the
   summary after its template, so usage.completion_tokens never exceeds it (`params.fit_to_cap`).
@@ -18,11 +19,13 @@ Extension fields (all optional; a plain OpenAI request uses the server's default
   (chat) and `logprobs: k` (completions), extension `path_logprobs`, `echo`, and a batch of
   prompts on /v1/completions; loglikelihood requests (echo + logprobs, max_tokens 0) are refused
   with the reason (`LOGLIKELIHOOD`).
+Other fields are ignored, as OpenAI clients expect, and each name is logged once per process.
 The response fields (reasoning_content, paths, answer, usage): responses.py.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +34,15 @@ from parathinker.serve.fields import (bad, checked_text, get_bool, get_int, get_
 
 PARALLEL_KEYS = ("num_paths", "max_path_tokens", "min_path_tokens", "max_summary_tokens",
                  "min_finished_paths")
+KNOWN_FIELDS = frozenset((  # top-level fields read on both routes (besides messages / prompt)
+    "model", "stream", "stream_options", "n", "stop", "logprobs", "top_logprobs", "echo",
+    "path_logprobs", "include_reasoning", "temperature", "top_p", "top_k", "seed", "max_tokens",
+    "max_completion_tokens", "parallel", "suffix", "logit_bias", "tools", "functions",
+    "presence_penalty", "frequency_penalty", "best_of", "response_format", *PARALLEL_KEYS))
 GREEDY_BELOW = 1e-5  # a smaller positive temperature is greedy (dividing by it overflows float32)
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # int64, as vLLM
 DEEPSEEK_USER, DEEPSEEK_ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+log = logging.getLogger("parathinker.serve")
 
 
 @dataclass
@@ -177,16 +186,42 @@ def _common(body: dict[str, Any], kind: str) -> ParsedRequest:
                                            + LOGLIKELIHOOD)
     if parsed.cap is not None and parsed.cap < 1:
         raise bad(parsed.cap_param or "", f"'{parsed.cap_param}' must be >= 1, got {parsed.cap}")
-    parallel = get_typed(body, "parallel", (dict,), "an object")
-    if parallel is not None:
-        unknown = sorted(set(parallel) - set(PARALLEL_KEYS))
-        if unknown:
-            raise bad("parallel", f"unknown key(s) {unknown} in 'parallel'; known: "
-                                   f"{list(PARALLEL_KEYS)}")
-        for name in PARALLEL_KEYS:
-            if (v := get_int(parallel, name, "parallel.")) is not None:
-                settings[name], sources[name] = v, f"parallel.{name}"
+    _parallel(body, parsed)
+    _log_ignored(body, kind)
     return parsed
+
+
+def _parallel(body: dict[str, Any], parsed: ParsedRequest) -> None:
+    """The `parallel` object's fields, also accepted flat at the top level (vLLM's extra_body
+    style); one field in both places must carry the same value."""
+    parallel = get_typed(body, "parallel", (dict,), "an object") or {}
+    unknown = sorted(set(parallel) - set(PARALLEL_KEYS))
+    if unknown:
+        raise bad("parallel", f"unknown key(s) {unknown} in 'parallel'; known: "
+                               f"{list(PARALLEL_KEYS)}")
+    for name in PARALLEL_KEYS:
+        nested, flat = get_int(parallel, name, "parallel."), get_int(body, name)
+        if nested is not None and flat is not None and nested != flat:
+            raise bad(name, f"'{name}' is set both at the top level ({flat}) and in 'parallel' "
+                            f"({nested}); set it once")
+        if nested is not None:
+            parsed.settings[name], parsed.sources[name] = nested, f"parallel.{name}"
+        elif flat is not None:
+            parsed.settings[name], parsed.sources[name] = flat, name
+
+
+_IGNORED_LOGGED: set[str] = set()  # field names already logged by this process
+
+
+def _log_ignored(body: dict[str, Any], kind: str) -> None:
+    """Fields this server does not read are ignored, as OpenAI clients expect (they send
+    `user`, `metadata`, ...); each name is logged once per process, so a misspelt extension
+    field shows in the log."""
+    known = KNOWN_FIELDS | ({"messages"} if kind == "chat" else {"prompt"})
+    for name in sorted(set(body) - known - _IGNORED_LOGGED):
+        _IGNORED_LOGGED.add(name)
+        log.warning("ignoring the request field %r (not read by this server; logged once)",
+                    name[:60])
 
 
 def _text_content(content: Any, i: int) -> str:
