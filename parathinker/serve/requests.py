@@ -13,7 +13,8 @@ Extension fields (all optional; a plain OpenAI request uses the server's default
   style; in both places with different values: 400); "top_k" at the top level (as vLLM);
   "include_reasoning" (default true); "stream_options": {"include_usage", "include_paths"}.
 - `max_completion_tokens` (else `max_tokens`) caps what is generated: path tokens plus the
-  summary after its template, so usage.completion_tokens never exceeds it (`params.fit_to_cap`).
+  summary after its template, so usage.completion_tokens never exceeds it (`params.fit_to_cap`;
+  a cap below 3 runs the smallest request, 3 tokens).
 - evaluation-harness fields (docs/SERVE.md has the table of every field): `n` (samples sharing
   the prompt), `stop` (on the summary's generated text; choices.py), `logprobs`/`top_logprobs`
   (chat) and `logprobs: k` (completions), extension `path_logprobs`, `echo`, and a batch of
