@@ -128,3 +128,58 @@ def test_budgets_the_client_set_are_still_checked(body, param, message):
         raise AssertionError("accepted")
     assert err.status == 400 and err.param == param
     assert message in err.message
+
+
+# ----- live: the server's own defaults (SamplingParams()) on a model with a small context
+LIVE_CONTEXT = 1200
+
+
+@pytest.fixture(scope="module")
+def small_context_server(tokenizer, tmp_path_factory):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("ctx") / "ckpt", tokenizer=tokenizer,
+                           end_boost=4.0, seed=3, max_position_embeddings=LIVE_CONTEXT)
+    llm = LLM(str(ckpt), device="cpu", dtype="float32", num_kv_blocks=256)
+    with running_server(llm, defaults=SamplingParams(temperature=0.0)) as url:
+        yield url, llm
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("cap", [1, 2, 5])
+def test_tiny_caps_answer_200(small_context_server, cap, field):
+    url, llm = small_context_server
+    r = httpx.post(f"{url}/v1/chat/completions", headers=JSON, timeout=120, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "What is 2+3?"}], field: cap})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    P, path, summary = {1: (1, 2, 21), 2: (1, 2, 21), 5: (1, 2, 23)}[cap]  # the rule, T = 20
+    T = len(llm.summary_template_ids)
+    summary = summary - 20 + T
+    paths = out["choices"][0]["message"]["paths"]
+    assert len(paths) == P and all(p["num_tokens"] <= path for p in paths)
+    usage = out["usage"]
+    assert usage["summary_tokens"] <= summary - T
+    assert usage["completion_tokens"] <= max(cap, 3)
+    finish = out["choices"][0]["finish_reason"]
+    # "length" when the summary reached its budget (a last token that ends it is "stop")
+    assert finish in ("length", "stop")
+    assert usage["summary_tokens"] == summary - T if finish == "length" else True
+    assert finish == "stop" if usage["summary_tokens"] < summary - T else True
+
+
+def test_a_prompt_at_context_minus_1000_runs_with_default_budgets(small_context_server):
+    url, llm = small_context_server
+    ids = llm.tokenizer.encode(llm.format_prompt("What is 2+3?"))
+    filler = llm.tokenizer.encode(" one", add_special_tokens=False)[:1]
+    prompt = ids[:1] + filler * (LIVE_CONTEXT - 1000 - len(ids)) + ids[1:]
+    assert len(prompt) == LIVE_CONTEXT - 1000
+    r = httpx.post(f"{url}/v1/completions", headers=JSON, timeout=300,
+                   json={"model": MODEL, "prompt": prompt})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    T = len(llm.summary_template_ids)
+    # context 1200 - prompt 200 - 1024 < 64: the summary is lowered so the 4 paths get 64 each
+    P, path, summary = 4, 64, LIVE_CONTEXT - 200 - 64
+    paths = out["choices"][0]["paths"]
+    assert out["usage"]["prompt_tokens"] == 200
+    assert len(paths) == P and all(0 < p["num_tokens"] <= path for p in paths)
+    assert out["usage"]["summary_tokens"] <= summary - T
