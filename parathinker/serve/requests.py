@@ -26,12 +26,11 @@ The response fields (reasoning_content, paths, answer, usage): responses.py.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from parathinker.serve.fields import (bad, checked_text, get_bool, get_int, get_number,
-                                      get_typed, short)
+                                      get_typed, log_ignored, short)
 
 PARALLEL_KEYS = ("num_paths", "max_path_tokens", "min_path_tokens", "max_summary_tokens",
                  "min_finished_paths")
@@ -43,7 +42,6 @@ KNOWN_FIELDS = frozenset((  # top-level fields read on both routes (besides mess
 GREEDY_BELOW = 1e-5  # a smaller positive temperature is greedy (dividing by it overflows float32)
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # int64, as vLLM
 DEEPSEEK_USER, DEEPSEEK_ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
-log = logging.getLogger("parathinker.serve")
 
 
 @dataclass
@@ -188,7 +186,7 @@ def _common(body: dict[str, Any], kind: str) -> ParsedRequest:
     if parsed.cap is not None and parsed.cap < 1:
         raise bad(parsed.cap_param or "", f"'{parsed.cap_param}' must be >= 1, got {parsed.cap}")
     _parallel(body, parsed)
-    _log_ignored(body, kind)
+    log_ignored(body, KNOWN_FIELDS | ({"messages"} if kind == "chat" else {"prompt"}))
     return parsed
 
 
@@ -209,20 +207,6 @@ def _parallel(body: dict[str, Any], parsed: ParsedRequest) -> None:
             parsed.settings[name], parsed.sources[name] = nested, f"parallel.{name}"
         elif flat is not None:
             parsed.settings[name], parsed.sources[name] = flat, name
-
-
-_IGNORED_LOGGED: set[str] = set()  # field names already logged by this process
-
-
-def _log_ignored(body: dict[str, Any], kind: str) -> None:
-    """Fields this server does not read are ignored, as OpenAI clients expect (they send
-    `user`, `metadata`, ...); each name is logged once per process, so a misspelt extension
-    field shows in the log."""
-    known = KNOWN_FIELDS | ({"messages"} if kind == "chat" else {"prompt"})
-    for name in sorted(set(body) - known - _IGNORED_LOGGED):
-        _IGNORED_LOGGED.add(name)
-        log.warning("ignoring the request field %r (not read by this server; logged once)",
-                    name[:60])
 
 
 def _text_content(content: Any, i: int) -> str:
