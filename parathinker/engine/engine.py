@@ -26,7 +26,7 @@ from parathinker.engine.block_manager import BlockManager
 from parathinker.engine.group import SampleGroup, members
 from parathinker.engine.reference_request import ReferenceRequest
 from parathinker.engine.request import (ABORTED, FAILED, FINISHED, LogprobEntry, PlainRequest,
-                                        Request, SampleRow, SeqGroup)
+                                        Request, SampleRow, Seq, SeqGroup, SeqWork)
 from parathinker.engine.runner import ModelRunner, kv_bytes_per_block, profile_activation_bytes
 from parathinker.engine.scheduler import Scheduler
 from parathinker.model.decoder import ParaThinkerForCausalLM
@@ -222,8 +222,10 @@ class Engine:
         rows = [req.sample_rows() if any(w.needs_logits for w in ws) else []
                 for (req, _), ws in zip(scheduled, work)]
         flat = [r for rs in rows for r in rs]
+        logits, forced_logits = logits[:len(flat)], logits[len(flat):]
         self.masks.rows(logits, [r.mask for r in flat], [r.can_end for r in flat])
         tokens, entries = self._sample(logits, flat)
+        forced = self._forced_entries(forced_logits, [w for ws in work for w in ws])
         self.num_sampled_tokens += len(tokens)
         for (req, _), ws in zip(scheduled, work):
             req.mark_computed(ws)
@@ -232,6 +234,29 @@ class Engine:
             if rs or req.is_computed():  # e.g. every path closed by its budget: nothing drawn
                 req.take(rs, tokens[a: a + len(rs)], entries[a: a + len(rs)])
             a += len(rs)
+        for seq, index, entry in forced:
+            seq.logprobs[index] = entry
+
+    def _forced_entries(self, logits: torch.Tensor, work: list[SeqWork]
+                        ) -> list[tuple[Seq, int, LogprobEntry]]:
+        """The logprob entries of forced summary-template tokens (`SeqWork.forced`), under the
+        distribution a summary token is drawn from (the summary mask, the request's temperature
+        and filters: `sampler.logprobs_rows`, as sampled tokens): (seq, token index, entry)."""
+        at = [(w.seq, w.seq.num_computed + i + 1, w.forced_owner) for w in work for i in w.forced]
+        if not at:
+            return []
+        owners = [o for _, _, o in at]
+        self.masks.rows(logits, ["summary"] * len(at), [True] * len(at))
+        st = sampler.SamplingTensors.from_rows(
+            [o.params.temperature for o in owners], [o.params.top_p for o in owners],
+            [o.params.top_k for o in owners], [o.seed for o in owners], [0] * len(at),
+            device=logits.device)
+        forced = torch.tensor([o.template_ids[i] for _, i, o in at], device=logits.device)
+        chosen, top_ids, top_lps = sampler.logprobs_rows(
+            logits, st, forced, max(o.num_logprobs for o in owners))
+        return [(seq, i, (lp, ids[:o.num_logprobs], lps[:o.num_logprobs]))
+                for (seq, i, o), lp, ids, lps in zip(at, chosen.tolist(), top_ids.tolist(),
+                                                     top_lps.tolist())]
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow]
                 ) -> tuple[list[int], list[LogprobEntry | None]]:

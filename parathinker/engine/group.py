@@ -10,6 +10,8 @@ its own with the same seed would. A member that ends waits, blocks held, for the
 
 from __future__ import annotations
 
+from typing import Any
+
 from parathinker.engine.request import FINISHED, LogprobEntry, Request, SampleRow, Seq, SeqGroup
 
 
@@ -34,6 +36,9 @@ class SampleGroup(SeqGroup):
             if any(s is seq for s in m.seqs()):
                 return m.readable(seq)
         raise ValueError("sequence not in this group")
+
+    def logprob_owner(self, seq: Seq) -> Any:
+        return next((o for m in self.members if (o := m.logprob_owner(seq)) is not None), None)
 
     def sample_rows(self) -> list[SampleRow]:
         return [r for m in self.live() for r in m.sample_rows()]

@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # `logprobs` (when the engine was asked for them): per token id, (logprob, top ids, top
-# logprobs) under the distribution it was drawn from (`sampler.logprobs_rows`), or None for a
-# token the engine forced (the summary template, rewritten tags)
+# logprobs) under the distribution it was drawn from (`sampler.logprobs_rows`); a summary-template
+# token gets its own under the summary's distribution at its position (computed in the forward
+# that computes the template: `SeqWork.forced`); None for a token otherwise forced (rewritten tags)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from parathinker.config import PlainParams, SamplingParams
 from parathinker.engine.block_manager import BlockManager
@@ -90,6 +91,10 @@ class SeqWork:
     context: list[tuple[int, int]]  # runs: what it reads, then its own slots up to the new ones
     needs_logits: bool
     seq: Seq = field(repr=False, compare=False)
+    # offsets into token_ids whose logits are kept too: forced summary-template tokens of a
+    # request that asked for logprobs (each predicts the next, forced, token), and that request
+    forced: list[int] = field(default_factory=list)
+    forced_owner: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -147,6 +152,11 @@ class SeqGroup:
     def apply(self, rows: list[SampleRow], tokens: list[int]) -> None:
         """The request's transition on the tokens sampled for `rows` (SPEC §5)."""
         raise NotImplementedError
+
+    def logprob_owner(self, seq: Seq) -> Any:
+        """The request whose forced summary template `seq` is, when it asked for logprobs
+        (their entries are computed in the forward that computes the template); else None."""
+        return None
 
     def sample_seqs(self) -> list[Seq]:
         return [r.seq for r in self.sample_rows()]
@@ -216,9 +226,14 @@ class SeqGroup:
             take = min(seq.num_pending, left)
             start = seq.first_position + seq.num_computed
             upto = seq.num_computed + take
+            owner = self.logprob_owner(seq)
+            forced = [] if owner is None else [  # positions predicting a forced template token
+                i - seq.num_computed
+                for i in range(seq.num_computed, min(upto, len(owner.template_ids) - 1))]
             out.append(SeqWork(seq.tokens[seq.num_computed:upto], list(range(start, start + take)),
                                seq.segment, self.context(seq, upto),
-                               take == seq.num_pending and id(seq) in sampled, seq))
+                               take == seq.num_pending and id(seq) in sampled, seq, forced,
+                               owner))
             left -= take
             blocked = take < seq.num_pending
         return out
@@ -251,6 +266,9 @@ class Request(SeqGroup):
 
     def seqs(self) -> list[Seq]:
         return [self.prompt, *self.paths] + ([self.summary] if self.summary else [])
+
+    def logprob_owner(self, seq: Seq) -> Any:
+        return self if seq is self.summary and self.num_logprobs is not None else None
 
     def readable(self, seq: Seq) -> list[Seq]:
         if seq is self.prompt:

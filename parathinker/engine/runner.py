@@ -47,17 +47,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, work: list[SeqWork]) -> torch.Tensor:
-        """-> float32 logits [R, V] of the last token of each sequence with needs_logits, in order."""
+        """-> float32 logits [R + F, V]: of the last token of each sequence with needs_logits, in
+        order, then of each `forced` position, in order."""
         ids, positions, segments, meta = self.build(work)
         hidden = self.model(ids, positions, segments, meta, self.kv_cache)[0]
-        ends, end = [], 0
+        ends, forced, end = [], [], 0
         for w in work:
+            forced += [end + i for i in w.forced]
             end += len(w.token_ids)
             if w.needs_logits:
                 ends.append(end - 1)
-        if not ends:
+        if not ends and not forced:
             return torch.empty(0, self.model.vocab_size, device=self.device)
-        return self.model.compute_logits(hidden[torch.tensor(ends, device=self.device)])
+        return self.model.compute_logits(hidden[torch.tensor(ends + forced, device=self.device)])
 
 
 @torch.inference_mode()

@@ -8,8 +8,9 @@ token by token), so "earliest" is among the stops in the text up to that token.
 `StopFilter` does the same incrementally for streams, holding back text that could be the start
 of a stop string.
 
-Logprobs cover the tokens of the returned text, the summary's forced template included (a forced
-token has logprob 0 and itself as its only alternative: the engine chose it with certainty); the
+Logprobs cover the tokens of the returned text, the summary's forced template included (scored
+like sampled tokens: its own logprob under the summary's distribution at that position and the
+top alternatives there; a forced token without an entry has logprob 0 and itself on top); the
 summary's end token (</summary> or EOS) and tokens past a stop string are left out. -inf (a
 token the masks or filters ruled out) is reported as -9999.0, as vLLM does.
 """

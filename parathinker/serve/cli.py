@@ -39,6 +39,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="requests in flight (running or waiting) before new ones get 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="larger request bodies get 413")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client gets to send a request's headers, and again its body; "
+                        "then the connection is closed (a body: after a 408)")
     p.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host header names accepted, '*' for any (behind a proxy "
                         f"that checks it); default {LOOPBACK_HOSTS} and --host (DNS rebinding)")
@@ -91,7 +94,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-summary-tokens must exceed the summary template "
                          f"({len(llm.summary_template_ids)} tokens)")
     app = create_app(llm, args.served_model_name or str(args.model), api_key, args.max_queued,
-                     args.max_body_bytes, defaults, args.chat_template, allowed_hosts(args))
+                     args.max_body_bytes, defaults, args.chat_template, allowed_hosts(args),
+                     args.read_timeout)
     _run_draining(app, args)
     return 0
 
@@ -123,6 +127,8 @@ def _run_draining(app: object, args: argparse.Namespace) -> None:
 
     import uvicorn
 
+    from parathinker.serve.http import uvicorn_config
+
     class DrainingServer(uvicorn.Server):
         is_draining = False
         drain: asyncio.Task[None] | None = None  # held: a task nobody references may vanish
@@ -146,8 +152,8 @@ def _run_draining(app: object, args: argparse.Namespace) -> None:
 
             self.drain = asyncio.ensure_future(drain())
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, host=args.host, port=args.port,  # type: ignore[arg-type]
+                            log_level=args.log_level, timeout_graceful_shutdown=5)
     DrainingServer(config).run()
 
 

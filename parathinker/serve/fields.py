@@ -11,8 +11,12 @@ not text), and each refusal is an `APIError` naming the field at fault in `param
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Any
+
+log = logging.getLogger("parathinker.serve")
+_IGNORED: set[str] = set()  # field names log_ignored has logged in this process
 
 
 class APIError(Exception):
@@ -92,3 +96,13 @@ def checked_text(value: str, param: str) -> str:
     except UnicodeEncodeError:
         raise bad(param, f"'{param}' contains a lone surrogate (not valid Unicode)") from None
     return value
+
+
+def log_ignored(body: dict[str, Any], known: set[str] | frozenset[str]) -> None:
+    """Fields outside `known` are ignored, as OpenAI clients expect (they send `user`,
+    `metadata`, ...); each name is logged once per process, so a misspelt extension field shows
+    in the log."""
+    for name in sorted(set(body) - known - _IGNORED):
+        _IGNORED.add(name)
+        log.warning("ignoring the request field %r (not read by this server; logged once)",
+                    name[:60])

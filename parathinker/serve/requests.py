@@ -9,15 +9,18 @@ request field it came from).
 Extension fields (all optional; a plain OpenAI request uses the server's defaults):
 - request: "parallel": {"num_paths", "max_path_tokens", "min_path_tokens",
   "max_summary_tokens", "min_finished_paths"} (the SamplingParams fields, summary template
-  included in max_summary_tokens); "top_k" at the top level (as vLLM);
+  included in max_summary_tokens), each also accepted flat at the top level (vLLM's extra_body
+  style; in both places with different values: 400); "top_k" at the top level (as vLLM);
   "include_reasoning" (default true); "stream_options": {"include_usage", "include_paths"}.
 - `max_completion_tokens` (else `max_tokens`) caps what is generated: path tokens plus the
-  summary after its template, so usage.completion_tokens never exceeds it (`params.fit_to_cap`).
+  summary after its template, so usage.completion_tokens never exceeds it (`params.fit_to_cap`;
+  a cap below 3 runs the smallest request, 3 tokens).
 - evaluation-harness fields (docs/SERVE.md has the table of every field): `n` (samples sharing
   the prompt), `stop` (on the summary's generated text; choices.py), `logprobs`/`top_logprobs`
   (chat) and `logprobs: k` (completions), extension `path_logprobs`, `echo`, and a batch of
   prompts on /v1/completions; loglikelihood requests (echo + logprobs, max_tokens 0) are refused
   with the reason (`LOGLIKELIHOOD`).
+Other fields are ignored, as OpenAI clients expect, and each name is logged once per process.
 The response fields (reasoning_content, paths, answer, usage): responses.py.
 """
 
@@ -27,10 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parathinker.serve.fields import (bad, checked_text, get_bool, get_int, get_number,
-                                      get_typed, short)
+                                      get_typed, log_ignored, short)
 
 PARALLEL_KEYS = ("num_paths", "max_path_tokens", "min_path_tokens", "max_summary_tokens",
                  "min_finished_paths")
+KNOWN_FIELDS = frozenset((  # top-level fields read on both routes (besides messages / prompt)
+    "model", "stream", "stream_options", "n", "stop", "logprobs", "top_logprobs", "echo",
+    "path_logprobs", "include_reasoning", "temperature", "top_p", "top_k", "seed", "max_tokens",
+    "max_completion_tokens", "parallel", "suffix", "logit_bias", "tools", "functions",
+    "presence_penalty", "frequency_penalty", "best_of", "response_format", *PARALLEL_KEYS))
 GREEDY_BELOW = 1e-5  # a smaller positive temperature is greedy (dividing by it overflows float32)
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # int64, as vLLM
 DEEPSEEK_USER, DEEPSEEK_ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
@@ -177,16 +185,28 @@ def _common(body: dict[str, Any], kind: str) -> ParsedRequest:
                                            + LOGLIKELIHOOD)
     if parsed.cap is not None and parsed.cap < 1:
         raise bad(parsed.cap_param or "", f"'{parsed.cap_param}' must be >= 1, got {parsed.cap}")
-    parallel = get_typed(body, "parallel", (dict,), "an object")
-    if parallel is not None:
-        unknown = sorted(set(parallel) - set(PARALLEL_KEYS))
-        if unknown:
-            raise bad("parallel", f"unknown key(s) {unknown} in 'parallel'; known: "
-                                   f"{list(PARALLEL_KEYS)}")
-        for name in PARALLEL_KEYS:
-            if (v := get_int(parallel, name, "parallel.")) is not None:
-                settings[name], sources[name] = v, f"parallel.{name}"
+    _parallel(body, parsed)
+    log_ignored(body, KNOWN_FIELDS | ({"messages"} if kind == "chat" else {"prompt"}))
     return parsed
+
+
+def _parallel(body: dict[str, Any], parsed: ParsedRequest) -> None:
+    """The `parallel` object's fields, also accepted flat at the top level (vLLM's extra_body
+    style); one field in both places must carry the same value."""
+    parallel = get_typed(body, "parallel", (dict,), "an object") or {}
+    unknown = sorted(set(parallel) - set(PARALLEL_KEYS))
+    if unknown:
+        raise bad("parallel", f"unknown key(s) {unknown} in 'parallel'; known: "
+                               f"{list(PARALLEL_KEYS)}")
+    for name in PARALLEL_KEYS:
+        nested, flat = get_int(parallel, name, "parallel."), get_int(body, name)
+        if nested is not None and flat is not None and nested != flat:
+            raise bad(name, f"'{name}' is set both at the top level ({flat}) and in 'parallel' "
+                            f"({nested}); set it once")
+        if nested is not None:
+            parsed.settings[name], parsed.sources[name] = nested, f"parallel.{name}"
+        elif flat is not None:
+            parsed.settings[name], parsed.sources[name] = flat, name
 
 
 def _text_content(content: Any, i: int) -> str:

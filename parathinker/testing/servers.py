@@ -13,6 +13,7 @@ import openai
 
 from parathinker import LLM, SamplingParams
 from parathinker.serve.app import create_app
+from parathinker.serve.http import uvicorn_config
 from parathinker.serve.metrics import parse
 
 MODEL = "tiny-parathinker"
@@ -34,7 +35,7 @@ def running_server(llm: LLM, **kw):
     app = create_app(llm, MODEL, **kw)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -98,8 +98,9 @@ def test_logprobs_only_when_asked(engine_llm):
     llm.engine.run_to_completion()
     assert plain.summary.logprobs == {} and all(p.logprobs == {} for p in plain.paths)
     assert all(p.logprobs == {} for p in asked.paths)  # paths only with path_logprobs
-    template = len(llm.summary_template_ids)
-    assert sorted(asked.summary.logprobs) == list(range(template, len(asked.summary.tokens)))
+    # every token after <summary>: the forced template's too (scored in its forward), then the
+    # sampled ones
+    assert sorted(asked.summary.logprobs) == list(range(1, len(asked.summary.tokens)))
     assert plain.summary.tokens == asked.summary.tokens  # asking changes no token
     for i, (lp, top_ids, top_lps) in asked.summary.logprobs.items():
         assert len(top_ids) == len(top_lps) == 2 and top_lps[0] >= top_lps[1]
