@@ -1,9 +1,13 @@
 """Server load: N concurrent openai clients against `parathinker serve` (a separate process),
-a fixed number of chat requests with fixed seeds; requests/s and p50/p99 latency.
+a fixed number of chat requests with fixed seeds; requests/s and p50/p99 latency, and the
+server's resident memory (RSS, /proc) after each round of --rounds (a leak or fragmentation shows
+as RSS that keeps growing from round to round instead of levelling off).
 
     python bench/serve_load.py                                  # tiny random model, 16 clients
     python bench/serve_load.py --shape small --clients 16 --requests 64 --stream
     python bench/serve_load.py --model ./checkpoint --device cuda --max-path-tokens 1024
+    python bench/serve_load.py --model docs/demo/model --clients 64 --requests 128 \
+        --half-streamed --max-path-tokens 200 --rounds 6          # issue 22's memory workload
 
 Without --model a random checkpoint is written to a temporary directory (the tiny BPE tokenizer
 of parathinker.testing.tiny; --shape tiny: hidden 64, 2 layers; small: hidden 512, 8 layers). Paths are
@@ -112,7 +116,7 @@ def run_load(base: str, args: argparse.Namespace, num_requests: int, seed0: int
                       extra_body={"parallel": parallel})
             start = time.perf_counter()
             first = None
-            if args.stream:
+            if args.stream or (args.half_streamed and i % 2):
                 usage = None
                 for ch in c.chat.completions.create(stream=True,
                                                     stream_options={"include_usage": True}, **kw):
@@ -154,6 +158,10 @@ def main() -> None:
                     help="template included (default: the template + 16 tokens)")
     ap.add_argument("--num-kv-blocks", type=int, default=4096)
     ap.add_argument("--stream", action="store_true", help="stream every answer (SSE)")
+    ap.add_argument("--half-streamed", action="store_true",
+                    help="stream every other request (the odd ones)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the --requests this many times (fresh seeds), RSS after each")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,9 +178,17 @@ def main() -> None:
         try:
             run_load(base, args, args.warmup, seed0=10**6)
             m0 = parse(httpx.get(f"{base}/metrics").text)
-            wall, results = run_load(base, args, args.requests, seed0=args.seed)
+            rss_rounds, walls, results = [], [], []
+            for r in range(args.rounds):
+                wall, res = run_load(base, args, args.requests, seed0=args.seed + r * args.requests)
+                walls.append(wall)
+                results += res
+                rss_rounds.append(rss_mb(proc.pid))
+                print(f"round {r + 1}: {len(res)} requests in {wall:.2f} s, server RSS "
+                      f"{rss_rounds[-1]:.0f} MB", flush=True)
+            wall = sum(walls)
             m = parse(httpx.get(f"{base}/metrics").text)
-            rss_end = rss_mb(proc.pid)
+            rss_end = rss_rounds[-1]
         finally:
             proc.terminate()
             proc.wait(30)
@@ -184,7 +200,8 @@ def main() -> None:
            "engine_steps": m["parathinker_engine_steps_total"]
            - m0["parathinker_engine_steps_total"],
            "kv_blocks_used_after": m["parathinker_kv_cache_blocks_used"],
-           "server_rss_start_MB": rss_start, "server_rss_end_MB": rss_end}
+           "server_rss_start_MB": rss_start, "server_rss_end_MB": rss_end,
+           "server_rss_per_round_MB": rss_rounds}
     if args.stream:
         out["p50_first_chunk_s"] = percentile([r["first_chunk_s"] for r in results], 50)
     print(f"{len(results)} requests from {args.clients} clients in {wall:.2f} s: "
