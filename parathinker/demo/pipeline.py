@@ -15,6 +15,8 @@ import filecmp
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,9 @@ class DemoConfig:
     max_path_tokens: int = 48
     max_summary_tokens: int = 32
     temperature: float = 1.0
+    # torch's CPU threads for everything the demo runs, whatever the core count (torch's default:
+    # one per core). 1 and 2 gave the same bits here; 1 is not slowed down by a busy machine
+    threads: int = 1
 
 
 PRESETS = {
@@ -108,6 +113,29 @@ def eval_argv(cfg: DemoConfig, model_dir: Path, eval_file: Path, out_dir: Path) 
             "--device", "cpu", "--dtype", "float32", "--output", str(out_dir), "--resume"]
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with `n` intra-op threads, whatever the machine's core count; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def float_environment(cfg: DemoConfig) -> dict[str, Any]:
+    """What the run's float results depend on besides the seeds: torch's version, the vector
+    kernels it picked for this CPU (AVX-512 and AVX2 round differently: the loss at step 10
+    moves in its 8th digit) and the thread count."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": cfg.threads}
+
+
 def _jsonl(path: Path) -> list[Any]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -129,7 +157,14 @@ def install_model(trained: Path, model: Path, eval_dir: Path) -> Path:
 
 
 def run_demo(cfg: DemoConfig, output: Path, log: Any = print) -> list[dict[str, Any]]:
-    """Data, initial checkpoint, training, evaluation, report. Resumes: finished steps are kept."""
+    """Data, initial checkpoint, training, evaluation, report. Resumes: finished steps are kept.
+    Everything runs on `cfg.threads` CPU threads, so the numbers do not depend on the machine's
+    core count."""
+    with torch_threads(cfg.threads):
+        return _run_demo(cfg, output, log)
+
+
+def _run_demo(cfg: DemoConfig, output: Path, log: Any) -> list[dict[str, Any]]:
     work = output / "work"
     data = work / "data"
     if not (data / "eval.jsonl").exists():
@@ -157,7 +192,8 @@ def run_demo(cfg: DemoConfig, output: Path, log: Any = print) -> list[dict[str, 
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     floor = entropy_floor(data / "train.jsonl", model)
     breakdown = {p: summary_breakdown(records, p) for p in cfg.paths}
-    page = render(cfg, summary, claims, records, teacher, metrics, vocab, breakdown, floor, output)
+    env = float_environment(cfg)
+    page = render(cfg, summary, claims, records, teacher, metrics, vocab, breakdown, floor, output, env)
     (output / "README.md").write_text(page)
-    (output / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    (output / "demo_config.json").write_text(json.dumps({**asdict(cfg), "environment": env}, indent=1) + "\n")
     return claims
