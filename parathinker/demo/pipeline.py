@@ -1,6 +1,6 @@
 """The CPU demo end to end: scripted teacher -> `parathinker train` -> `parathinker eval` -> report.
 
-    python -m parathinker.demo --output docs/demo            # the committed run (~12-18 min, 2 cores)
+    python -m parathinker.demo --output docs/demo            # the committed run
     python -m parathinker.demo --output /tmp/d --preset quick  # same training, half the eval (~10-15 min; the slow test)
 
 Every step is one of the project's own commands, printed before it runs, so the run can be
@@ -126,14 +126,13 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def float_environment(cfg: DemoConfig) -> dict[str, Any]:
-    """What the run's float results depend on besides the seeds: torch's version, the vector
-    kernels it picked for this CPU (AVX-512 and AVX2 round differently: the loss at step 10
-    moves in its 8th digit) and the thread count."""
+def float_environment() -> dict[str, Any]:
+    """What the run's float results depend on besides the seeds and `DemoConfig.threads`: torch's
+    version and the vector kernels it picked for this CPU (AVX-512 and AVX2 round differently:
+    the loss at step 10 moves in its 8th digit)."""
     import torch
 
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": cfg.threads}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _jsonl(path: Path) -> list[Any]:
@@ -188,11 +187,11 @@ def _run_demo(cfg: DemoConfig, output: Path, log: Any) -> list[dict[str, Any]]:
     teacher = teacher_accuracy(cfg, problems)
     for name in ("report.md", "accuracy_vs_paths.png", "summary.json"):
         shutil.copy(work / "eval" / name, output / name)
-    metrics = _jsonl(trained / "metrics.jsonl")
+    metrics = _jsonl(model / "metrics.jsonl")  # the training of the model the page describes
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     floor = entropy_floor(data / "train.jsonl", model)
     breakdown = {p: summary_breakdown(records, p) for p in cfg.paths}
-    env = float_environment(cfg)
+    env = float_environment()
     page = render(cfg, summary, claims, records, teacher, metrics, vocab, breakdown, floor, output, env)
     (output / "README.md").write_text(page)
     (output / "demo_config.json").write_text(json.dumps({**asdict(cfg), "environment": env}, indent=1) + "\n")
