@@ -3,7 +3,8 @@ show its accuracy rising with the number of paths.
 
 Every step is one of the project's own commands (a scripted teacher writes the SFT data, then
 `parathinker train`, then `parathinker eval` at P = 1, 2, 4, 8), printed before it runs. Offline,
-CPU only; the full preset takes about 12-18 minutes on 2 cores. The output directory gets
+CPU only, on one thread (`DemoConfig.threads`: the numbers do not depend on the core count); the
+report says how long its training took. The output directory gets
 README.md (the report: numbers, plot, and whether each claim holds), model/ (the trained
 checkpoint, usable with every command: `parathinker generate --model DIR/model ...`) and work/
 (data, checkpoints, eval samples).

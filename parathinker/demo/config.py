@@ -31,3 +31,6 @@ class DemoConfig:
     max_path_tokens: int = 48
     max_summary_tokens: int = 32
     temperature: float = 1.0
+    # torch's CPU threads for everything the demo runs, whatever the core count (torch's default:
+    # one per core). 1 and 2 gave the same bits here; 1 is not slowed down by a busy machine
+    threads: int = 1

@@ -1,6 +1,6 @@
 """The CPU demo end to end: scripted teacher -> `parathinker train` -> `parathinker eval` -> report.
 
-    python -m parathinker.demo --output docs/demo            # the committed run (~12-18 min, 2 cores)
+    python -m parathinker.demo --output docs/demo            # the committed run
     python -m parathinker.demo --output /tmp/d --preset quick  # same training, half the eval (~10-15 min; the slow test)
 
 Every step is one of the project's own commands, printed before it runs, so the run can be
@@ -15,6 +15,8 @@ import filecmp
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,28 @@ def eval_argv(cfg: DemoConfig, model_dir: Path, eval_file: Path, out_dir: Path) 
             "--device", "cpu", "--dtype", "float32", "--output", str(out_dir), "--resume"]
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with `n` intra-op threads, whatever the machine's core count; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def float_environment() -> dict[str, Any]:
+    """What the run's float results depend on besides the seeds and `DemoConfig.threads`: torch's
+    version and the vector kernels it picked for this CPU (AVX-512 and AVX2 round differently:
+    the loss at step 10 moves in its 8th digit)."""
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def _jsonl(path: Path) -> list[Any]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -103,7 +127,14 @@ def install_model(trained: Path, model: Path, eval_dir: Path) -> Path:
 
 
 def run_demo(cfg: DemoConfig, output: Path, log: Any = print) -> list[dict[str, Any]]:
-    """Data, initial checkpoint, training, evaluation, report. Resumes: finished steps are kept."""
+    """Data, initial checkpoint, training, evaluation, report. Resumes: finished steps are kept.
+    Everything runs on `cfg.threads` CPU threads, so the numbers do not depend on the machine's
+    core count."""
+    with torch_threads(cfg.threads):
+        return _run_demo(cfg, output, log)
+
+
+def _run_demo(cfg: DemoConfig, output: Path, log: Any) -> list[dict[str, Any]]:
     work = output / "work"
     data = work / "data"
     if not (data / "eval.jsonl").exists():
@@ -127,11 +158,12 @@ def run_demo(cfg: DemoConfig, output: Path, log: Any = print) -> list[dict[str, 
     teacher = teacher_accuracy(cfg, problems)
     for name in ("report.md", "accuracy_vs_paths.png", "summary.json"):
         shutil.copy(work / "eval" / name, output / name)
-    metrics = _jsonl(trained / "metrics.jsonl")
+    metrics = _jsonl(model / "metrics.jsonl")  # the training of the model the page describes
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     floor = entropy_floor(data / "train.jsonl", model)
     breakdown = {p: summary_breakdown(records, p) for p in cfg.paths}
-    page = render(cfg, summary, claims, records, teacher, metrics, vocab, breakdown, floor, output)
+    env = float_environment()
+    page = render(cfg, summary, claims, records, teacher, metrics, vocab, breakdown, floor, output, env)
     (output / "README.md").write_text(page)
-    (output / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    (output / "demo_config.json").write_text(json.dumps({**asdict(cfg), "environment": env}, indent=1) + "\n")
     return claims

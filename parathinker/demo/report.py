@@ -155,7 +155,8 @@ def _slips_by_agreement(verifying: dict[int, tuple[int, int]]) -> str:
 
 def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]],
            records: list[dict[str, Any]], teacher: dict[int, float], metrics: list[dict[str, Any]],
-           vocab_size: int, breakdown: dict[int, dict[str, int]], floor: float, output: Path) -> str:
+           vocab_size: int, breakdown: dict[int, dict[str, int]], floor: float, output: Path,
+           env: dict[str, Any]) -> str:
     def pct(s: dict[str, Any], name: str) -> str:
         return f"{100 * s[name]:.1f} ± {100 * s[name + '_se']:.1f}"
 
@@ -165,11 +166,16 @@ def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]
         "Regenerate everything (data, training, evaluation, this page) with:", "",
         "```bash", "python -m parathinker.demo --output docs/demo", "```", "",
         f"(This page comes from a run with `--output {output}`, which the paths recorded in "
-        "`summary.json` and `model/train_config.json` name. It takes 8 to 15 minutes of training and "
-        "3 of evaluation on 2 CPU cores. Seeds are fixed: a rerun builds the same data, batches and "
-        "sampling seeds, but float32 sums on the CPU differ between runs in the last bits (the loss "
-        f"at step 20 in its 8th digit), which {cfg.max_steps} steps compound, so a rerun trains a close but not "
-        "bit-identical model and its accuracies move within the standard errors.)", "",
+        f"`summary.json` and `model/train_config.json` name; training model/ took "
+        f"{metrics[-1]['elapsed_s'] / 60:.0f} minutes, `model/metrics.jsonl`.) Seeds are fixed, so a rerun builds the same data, "
+        "batches and sampling seeds, and the demo pins torch's CPU threads, so it splits float32 sums "
+        f"the same way on any machine. This run used torch {env['torch']}, whose kernels for this CPU "
+        f"were {env['cpu_capability']}, and {cfg.threads} thread(s) (`demo_config.json` records all "
+        "three): a rerun with the same torch and kernels trains bit-identical weights and reproduces "
+        "this page. Other kernels or thread counts round differently (AVX2 kernels instead of AVX-512 "
+        "move the loss at step 10 in its 8th digit; 3 threads instead of 2 train other weights in 8 "
+        f"steps of a smaller model), {cfg.max_steps} steps compound that into a different model, and "
+        "its accuracies can differ by more than the standard errors.", "",
         "**Task.** Find the x in 1..12 with a·x + c = b modulo 13 (`Solve 5x + 4 = 7 modulo 13.`). A "
         f"reasoning path may check at most {cfg.tries} candidates: it picks them at random, writes "
         "each one's a·x and a·x + c with b beside it, and whether they match "

@@ -7,8 +7,9 @@ import random
 import re
 
 import pytest
+import torch
 
-from parathinker.demo.pipeline import PRESETS, run_demo
+from parathinker.demo.pipeline import PRESETS, DemoConfig, run_demo
 from parathinker.demo.report import check_claims, teacher_accuracy
 from parathinker.demo.task import (MODULUS, all_problems, build, make_problem, split_problems, teacher_path,
                                    teacher_sample)
@@ -101,6 +102,46 @@ def test_reduced_demo_loop_shows_accuracy_rising_with_paths(tmp_path):
     assert len(ordering) == 3 and all(c["holds"] for c in ordering), ordering
     assert (tmp_path / "demo" / "accuracy_vs_paths.png").stat().st_size > 0
     assert (tmp_path / "demo" / "model" / "model.safetensors").exists()
+
+
+TINY = DemoConfig(num_train=300, num_held_out=6, hidden_size=64, num_layers=2, max_steps=8, rows_per_step=2,
+                  paths=(1, 2), samples=1, max_path_tokens=16, max_summary_tokens=24)
+
+
+def _outcome(out):
+    """What a run computed: its weights, each logged loss and gradient norm, and each eval record
+    (stored as it finished) without its latency and the model's path."""
+    metrics = [json.loads(line) for line in (out / "work" / "train" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "work" / "eval" / "samples.jsonl").read_text().splitlines()]
+    for r in records:
+        del r["latency_s"], r["settings"]["model"]
+    return ((out / "model" / "model.safetensors").read_bytes(),
+            [(m["step"], m["loss"], m["grad_norm"]) for m in metrics],
+            sorted(records, key=lambda r: (r["num_paths"], r["id"], r["sample"])))
+
+
+def test_a_rerun_of_the_demo_computes_the_same_numbers(tmp_path):
+    """The page's numbers come back on a rerun (issue 24): two runs of the whole demo (tiny
+    settings), the second from a caller on another thread count, train the same weights and
+    losses and give the same eval records; the caller's threads are restored; the page and
+    demo_config.json name torch's version, its kernels for this CPU and the threads, as torch
+    reports them."""
+    run_demo(TINY, tmp_path / "a", log=lambda msg: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        run_demo(TINY, tmp_path / "b", log=lambda msg: None)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    a, b = _outcome(tmp_path / "a"), _outcome(tmp_path / "b")
+    assert len(a[1]) == 1 and len(a[2]) == 6 * 2
+    assert a == b
+    env = json.loads((tmp_path / "a" / "demo_config.json").read_text())["environment"]
+    assert env == {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    page = (tmp_path / "a" / "README.md").read_text()
+    assert (f"torch {torch.__version__}, whose kernels for this CPU were {env['cpu_capability']}, "
+            "and 1 thread(s)") in page
 
 
 def test_summary_accuracy_by_number_of_verifying_paths():
