@@ -22,6 +22,7 @@ per-request `seed` too).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -176,6 +177,13 @@ class ParallelResult:
                    len(out.summary.token_ids), out.metrics.get("latency_s"), out.error)
 
 
+_UNSET = object()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
 _SUMMARY_FINISH = {"stop": "end", "length": "budget"}  # the server's mapping (serve/responses.py), reversed
 
 
@@ -220,6 +228,39 @@ class EndpointBackend:
             raise EndpointError("no endpoint answers: " + "; ".join(s.last_error for s in down))
         for s in down:
             self.dispatcher.warn(f"{s.last_error}; not used in this run")
+
+    def check_cards(self, layouts: tuple[str, ...], want: dict[str, Any], parallel: bool = True) -> None:
+        """ValueError, naming the server and the field, before anything runs: a `parathinker serve`
+        of a layout this run does not ask for (`parallel`: the run has parathinker mode), or servers of one kind that report a different
+        `rope_scaling` or `max_model_len` in /v1/models than the run's (`want`: what --model's
+        config.json and an explicit --rope-scaling say, for parathinker servers) or than each other."""
+        for s in self.servers_for("native") + self.servers_for("reference") if parallel else ():
+            if s.card.get("layout", "native") not in layouts:
+                raise ValueError(f"the endpoint {s.url} runs `parathinker serve --layout "
+                                 f"{s.card.get('layout', 'native')}`; parathinker mode in the "
+                                 f"{','.join(layouts)} layout needs a `parathinker serve --layout "
+                                 f"{layouts[0]}` endpoint (leave it out, or add its --layout)")
+        for kind in (*layouts, None):
+            for name in ("rope_scaling", "max_model_len"):
+                ref = want.get(name, _UNSET) if kind is not None else _UNSET
+                whose = f"this run (--model {self.model})"
+                for s in (s for s in self.servers_for(kind) if name in s.card):
+                    if ref is _UNSET:
+                        ref, whose = s.card[name], f"the endpoint {s.url}"
+                    elif _canonical(s.card[name]) != _canonical(ref):
+                        raise ValueError(f"the endpoint {s.url} reports {name} {s.card[name]!r} in "
+                                         f"/v1/models, but {whose} has {ref!r}: its samples would not "
+                                         "be comparable; serve the same model with the same settings")
+
+    def contexts(self, layouts: tuple[str, ...]) -> dict[str | None, int]:
+        """The least `max_model_len` of the servers of each kind of job (a layout; None: plain
+        traces) that report one, for eval/fit.py."""
+        out: dict[str | None, int] = {}
+        for kind in (*layouts, None):
+            lens = [int(s.card["max_model_len"]) for s in self.servers_for(kind) if s.card.get("max_model_len")]
+            if lens:
+                out[kind] = min(lens)
+        return out
 
     def servers_for(self, layout: str | None) -> list[Server]:
         """The answering servers that run a job of this kind (layout None: plain traces)."""
