@@ -26,6 +26,7 @@ from parathinker.eval.cli import main
 from parathinker.model.checkpoint import load_tokenizer
 from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE
 from parathinker.testing.servers import free_port
+from tests.eval.test_eval_endpoint import FakeServer
 
 PROBLEMS = [{"id": f"q{i}", "problem": f"What is {i} + {i}? " + "Think hard. " * i, "answer": str(2 * i)}
             for i in range(1, 4)]
@@ -36,6 +37,7 @@ class FakeParaServer:
 
     def __init__(self, model: str, tokenizer: Any, port: int | None = None, **card: Any) -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.delay_s = 0.0  # how long each answer takes
         self.card = {"id": model, "object": "model", "created": 0, "owned_by": "parathinker",
                      "max_model_len": 1000, "max_paths": 8, "rope_scaling": None, "layout": "native",
                      "summary_template_tokens": 5, **card}
@@ -48,6 +50,7 @@ class FakeParaServer:
         @app.post("/v1/chat/completions")
         def chat(body: dict[str, Any]) -> Any:
             self.bodies.append(body)
+            time.sleep(self.delay_s)
             question = body["messages"][0]["content"]
             problem = next(p for p in PROBLEMS if p["problem"] == question)
             par = body["parallel"]
@@ -168,3 +171,62 @@ def test_servers_that_disagree_with_each_other_are_refused(data, tmp_path, capsy
         assert main(args) == 2
     err = capsys.readouterr().err
     assert f"the endpoint {b.url}/v1 reports max_model_len 1200" in err and f"the endpoint {a.url}/v1 has 1000" in err
+
+
+def _start_when(condition: Any, server: Any) -> threading.Thread:
+    """Start `server` (a fake not yet listening) once `condition()` holds: a server that comes up
+    while the run is under way."""
+    def start() -> None:
+        deadline = time.monotonic() + 60
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.__enter__()
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_server_down_at_the_start_is_probed_again_and_used(tmp_path, capsys):
+    problems = tmp_path / "toy.jsonl"
+    from tests.eval.test_eval_endpoint import PROBLEMS as PLAIN
+
+    problems.write_text("".join(json.dumps(p) + "\n" for p in PLAIN), encoding="utf-8")
+    late = FakeServer()  # not listening yet
+    with FakeServer() as slow:
+        slow.delay_s = 1.0
+        urls = [f"http://127.0.0.1:{slow.port}", f"http://127.0.0.1:{late.port}"]
+        starter = _start_when(lambda: slow.bodies, late)
+        try:
+            assert main(["--model", "fake-r1", *[f for u in urls for f in ("--endpoint", u)],
+                         "--benchmark", "toy", "--data", str(problems), "--mode", "sequential",
+                         "--samples", "6", "--max-tokens", "50", "--concurrency", "1",
+                         "--output", str(tmp_path / "out")]) == 0
+        finally:
+            starter.join(60)
+            late.__exit__()
+    err = capsys.readouterr().err
+    assert f"cannot reach the endpoint {urls[1]}/v1" in err and "not used until it answers" in err
+    assert f"the endpoint {urls[1]}/v1 answers again: back in rotation" in err
+    records = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    by = {u: sum(r["server"] == f"{u}/v1" for r in records) for u in urls}
+    # 18 samples at 1 s each on the slow one alone; the late one, once up, takes most of them
+    assert len(records) == 18 and by[urls[1]] >= 6 and by[urls[1]] == len(late.bodies)
+
+
+def test_a_late_server_whose_card_disagrees_is_not_used(ckpt_dir, data, tmp_path, capsys):
+    tok = load_tokenizer(ckpt_dir)
+    late = FakeParaServer(str(ckpt_dir), tok, max_model_len=2048)  # not listening yet
+    with FakeParaServer(str(ckpt_dir), tok, max_model_len=4096) as good:
+        good.delay_s = 1.0
+        starter = _start_when(lambda: good.bodies, late)
+        try:
+            assert main(_args(ckpt_dir, [good.url, late.url], data, tmp_path / "out", "--samples", "3",
+                              "--max-path-tokens", "40", "--max-summary-tokens", "50",
+                              "--concurrency", "1")) == 0
+        finally:
+            starter.join(60)
+            late.__exit__()
+    err = capsys.readouterr().err
+    assert f"the endpoint {late.url}/v1 reports max_model_len 2048" in err and "not used in this run" in err
+    assert not late.bodies and len(good.bodies) == 9
