@@ -60,7 +60,8 @@ class FakeParaServer:
                 return fastapi.responses.JSONResponse(
                     {"error": {"message": f"{total} positions exceed the model's context",
                                "type": "invalid_request_error", "param": "messages"}}, status_code=400)
-            paths = [{"index": i, "text": "thinking", "finish_reason": "end", "num_tokens": 4}
+            paths = [{"index": i, "text": f"so \\boxed{{{problem['answer']}}}", "finish_reason": "end",
+                      "num_tokens": 4}
                      for i in range(par["num_paths"])]
             return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "stop", "paths": paths,
@@ -230,3 +231,21 @@ def test_a_late_server_whose_card_disagrees_is_not_used(ckpt_dir, data, tmp_path
     err = capsys.readouterr().err
     assert f"the endpoint {late.url}/v1 reports max_model_len 2048" in err and "not used in this run" in err
     assert not late.bodies and len(good.bodies) == 9
+
+
+def test_build_data_fits_max_tokens_to_a_parathinker_teacher(ckpt_dir, data, tmp_path, capsys):
+    """build-data --teacher URL on `parathinker serve`: each request has paths of --max-tokens + 2
+    tags and a summary of the card's template + 1 token, so --max-tokens' default (16,384) is
+    lowered to what the served context leaves after the longest prompt."""
+    from parathinker.train.cli import main as train_main
+
+    tok, model = load_tokenizer(ckpt_dir), _with_context(ckpt_dir, tmp_path, 700)
+    with FakeParaServer(str(model), tok, max_model_len=700, summary_template_tokens=5) as server:
+        rc = train_main(["build-data", "--teacher", server.url, "--problems", str(data), "--output",
+                         str(tmp_path / "d.jsonl"), "--traces-per-problem", "2", "--paths", "1-2"])
+        assert rc == 0, capsys.readouterr().err
+    room = 700 - _longest_prompt(ckpt_dir) - (5 + 1)  # SPEC §4: prompt + path + summary
+    assert len(server.bodies) == 3
+    assert {(b["parallel"]["max_path_tokens"], b["parallel"]["max_summary_tokens"]) for b in server.bodies} \
+        == {(room, 6)}
+    assert "--max-tokens 16384 does not fit" in capsys.readouterr().err
