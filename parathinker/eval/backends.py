@@ -233,11 +233,11 @@ class EndpointBackend:
     def check_cards(self, layouts: tuple[str, ...], want: dict[str, Any], parallel: bool = True,
                     late: Server | None = None) -> None:
         """ValueError, naming the server and the field, before anything runs: a `parathinker serve`
-        of a layout this run does not ask for (`parallel`: the run has parathinker mode), or servers of one kind that report a different
-        `rope_scaling` or `max_model_len` in /v1/models than the run's (`want`: what --model's
-        config.json and an explicit --rope-scaling say, for parathinker servers) or than each other
-        (`late`, a server that joins midway, is compared last: the others ran already). Kept for
-        the servers that join later (`run`)."""
+        of a layout this run does not ask for (`parallel`: the run has parathinker mode), or servers
+        of one kind that report a different `rope_scaling` or `max_model_len` in /v1/models than
+        the run's (`want`: what --model's config.json and an explicit --rope-scaling say, for
+        parathinker servers) or than each other (`late`, a server that joins midway, is compared
+        last: the others ran already). The arguments are kept for the servers that join later."""
         self._cards = (layouts, want, parallel)
         for s in self.servers_for("native") + self.servers_for("reference") if parallel else ():
             if s.card.get("layout", "native") not in layouts:
@@ -263,7 +263,8 @@ class EndpointBackend:
         traces) that report one, for eval/fit.py."""
         out: dict[str | None, int] = {}
         for kind in (*layouts, None):
-            lens = [int(s.card["max_model_len"]) for s in self.servers_for(kind) if s.card.get("max_model_len")]
+            lens = [int(s.card["max_model_len"]) for s in self.servers_for(kind)
+                    if s.card.get("max_model_len")]
             if lens:
                 out[kind] = min(lens)
         return out

@@ -76,7 +76,8 @@ def test_a_command_without_its_extra_names_the_pip_command(blocked, args, extra,
 
 # a module's main run as `python -m MODULE ARGS...`, MODULES blocked as in BLOCK
 MODULE_BLOCK = ("import runpy, sys; i = sys.argv.index('--'); [sys.modules.__setitem__(m, None) for m in "
-                "sys.argv[1:i]]; sys.argv = sys.argv[i + 1:]; runpy.run_module(sys.argv[0], run_name='__main__')")
+                "sys.argv[1:i]]; sys.argv = sys.argv[i + 1:]; "
+                "runpy.run_module(sys.argv[0], run_name='__main__')")
 
 
 @pytest.mark.parametrize("blocked, module, args, extra", [

@@ -171,7 +171,8 @@ def test_servers_that_disagree_with_each_other_are_refused(data, tmp_path, capsy
         args[1] = "served-name"  # not a local checkpoint: only the servers can be compared
         assert main(args) == 2
     err = capsys.readouterr().err
-    assert f"the endpoint {b.url}/v1 reports max_model_len 1200" in err and f"the endpoint {a.url}/v1 has 1000" in err
+    assert f"the endpoint {b.url}/v1 reports max_model_len 1200" in err
+    assert f"the endpoint {a.url}/v1 has 1000" in err
 
 
 def _start_when(condition: Any, server: Any) -> threading.Thread:
