@@ -13,7 +13,8 @@ reset, a timeout, HTTP 5xx) is taken out of rotation with a warning; the jobs it
 back to the queue (their partial results are dropped, and late answers from it are ignored), and
 it is probed again after 1, 2, 4, ... s (at most 60 s); so is one that was down from the start
 (`Server.probe` then fetches its model card, and `accepts` says whether it may take the jobs).
-After `retries` failures in a row it is dropped for the rest of the run; the run fails (EndpointError) only when every server is dropped.
+After `retries` failures in a row it is dropped for the rest of the run; the run fails
+(EndpointError) only when every server is dropped.
 HTTP 429 (a full queue) puts a job back without counting against the server. Any other error
 (400, 401, 404: the request or the setup is wrong) stops the run with an EndpointError.
 
