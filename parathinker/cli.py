@@ -20,7 +20,7 @@ import time
 from parathinker.cli_args import (HelpFormatter, add_model_args, add_path_budget_args,
                                   add_sampling_args, llm_kwargs, rope_for_args)
 from parathinker.config import SamplingParams
-from parathinker.extras import MissingExtra, need
+from parathinker.extras import MissingExtra, check_command
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -72,19 +72,6 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_extras(args: argparse.Namespace) -> None:
-    """The command's optional dependencies, before anything runs (MissingExtra names the extra)."""
-    if args.command in ("serve", "train"):
-        need(args.command)
-    elif args.command == "build-data":
-        from parathinker.train.build_data import is_endpoint_spec
-
-        if is_endpoint_spec(args.teacher):
-            need("teacher")
-    elif args.command == "eval" and getattr(args, "endpoint", None):
-        need("endpoint")
-
-
 COMMANDS = {  # name -> (module, add_args, run, one line)
     "generate": ("parathinker.cli", "add_generate_args", "run_generate",
                  "answer one question with P parallel paths"),
@@ -118,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module, _, run, _ = COMMANDS[args.command]
     try:
-        check_extras(args)
+        check_command(args.command, args)
         return getattr(importlib.import_module(module), run)(args)
     except (ValueError, FileNotFoundError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)

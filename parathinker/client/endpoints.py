@@ -11,8 +11,10 @@ server has at most `concurrency` calls in flight, and the least loaded server go
 slow server holds back only its own jobs. A server that stops answering (connection refused or
 reset, a timeout, HTTP 5xx) is taken out of rotation with a warning; the jobs it had in flight go
 back to the queue (their partial results are dropped, and late answers from it are ignored), and
-it is probed again after 1, 2, 4, ... s (at most 60 s). After `retries` failures in a row it is
-dropped for the rest of the run; the run fails (EndpointError) only when every server is dropped.
+it is probed again after 1, 2, 4, ... s (at most 60 s); so is one that was down from the start
+(`Server.probe` then fetches its model card, and `accepts` says whether it may take the jobs).
+After `retries` failures in a row it is dropped for the rest of the run; the run fails
+(EndpointError) only when every server is dropped.
 HTTP 429 (a full queue) puts a job back without counting against the server. Any other error
 (400, 401, 404: the request or the setup is wrong) stops the run with an EndpointError.
 
@@ -85,7 +87,8 @@ class _Busy(Exception):
 class Server:
     """One endpoint: its openai client, its model card and its share of the run."""
 
-    def __init__(self, url: str, timeout_s: float = 3600.0, api_key: str | None = None) -> None:
+    def __init__(self, url: str, timeout_s: float = 3600.0, api_key: str | None = None,
+                 model: str | None = None) -> None:
         try:
             import openai
         except ImportError as e:
@@ -94,6 +97,7 @@ class Server:
         self.url = normalize_endpoint(url)
         self.timeout_s, self.api_key = timeout_s, api_key
         self.client = self._new_client()
+        self.model = model  # the served model a probe fetches the card of, when it has none yet
         self.card: dict[str, Any] | None = None  # its /v1/models entry for the model
         self.in_flight = 0
         self.failures = 0  # in a row; a successful call resets it
@@ -118,6 +122,10 @@ class Server:
     def list_models(self) -> Any:
         """GET /v1/models within the probe timeout."""
         return self.client.with_options(timeout=min(PROBE_TIMEOUT_S, self.timeout_s)).models.list()
+
+    def probe(self) -> Any:
+        """Is it back? Its card when it has none yet (down since the start), else its model list."""
+        return self.fetch_card(self.model) if self.card is None and self.model else self.list_models()
 
     @property
     def is_parathinker(self) -> bool:
@@ -235,9 +243,13 @@ class Dispatcher:
     def run(self, jobs: Iterable[tuple[Any, list[Callable[[Server], Any]]]],
             servers: list[Server] | None = None,
             count_tokens: Callable[[list[Any]], int] = lambda outputs: 0,
+            accepts: Callable[[Server], bool] = lambda server: True,
             ) -> Iterator[tuple[Any, list[Any], Server]]:
-        """Yields (tag, outputs, server) for each job as soon as its last call has returned."""
+        """Yields (tag, outputs, server) for each job as soon as its last call has returned.
+        `accepts(server)`: whether a server that answers again (one down since the start, whose
+        card was unknown) may take these jobs."""
         servers = servers or self.servers
+        excluded: set[Server] = set()
         source = iter(jobs)
         queue: deque[_Attempt] = deque()
         is_exhausted = False
@@ -262,7 +274,7 @@ class Dispatcher:
                     if s.retry_at is None or s.retry_at > now or s in probes.values():
                         continue
                     if s.down:
-                        probes[_spawn(s.list_models)] = s
+                        probes[_spawn(s.probe)] = s
                     else:
                         s.retry_at = None
                 while True:  # fill free slots, least loaded server first
@@ -275,7 +287,7 @@ class Dispatcher:
                     if not queue:
                         break
                     att = queue[0]
-                    room = [s for s in servers if s.in_rotation and
+                    room = [s for s in servers if s.in_rotation and s not in excluded and
                             (s.in_flight == 0 or s.in_flight + len(att.calls) <= self.concurrency)]
                     if not room:
                         break
@@ -284,7 +296,7 @@ class Dispatcher:
                 live = [a for a, _ in calls.values() if a.live]
                 if not queue and is_exhausted and not live:
                     return
-                if all(s.dropped for s in servers):
+                if all(s.dropped or s in excluded for s in servers):
                     raise self._no_server_left(servers)
                 due = [s.retry_at for s in servers if s.retry_at is not None and s not in probes.values()]
                 timeout = max(0.0, min(due) - time.monotonic()) if due else None
@@ -298,7 +310,10 @@ class Dispatcher:
                         s = probes.pop(fut)
                         if fut.exception() is None:
                             s.retry_at, s.down = None, False
-                            self.warn(f"the endpoint {s.url} answers again: back in rotation")
+                            if accepts(s):
+                                self.warn(f"the endpoint {s.url} answers again: back in rotation")
+                            else:  # up since the start, but not of this kind: not used for these jobs
+                                excluded.add(s)
                         else:
                             self.fail(s, str(s.error(fut.exception())))  # type: ignore[arg-type]
                         continue

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from parathinker.demo.pipeline import PRESETS, run_demo
+from parathinker.extras import exits_for_missing_extra
 
 PRESET_HELP = {"full": "the committed run (4 eval samples per problem)",
                "quick": "the same training, half the eval samples (the slow test's run)"}
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="full", choices=sorted(PRESETS),
                     help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()) + " (default: %(default)s)")
     args = ap.parse_args(argv)
+    if exits_for_missing_extra("demo", args):
+        return 2
     claims = run_demo(PRESETS[args.preset], Path(args.output))
     print(f"report: {Path(args.output) / 'README.md'}")
     for c in claims:

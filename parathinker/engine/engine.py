@@ -158,6 +158,8 @@ class Engine:
             self.scheduler.abort(request_id)  # out of the batch, blocks freed
             req.status = FINISHED
             self._aborted.append(req)
+        else:
+            req.release_ended(self.block_manager)  # the others go on; its blocks come back now
 
     def abort(self, request_id: str) -> SeqGroup | None:
         """Stop a request now and free its blocks; it is returned by the next step()."""
@@ -204,6 +206,8 @@ class Engine:
                     if req.status == FINISHED:
                         self.scheduler.finish(req)
                     ended.append(req)
+                else:
+                    req.release_ended(self.block_manager)  # samples of a group that ended
             self.num_steps += 1
         for req in ended:
             req.finish_time = time.perf_counter()

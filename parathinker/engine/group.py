@@ -5,13 +5,16 @@ summary, seed and sampling counters), but all of them read one prompt sequence: 
 computed once and its blocks are forked by every member's paths, n x P readers in all. The
 group is what the scheduler sees (admitted, preempted and freed as one); the engine masks,
 samples and applies token by token per member, so member i draws exactly what a request of
-its own with the same seed would. A member that ends waits, blocks held, for the others.
+its own with the same seed would. A member that ends gives its paths' and summary's blocks back
+at once (`release_ended`, after each step and `Engine.stop_sample`) and waits, tokens kept, for
+the others; the group holds, and recomputes after a preemption, only its running members.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from parathinker.engine.block_manager import BlockManager
 from parathinker.engine.request import FINISHED, LogprobEntry, Request, SampleRow, Seq, SeqGroup
 
 
@@ -20,6 +23,7 @@ class SampleGroup(SeqGroup):
                  members: list[Request]) -> None:
         super().__init__(request_id, arrival, prompt_ids, members[0].ctrl)
         self.members = members
+        self._released: list[Request] = []  # ended members whose blocks are given back
         for m in members:
             m.prompt = self.prompt  # one prompt sequence: every member's paths fork its blocks
 
@@ -27,7 +31,18 @@ class SampleGroup(SeqGroup):
         return [m for m in self.members if m.status != FINISHED]
 
     def seqs(self) -> list[Seq]:
-        return [self.prompt] + [s for m in self.members for s in m.seqs()[1:]]
+        return [self.prompt] + [s for m in self.members if m not in self._released for s in m.seqs()[1:]]
+
+    def release_ended(self, bm: BlockManager) -> None:
+        """Give back the blocks of every member that ended since the last call (its own paths
+        and summary, and its references to the prompt): nothing reads them again."""
+        for m in self.members:
+            if m.status == FINISHED and m not in self._released:
+                for seq in m.seqs()[1:]:
+                    bm.free(seq.blocks)
+                    bm.free(seq.forked)
+                    seq.reset_cache()
+                self._released.append(m)
 
     def readable(self, seq: Seq) -> list[Seq]:
         if seq is self.prompt:

@@ -194,6 +194,10 @@ class SeqGroup:
                 bm.fork(seq.forked)
             seq.place(bm)
 
+    def release_ended(self, bm: BlockManager) -> None:
+        """Give back the blocks of parts that ended before the request (a SampleGroup's
+        finished members); a single request has none."""
+
     def free(self, bm: BlockManager) -> None:
         """Drop every reference this request holds; tokens are kept for recomputation."""
         for seq in self.seqs():

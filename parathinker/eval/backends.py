@@ -22,6 +22,7 @@ per-request `seed` too).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -176,6 +177,13 @@ class ParallelResult:
                    len(out.summary.token_ids), out.metrics.get("latency_s"), out.error)
 
 
+_UNSET = object()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
 _SUMMARY_FINISH = {"stop": "end", "length": "budget"}  # the server's mapping (serve/responses.py), reversed
 
 
@@ -197,8 +205,9 @@ class EndpointBackend:
         urls = endpoint_urls([urls] if isinstance(urls, str) else urls)
         self.model = model
         self.sequential_template = sequential_template
-        self.servers = [Server(u, timeout_s, api_key) for u in urls]
+        self.servers = [Server(u, timeout_s, api_key, model) for u in urls]
         self.dispatcher = Dispatcher(self.servers, concurrency, retries, backoff_s)
+        self._cards: tuple[tuple[str, ...], dict[str, Any], bool] = (("native",), {}, True)
 
     @property
     def url(self) -> str:
@@ -206,24 +215,63 @@ class EndpointBackend:
 
     def check(self) -> None:
         """Fail fast, naming the URL, when a server does not serve `model`, or when none answers;
-        one that does not answer is left out of this run with a warning."""
-        down = []
+        one that does not answer is left out with a warning and probed again as the run goes (it
+        joins when it answers with a card of the kind, and the settings, of the jobs running)."""
+        down: list[tuple[Server, str]] = []
         for s in self.servers:
             try:
                 s.fetch_card(self.model)
             except EndpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - _Down: not answering
-                s.dropped, s.last_error = True, str(e)
-                down.append(s)
+                down.append((s, str(e)))
         if len(down) == len(self.servers):
-            raise EndpointError("no endpoint answers: " + "; ".join(s.last_error for s in down))
-        for s in down:
-            self.dispatcher.warn(f"{s.last_error}; not used in this run")
+            raise EndpointError("no endpoint answers: " + "; ".join(why for _, why in down))
+        for s, why in down:
+            self.dispatcher.fail(s, f"{why}; not used until it answers")
+
+    def check_cards(self, layouts: tuple[str, ...], want: dict[str, Any], parallel: bool = True,
+                    late: Server | None = None) -> None:
+        """ValueError, naming the server and the field, before anything runs: a `parathinker serve`
+        of a layout this run does not ask for (`parallel`: the run has parathinker mode), or servers
+        of one kind that report a different `rope_scaling` or `max_model_len` in /v1/models than
+        the run's (`want`: what --model's config.json and an explicit --rope-scaling say, for
+        parathinker servers) or than each other (`late`, a server that joins midway, is compared
+        last: the others ran already). The arguments are kept for the servers that join later."""
+        self._cards = (layouts, want, parallel)
+        for s in self.servers_for("native") + self.servers_for("reference") if parallel else ():
+            if s.card.get("layout", "native") not in layouts:
+                raise ValueError(f"the endpoint {s.url} runs `parathinker serve --layout "
+                                 f"{s.card.get('layout', 'native')}`; parathinker mode in the "
+                                 f"{','.join(layouts)} layout needs a `parathinker serve --layout "
+                                 f"{layouts[0]}` endpoint (leave it out, or add its --layout)")
+        for kind in (*layouts, None):
+            for name in ("rope_scaling", "max_model_len"):
+                ref = want.get(name, _UNSET) if kind is not None else _UNSET
+                whose = f"this run (--model {self.model})"
+                known = [s for s in self.servers_for(kind) if name in s.card]
+                for s in sorted(known, key=lambda s: s is late):
+                    if ref is _UNSET:
+                        ref, whose = s.card[name], f"the endpoint {s.url}"
+                    elif _canonical(s.card[name]) != _canonical(ref):
+                        raise ValueError(f"the endpoint {s.url} reports {name} {s.card[name]!r} in "
+                                         f"/v1/models, but {whose} has {ref!r}: its samples would not "
+                                         "be comparable; serve the same model with the same settings")
+
+    def contexts(self, layouts: tuple[str, ...]) -> dict[str | None, int]:
+        """The least `max_model_len` of the servers of each kind of job (a layout; None: plain
+        traces) that report one, for eval/fit.py."""
+        out: dict[str | None, int] = {}
+        for kind in (*layouts, None):
+            lens = [int(s.card["max_model_len"]) for s in self.servers_for(kind)
+                    if s.card.get("max_model_len")]
+            if lens:
+                out[kind] = min(lens)
+        return out
 
     def servers_for(self, layout: str | None) -> list[Server]:
-        """The answering servers that run a job of this kind (layout None: plain traces)."""
-        live = [s for s in self.servers if not s.dropped]
+        """The servers known to run a job of this kind (layout None: plain traces)."""
+        live = [s for s in self.servers if not s.dropped and s.card is not None]
         if layout is None:
             return [s for s in live if not s.is_parathinker]
         return [s for s in live if s.is_parathinker and s.card.get("layout", "native") == layout]
@@ -298,8 +346,24 @@ class EndpointBackend:
     def run(self, jobs: Iterable[Job], layout: str | None) -> Iterator[tuple[Job, list[Any], str]]:
         """(job, outputs, the URL of the server that ran it) as each job finishes."""
         servers = self.servers_for(layout)
-        for job, outputs, server in self.dispatcher.run(((j, self._calls(j)) for j in jobs), servers,
-                                                        _generated_tokens):
+        unknown = [s for s in self.servers if s.card is None and not s.dropped]  # down since the start
+
+        def accepts(late: Server) -> bool:
+            """A server down at the start that answers now: of this kind, and as the others are."""
+            try:
+                self.check_cards(*self._cards, late=late)
+            except ValueError as e:
+                late.dropped, late.last_error = True, str(e)
+                self.dispatcher.warn(f"{e}; not used in this run")
+                return False
+            if late not in self.servers_for(layout):
+                self.dispatcher.warn(f"the endpoint {late.url} answers again, but runs other jobs "
+                                     "than these: not used for them")
+                return False
+            return True
+
+        for job, outputs, server in self.dispatcher.run(((j, self._calls(j)) for j in jobs),
+                                                        servers + unknown, _generated_tokens, accepts):
             yield job, outputs, server.url
 
     def stats(self) -> dict[str, dict[str, Any]]:

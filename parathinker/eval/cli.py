@@ -21,6 +21,7 @@ from typing import Any
 
 from parathinker.cli_args import (add_failover_args, add_model_args, add_path_budget_args,
                                   add_sampling_args)
+from parathinker.extras import exits_for_missing_extra
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="parathinker eval", description=__doc__.splitlines()[0],
                                      allow_abbrev=False)
     add_eval_args(parser)
-    return run_eval(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return 2 if exits_for_missing_extra("eval", args) else run_eval(args)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,23 @@ def _validate(backend: EngineBackend, cfg: EvalConfig, units: list[Unit]) -> Non
             raise ValueError(f"{u.benchmark} problem {u.problem['id']!r} ({u.mode}): {e}") from None
 
 
+def _served_settings(cfg: EvalConfig) -> dict[str, Any]:
+    """What a `parathinker serve` of --model must report in /v1/models when --model is a local
+    checkpoint: its context, and the rope scaling of an explicit --rope-scaling ("auto" and
+    "reference" depend on the server's own path budget: any is accepted)."""
+    if not Path(cfg.model).is_dir():
+        return {}
+    from parathinker.cli_args import checkpoint_config
+    from parathinker.config import resolve_rope_scaling
+    from parathinker.spec.budgets import DEFAULT_CONTEXT
+
+    ckpt = checkpoint_config(cfg.model)
+    out: dict[str, Any] = {"max_model_len": int(ckpt.get("max_position_embeddings", DEFAULT_CONTEXT))}
+    if cfg.rope_scaling not in ("auto", "reference"):
+        out["rope_scaling"] = resolve_rope_scaling(cfg.rope_scaling, ckpt, cfg.max_path_tokens)
+    return out
+
+
 def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
     """Run the eval; returns the summary of everything in the output's samples file."""
     out_dir = Path(cfg.output)
@@ -130,15 +147,18 @@ def run(cfg: EvalConfig) -> dict[str, dict[str, dict[str, Any]]]:
         from parathinker.cli_args import checkpoint_config
 
         cfg = dataclasses.replace(cfg, checkpoint=checkpoint_config(cfg.model))
-    cfg = fit_to_context(cfg, problems)  # budgets the context cannot hold are lowered, with a note
-    units = plan(cfg, problems)
-    if cfg.temperature == 0 and cfg.samples > 1:
-        warnings.warn("--temperature 0 is greedy: every --samples repetition is the same", stacklevel=2)
     endpoint = None
     if cfg.endpoint:  # before anything is written: an unreachable URL fails here
         endpoint = EndpointBackend(cfg.endpoints, cfg.model, cfg.request_timeout, cfg.api_key,
                                    cfg.endpoint_concurrency, cfg.server_retries)
         endpoint.check()
+        endpoint.check_cards(cfg.layouts, _served_settings(cfg), "parathinker" in cfg.modes)
+    # budgets the context (with --endpoint: the servers') cannot hold are lowered, with a note
+    cfg = fit_to_context(cfg, problems, endpoint.contexts(cfg.layouts) if endpoint else None)
+    units = plan(cfg, problems)
+    if cfg.temperature == 0 and cfg.samples > 1:
+        warnings.warn("--temperature 0 is greedy: every --samples repetition is the same", stacklevel=2)
+    if endpoint is not None:
         stored: set[Any] = set()
         if cfg.resume and samples_file.exists():  # a mode whose samples are all stored needs no server
             with SampleStore(out_dir) as store:

@@ -21,6 +21,7 @@ from typing import Any
 from parathinker.cli_args import (add_model_args, add_path_budget_args, add_sampling_args, llm_kwargs,
                                   rope_for_args)
 from parathinker.config import SamplingParams
+from parathinker.extras import exits_for_missing_extra
 
 API_KEY_ENV = "PARATHINKER_API_KEY"
 LOOPBACK_HOSTS = "localhost,127.0.0.1,::1"
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                      allow_abbrev=False)
     add_serve_args(parser)
     args = parser.parse_args(argv)
+    if exits_for_missing_extra("serve", args):
+        return 2
     try:
         return run_serve(args)
     except (ValueError, FileNotFoundError) as e:

@@ -107,16 +107,18 @@ def check_trace(prompt_len: int, max_tokens: int, context: int) -> None:
 
 
 class ContextFit:
-    """A model's context and tokenizer (no weights), to cap the budgets of a command."""
+    """A model's context and tokenizer (no weights), to cap the budgets of a command. `context`:
+    the context a server reports for it (eval --endpoint) instead of its config.json's."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, context: int | None = None) -> None:
         from parathinker.model.checkpoint import load_tokenizer, resolve_model_dir
 
         self.model = model
         model_dir = resolve_model_dir(model)
         raw = json.loads((model_dir / "config.json").read_text()) \
             if (model_dir / "config.json").exists() else {}
-        self.context = int(raw.get("max_position_embeddings", DEFAULT_CONTEXT))
+        self.context = int(raw.get("max_position_embeddings", DEFAULT_CONTEXT)) if context is None \
+            else context
         self.tokenizer = load_tokenizer(model_dir)
         self.has_bos = self.tokenizer.bos_token_id is not None
 

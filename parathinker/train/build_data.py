@@ -208,7 +208,9 @@ class LocalTeacher:
 class EndpointTeacher:
     """One or more OpenAI-compatible teachers serving the same model, spread by load."""
 
-    def __init__(self, cfg: BuildConfig) -> None:
+    def __init__(self, cfg: BuildConfig, questions: Sequence[str] = ()) -> None:
+        """`questions`: every problem of the run, to fit --max-tokens to a `parathinker serve`
+        teacher's context (`fit_to_served`)."""
         from parathinker.client.endpoints import Dispatcher, EndpointError, Server
 
         self.cfg = cfg
@@ -228,6 +230,8 @@ class EndpointTeacher:
                 self.dispatcher.warn(f"{s.last_error}; not used in this run")
         if all(s.dropped for s in self.servers):
             raise EndpointError("no teacher answers: " + "; ".join(s.last_error for s in self.servers))
+        self.cfg = fit_to_served(cfg, self.model, [s.card for s in self.servers if s.is_parathinker],
+                                 questions)
         for s in self.servers:
             if s.is_parathinker:
                 self._check_parathinker(s)
@@ -443,7 +447,7 @@ def check_trace_settings(work: Path, cfg: BuildConfig, has_traces: bool) -> None
 
 def fit_to_context(cfg: BuildConfig, problems: Sequence[dict[str, Any]]) -> BuildConfig:
     """A local teacher's --max-tokens lowered to what its context holds for the longest prompt
-    (with a note); an endpoint fits its own requests."""
+    (with a note); an endpoint teacher's is fitted to what it serves (`fit_to_served`)."""
     from dataclasses import replace
 
     from parathinker.spec.budgets import ContextFit, path_room, trace_room
@@ -461,6 +465,33 @@ def fit_to_context(cfg: BuildConfig, problems: Sequence[dict[str, Any]]) -> Buil
         lp = fit.longest(fit.prompt(q, cfg.prompt_template) for q in questions)
         room = trace_room(fit.context, lp)
     max_tokens = fit.cap("--max-tokens", cfg.max_tokens, room, f" with the longest prompt ({lp} tokens)")
+    return replace(cfg, max_tokens=max_tokens) if max_tokens != cfg.max_tokens else cfg
+
+
+def fit_to_served(cfg: BuildConfig, model: str | None, cards: list[dict[str, Any]],
+                  questions: Sequence[str]) -> BuildConfig:
+    """--max-tokens lowered, with a note, to what the `parathinker serve` teachers' context
+    (`max_model_len` of their /v1/models `cards`) holds for the longest prompt: each request
+    has paths of max_tokens + 2 tags and a summary of the template + 1 token (`_paths`). The
+    prompts are counted with the served model's tokenizer, so `model` must be a local checkpoint
+    directory (else nothing is fitted: a teacher refuses what does not fit, and the message
+    names the --max-tokens to pass)."""
+    from dataclasses import replace
+
+    from parathinker.spec.budgets import ContextFit, path_room
+    from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE
+
+    cards = [c for c in cards if c.get("max_model_len") and "summary_template_tokens" in c]
+    if not cards or not questions or model is None or not Path(model).is_dir():
+        return cfg
+    fits = {int(c["max_model_len"]): ContextFit(model, int(c["max_model_len"])) for c in cards}
+    fit = next(iter(fits.values()))
+    lp = fit.longest(fit.prompt(q, DEFAULT_PROMPT_TEMPLATE) for q in questions)
+    rooms = [(path_room(int(c["max_model_len"]), lp, int(c["summary_template_tokens"]) + 1,
+                        c.get("layout", "native"), fit.has_bos) - 2, int(c["max_model_len"])) for c in cards]
+    room, context = min(rooms)
+    max_tokens = fits[context].cap("--max-tokens", cfg.max_tokens, room,
+                                   f" (served) with the longest prompt ({lp} tokens)")
     return replace(cfg, max_tokens=max_tokens) if max_tokens != cfg.max_tokens else cfg
 
 
@@ -484,7 +515,8 @@ def build_data(cfg: BuildConfig) -> dict[str, Any]:
         todo = [(p, js) for p, js in todo if js]
         teacher = None
         if todo:
-            teacher = EndpointTeacher(cfg) if cfg.is_endpoint else LocalTeacher(cfg)
+            teacher = EndpointTeacher(cfg, [p["problem"] for p in problems]) if cfg.is_endpoint \
+                else LocalTeacher(cfg)
         eos = getattr(getattr(teacher, "llm", None), "tokenizer", None)
         eos = eos.eos_token if eos is not None else None
         bar = tqdm(total=len(problems) * n, initial=len(problems) * n - sum(len(js) for _, js in todo),

@@ -15,6 +15,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from parathinker.extras import exits_for_missing_extra
+
 if TYPE_CHECKING:
     from parathinker.train.trainer import TrainConfig
 
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                                     allow_abbrev=False))
     args = parser.parse_args(argv)
     run = {"train": run_train, "build-data": run_build_data, "convert-reference": run_convert}
+    if exits_for_missing_extra(args.command, args):
+        return 2
     try:
         return run[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # SampleError is a ValueError

@@ -54,9 +54,6 @@ RULES: list[tuple[str, str | None]] = [
      "one server per GPU: the 8-GPU recipe"),
     (r"--mode (sequential|majority)\b.*--endpoint|--endpoint.*--mode (sequential|majority)\b",
      "plain traces from a vLLM/SGLang server (parathinker serve refuses them: it thinks in parallel)"),
-    (r"build-data --teacher http",
-     "16,384-token traces (--max-tokens' default) do not fit the demo model's 2,048 positions; "
-     "tests/test_build_data_paths.py runs build-data against parathinker serve"),
     (r"^lm-eval run|^export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1$",
      "lm-evaluation-harness against the server: tests/serve/test_lm_eval.py runs it"),
     (r"^(parathinker|python -m parathinker|python -c|accelerate launch|curl|OUT=)", None),

@@ -74,6 +74,33 @@ def test_a_command_without_its_extra_names_the_pip_command(blocked, args, extra,
     assert not (ROOT / "o").exists() and not (ROOT / "o.jsonl").exists()
 
 
+# a module's main run as `python -m MODULE ARGS...`, MODULES blocked as in BLOCK
+MODULE_BLOCK = ("import runpy, sys; i = sys.argv.index('--'); [sys.modules.__setitem__(m, None) for m in "
+                "sys.argv[1:i]]; sys.argv = sys.argv[i + 1:]; "
+                "runpy.run_module(sys.argv[0], run_name='__main__')")
+
+
+@pytest.mark.parametrize("blocked, module, args, extra", [
+    ({"fastapi"}, "parathinker.serve.cli", ["--model", "m"], "serve"),
+    ({"openai"}, "parathinker.eval.cli", ["--model", "m", "--endpoint", "http://127.0.0.1:9/v1",
+                                          "--mode", "sequential", "--output", "o"], "eval"),
+    ({"accelerate"}, "parathinker.train.cli", ["train", "--model", "m", "--data", "d.jsonl",
+                                               "--output", "o"], "train"),
+    ({"openai"}, "parathinker.train.cli", ["build-data", "--teacher", "http://127.0.0.1:9/v1",
+                                           "--problems", "p.jsonl", "--output", "o.jsonl"], "train"),
+    ({"accelerate"}, "parathinker.demo", ["--output", "o"], "train"),
+])
+def test_a_module_main_without_its_extra_names_the_pip_command(blocked, module, args, extra):
+    """`python -m parathinker.serve.cli` and the other module mains check their extras as the
+    `parathinker` entry point does, before anything runs."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", MODULE_BLOCK, *sorted(blocked), "--", module, *args],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    assert f'pip install "parathinker[{extra}]"' in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (ROOT / "o").exists() and not (ROOT / "o.jsonl").exists()
+
+
 def test_base_install_runs_generate(ckpt_dir):
     r = cli(only("base"), "generate", "--model", ckpt_dir, "--device", "cpu", "--paths", "2",
             "--max-path-tokens", "12", "--max-summary-tokens", "90", "--temperature", "0", "--json", "2+2")

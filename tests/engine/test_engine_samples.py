@@ -90,6 +90,62 @@ def test_stop_sample_ends_one_sample_and_leaves_the_others(engine_llm):
     assert single.status == FINISHED and llm.engine.block_manager.num_used == 0
 
 
+def _blocks(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+def _own(m) -> list:
+    return [*m.paths, *([m.summary] if m.summary else [])]
+
+
+def _held(group, members, block_size: int) -> int:
+    """Blocks that the prompt and `members`' own paths and summaries fill (SPEC: a path reads
+    the prompt's blocks, shared; its own tokens and the summary's take blocks of their own)."""
+    own = [s for m in members for s in _own(m)]
+    return _blocks(len(group.prompt.tokens), block_size) + sum(_blocks(s.num_placed, block_size) for s in own)
+
+
+def test_a_sample_that_ends_gives_its_blocks_back_before_its_group_ends(engine_llm):
+    llm = engine_llm
+    engine, bs = llm.engine, llm.engine.block_size
+    ids = llm.tokenizer.encode(llm.format_prompt(QUESTION))
+    group = engine.add_request("e", ids, params(temperature=1.0, seed=5), n=4)
+    num_early_ends = 0
+    while group.status != FINISHED:
+        # a step places every token sampled before it, then samples: what each sample fills in it
+        filled = {id(m): sum(_blocks(len(s.tokens), bs) for s in _own(m)) for m in group.live()}
+        engine.step()
+        if group.status == FINISHED:
+            break
+        live = [m for m in group.members if m.status != FINISHED]
+        ended_now = [m for m in group.members if m.status == FINISHED and id(m) in filled]
+        used = engine.load().num_kv_blocks_used
+        assert used == _held(group, live, bs)  # the ended samples hold nothing
+        num_early_ends += len(ended_now)
+        assert all(filled[id(m)] > 0 for m in ended_now)  # ... and did hold blocks before
+    assert num_early_ends >= 1, "no sample ended before its group: the test shows nothing"
+    assert engine.block_manager.num_used == 0
+    for i, m in enumerate(group.members):  # the same tokens as each sample's own request
+        out, ref = llm.request_output(m), alone(llm, ids, params(temperature=1.0, seed=5 + i))
+        assert out.summary.token_ids == ref.summary.token_ids
+        assert [p.token_ids for p in out.paths] == [p.token_ids for p in ref.paths]
+
+
+def test_a_stopped_sample_gives_its_blocks_back_at_once(engine_llm):
+    llm = engine_llm
+    engine, bs = llm.engine, llm.engine.block_size
+    ids = llm.tokenizer.encode(llm.format_prompt(QUESTION))
+    group = engine.add_request("f", ids, params(temperature=1.0), n=3)
+    while group.members[0].summary is None:
+        engine.step()
+    before = engine.load().num_kv_blocks_used
+    mine = _held(group, group.members, bs) - _held(group, group.members[1:], bs)
+    engine.stop_sample("f", 0)
+    assert mine > 0 and engine.load().num_kv_blocks_used == before - mine
+    engine.run_to_completion()
+    assert engine.block_manager.num_used == 0
+
+
 def test_logprobs_only_when_asked(engine_llm):
     llm = engine_llm
     ids = llm.tokenizer.encode(llm.format_prompt(QUESTION))
