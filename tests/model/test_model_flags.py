@@ -14,6 +14,7 @@ from parathinker import cli_args
 from parathinker.cli import main
 from parathinker.config import parse_rope_scaling, resolve_rope_scaling
 from parathinker.eval.config import EvalConfig
+from tests import ROOT
 
 # The reference example's hf_overrides for 16384-token paths, typed (REFERENCE §6).
 REFERENCE_16K = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 9280,
@@ -228,7 +229,7 @@ def test_every_command_resolves_rope_scaling_by_one_rule(long_ckpt, monkeypatch,
     """The default 16,384-token paths do not fit the demo model's 2,048 positions: every command
     lowers them first, so none turns on a YaRN the model never saw; a Qwen2 checkpoint whose
     context holds them gets the reference's YaRN (SPEC §5.6) from each command alike."""
-    demo = Path(__file__).resolve().parents[1] / "docs" / "demo" / "model"
+    demo = ROOT / "docs" / "demo" / "model"
     assert '"max_position_embeddings": 2048' in (demo / "config.json").read_text()
     plain = {"rope_type": "default"}  # LLM(rope_scaling=...) for plain RoPE
     assert _rope_each_command_loads(monkeypatch, tmp_path, demo) == \
