@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import openai
@@ -24,33 +27,64 @@ JSON = {"content-type": "application/json"}
 APPS: dict = {}  # base URL -> the app it serves (for tests that reach into the server)
 
 
+class AppServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a thread while the `with` block runs (the
+    tests' fake OpenAI servers, and `running_server`). `port`: a fixed one, known before the
+    server listens (a server that comes up late); None, a free one. `config(app, **kw)` builds
+    the uvicorn.Config."""
+
+    def __init__(self, app: Any, port: int | None = None,
+                 config: Callable[..., Any] | None = None, **kw: Any) -> None:
+        import uvicorn
+
+        self.app, self.port = app, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        kw.setdefault("log_level", "error")
+        self.server = uvicorn.Server((config or uvicorn.Config)(app, host="127.0.0.1",
+                                                                 port=self.port, **kw))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> AppServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
 @contextmanager
 def running_server(llm: LLM, **kw):
-    """create_app(llm, MODEL, **kw) served by uvicorn on 127.0.0.1:<free port> in a thread;
-    yields the base URL."""
-    import uvicorn
-
+    """create_app(llm, MODEL, **kw) served on 127.0.0.1:<free port> (`AppServer`); yields the
+    base URL."""
     kw.setdefault("defaults", SamplingParams(num_paths=2, max_path_tokens=12,
                                              max_summary_tokens=90))
     app = create_app(llm, MODEL, **kw)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    APPS[url] = app
-    try:
-        yield url
-    finally:
-        APPS.pop(url, None)
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with AppServer(app, config=uvicorn_config, log_level="warning",
+                   timeout_graceful_shutdown=2) as server:
+        APPS[server.url] = app
+        try:
+            yield server.url
+        finally:
+            APPS.pop(server.url, None)
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    """Until the server process at `url` answers /health (AssertionError if it exits first or
+    `timeout` seconds pass)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, "server did not start"
+        time.sleep(0.2)
 
 
 def free_port() -> int:

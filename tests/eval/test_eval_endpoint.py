@@ -5,8 +5,6 @@ OpenAI-compatible server (FastAPI on 127.0.0.1, in a thread), and clear errors n
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from parathinker.eval.cli import main
 from parathinker.eval.plan import derive_seed
 from parathinker.spec.tokens import SEQUENTIAL_PROMPT_TEMPLATE
+from parathinker.testing.servers import AppServer, free_port
 
 PROBLEMS = [{"id": f"q{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(1, 4)]
 
@@ -30,7 +29,7 @@ def answer_for(problem: dict[str, Any], seed: int) -> str:
     return problem["answer"] if seed % 2 == 0 else "-7"
 
 
-class FakeServer:
+class FakeServer(AppServer):
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.fail_on: str | None = None  # a question that gets HTTP 500 ("*": every one)
@@ -56,27 +55,7 @@ class FakeServer:
                     "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
                     "usage": {"prompt_tokens": 17, "completion_tokens": 9, "total_tokens": 26}}
 
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> FakeServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "fake server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        super().__init__(app)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +122,7 @@ def test_unreachable_endpoint_names_the_url_and_keeps_results(server, data, tmp_
     assert main(_args(f"http://127.0.0.1:{server.port}/v1", data, out, "--limit", "1")) == 0
     before = (out / "samples.jsonl").read_bytes()
     capsys.readouterr()
-    dead = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     assert main(_args(dead, data, out, "--resume")) == 1
     err = capsys.readouterr().err
     assert f"cannot reach the endpoint {dead}" in err and "--resume" in err

@@ -19,14 +19,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from parathinker.testing.servers import free_port  # noqa: E402
+from parathinker.testing.servers import free_port, wait_until_up  # noqa: E402
 from tests.eval.test_eval_endpoint import PROBLEMS as FAKE_PROBLEMS  # noqa: E402
 from tests.eval.test_eval_endpoint import FakeServer  # noqa: E402
 
@@ -47,25 +46,13 @@ def _start(ckpt: Path) -> tuple[subprocess.Popen, str]:
     return subprocess.Popen(cmd, env=ENV, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}"
 
 
-def _wait_up(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, "server did not start"
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def served(ckpt_dir):
     """Three `parathinker serve` processes (started together): A stays up, B and C get killed."""
     started = [_start(ckpt_dir) for _ in range(3)]
     try:
         for proc, url in started:
-            _wait_up(proc, url)
+            wait_until_up(proc, url)
         yield {name: s for name, s in zip("ABC", started)}
     finally:
         for proc, _ in started:

@@ -25,14 +25,14 @@ uvicorn = pytest.importorskip("uvicorn")
 from parathinker.eval.cli import main
 from parathinker.model.checkpoint import load_tokenizer
 from parathinker.spec.tokens import DEFAULT_PROMPT_TEMPLATE
-from parathinker.testing.servers import free_port
+from parathinker.testing.servers import AppServer
 from tests.eval.test_eval_endpoint import FakeServer
 
 PROBLEMS = [{"id": f"q{i}", "problem": f"What is {i} + {i}? " + "Think hard. " * i, "answer": str(2 * i)}
             for i in range(1, 4)]
 
 
-class FakeParaServer:
+class FakeParaServer(AppServer):
     """Answers chat completions in the `parallel` extension's shape; its card says what it runs."""
 
     def __init__(self, model: str, tokenizer: Any, port: int | None = None, **card: Any) -> None:
@@ -70,22 +70,7 @@ class FakeParaServer:
                     "usage": {"prompt_tokens": prompt, "completion_tokens": 9, "total_tokens": prompt + 9,
                               "summary_tokens": 3}}
 
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> FakeParaServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "fake server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        super().__init__(app, port)
 
 
 @pytest.fixture()
@@ -129,7 +114,7 @@ def test_default_budgets_are_lowered_to_the_served_context(ckpt_dir, data, tmp_p
     assert 0 < room < 16384
     assert len(server.bodies) == 3 and {b["parallel"]["max_path_tokens"] for b in server.bodies} == {room}
     assert {b["parallel"]["max_summary_tokens"] for b in server.bodies} == {300}
-    assert f"--max-path-tokens 16384 does not fit" in capsys.readouterr().err
+    assert "--max-path-tokens 16384 does not fit" in capsys.readouterr().err
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(r["correct"] for r in records)
     assert {r["settings"]["max_path_tokens"] for r in records} == {room}

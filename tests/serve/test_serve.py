@@ -12,14 +12,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 from parathinker.testing.servers import (JSON, LONG, MODEL, QUESTION, SMALL, chat, client, collect_stream,
-                        free_port, metrics, params, running_server, wait_for_idle)
+                        free_port, metrics, params, running_server, wait_for_idle, wait_until_up)
 
 from parathinker import LLM
 from parathinker.serve.app import create_app
@@ -401,14 +400,7 @@ def test_cli_serves_on_loopback_by_default(ckpt_dir):
            "--device", "cpu", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.time() < deadline, "server did not start"
-                time.sleep(0.2)
+        wait_until_up(proc, f"http://127.0.0.1:{port}", timeout=60)
         r = client(f"http://127.0.0.1:{port}", "k").chat.completions.create(
             model=str(ckpt_dir), messages=[{"role": "user", "content": QUESTION}])
         assert len(r.choices[0].message.model_extra["paths"]) == 2

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from parathinker import SamplingParams
-from parathinker.testing.servers import APPS, JSON, MODEL, QUESTION, SMALL, chat, client, free_port, metrics
+from parathinker.testing.servers import APPS, JSON, MODEL, QUESTION, SMALL, chat, client, free_port, metrics, wait_until_up
 from parathinker.serve.admission import LARGE_PROMPT_BYTES
 from parathinker.serve.app import create_app
 
@@ -187,13 +187,7 @@ def test_sigterm_drains(ckpt_dir):
             "max_summary_tokens": 90}
     try:
         deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.time() < deadline, "server did not start"
-                time.sleep(0.2)
+        wait_until_up(proc, base, timeout=60)
 
         def long_stream() -> list[str]:
             body = json.dumps({"model": MODEL, "stream": True, "parallel": long,
