@@ -5,6 +5,13 @@ plain `F.linear`, 8 rows cost far more than 1 on CPU; weights reordered once int
 layout (`torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`) bring extra rows close to
 free. int8 dynamic quantization (`torch.ao.quantization.quantize_dynamic`) quarters the bytes
 streamed, at some accuracy cost. `LLM(..., linear="auto")` picks "packed" for float32 on CPU.
+
+oneDNN builds (JIT-compiles) and caches one primitive per input shape, in two caches of 1,024
+entries each (oneDNN's own and ideep's), about 0.6 MB apiece and more for large row counts. The
+engine's row count changes every step (1 to `max_num_batched_tokens`), so a server's memory grew
+by hundreds of MB before the caches filled (issue 22). `PackedLinear` therefore pads its rows up to
+one of a few sizes (`padded_rows`: exact up to 16, then 8 sizes per power of two, at most 1/8
+extra rows): about 90 shapes per layer shape up to 8,192 rows, every one built once and kept.
 """
 
 from __future__ import annotations
@@ -17,8 +24,21 @@ from torch import nn
 LINEAR_BACKENDS = ("auto", "plain", "packed", "int8")
 
 
+EXACT_ROWS = 16  # row counts up to this are used as they are (decode of a few sequences)
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a PackedLinear computes for `rows` input rows: `rows` itself up to
+    EXACT_ROWS, else `rows` rounded up to a multiple of 1/8 of the power of two below it."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
 class PackedLinear(nn.Module):
-    """An `nn.Linear` whose float32 weight is prepacked for oneDNN (inference only)."""
+    """An `nn.Linear` whose float32 weight is prepacked for oneDNN (inference only); rows are
+    padded with zeros to `padded_rows` so oneDNN sees few shapes (see the module docstring)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -28,9 +48,12 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed_weight,
-                                                self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, self.in_features)
+        m = rows.shape[0]
+        if padded_rows(m) != m:
+            rows = torch.cat([rows, rows.new_zeros(padded_rows(m) - m, self.in_features)])
+        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
+        return y[:m].reshape(*x.shape[:-1], self.out_features)
 
 
 def can_prepack(model: nn.Module) -> bool:
