@@ -7,8 +7,14 @@ path and the summary; a path's blocks by the path and the summary.
 Allocation keeps each sequence's blocks consecutive where it can: a growing sequence takes the
 block right after its last one when that is free, and a sequence that cannot starts a new
 extent centred in the largest free run (or at its start, at the pool's start), so that it and
-whatever ends before the run both have room to grow. Consecutive blocks are consecutive slots, so attention reads a context as a
-few long runs of the pool (`attention.paged`); correctness never depends on it, only speed.
+whatever ends before the run both have room to grow.
+
+New extents start only below `reach`, the largest value ever taken by the smallest power of two
+>= 2 * (blocks in use) + want. On CPU the pool's pages are backed by memory only once written;
+extents free to start anywhere in a 4 GiB pool wander over all of it as requests come and go
+(the server's RSS grew round after round, issue 22). Below `reach`, the blocks ever written stay
+within ~4x the peak use. Consecutive blocks are consecutive slots, so attention reads a context
+as a few long runs of the pool (`attention.paged`); correctness never depends on it, only speed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class BlockManager:
         self._is_free = bytearray(b"\x01") * num_blocks
         self._num_free = num_blocks
         self.peak_used = 0
+        self.reach = 0  # new extents start below it (never shrinks)
 
     @property
     def num_free(self) -> int:
@@ -48,7 +55,11 @@ class BlockManager:
         if after is not None and after + 1 < self.num_blocks and self._is_free[after + 1]:
             b = after + 1
         else:
-            run = max(_FREE_RUN.finditer(self._is_free), key=lambda m: m.end() - m.start())
+            need = 2 * self.num_used + want  # new extents start below reach (module doc)
+            if need > self.reach:
+                self.reach = min(self.num_blocks, 1 << (need - 1).bit_length())
+            run = max(_FREE_RUN.finditer(self._is_free, 0, self.reach),
+                      key=lambda m: m.end() - m.start())
             room = max(0, run.end() - run.start() - want)
             b = run.start() if run.start() == 0 else run.start() + room // 2
         self._is_free[b] = 0

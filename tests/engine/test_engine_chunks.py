@@ -120,7 +120,10 @@ def test_readmitted_request_keeps_its_arrival_order():
 
 def test_lockstep_growth_keeps_slot_runs_few():
     """Eight paths growing a token at a time, as in decoding: each sequence's slots stay in a
-    few long runs of the pool, so attention reads them as a few views."""
+    few long runs of the pool, so attention reads them as a few views. In a fresh pool, new
+    extents start below twice the blocks in use (rounded up to a power of two, so that a pool's
+    written blocks follow its peak use: test_block_manager): the paths, started next to each
+    other, jump about once per doubling of the blocks in use (4-6 runs of 2,000 tokens here)."""
     bm = BlockManager(4096, 16)
     prompt = Seq([1] * 100, 0, 0)
     prompt.place(bm)
@@ -130,7 +133,7 @@ def test_lockstep_growth_keeps_slot_runs_few():
             s.tokens.append(2)
             s.place(bm)
     assert prompt.runs == [[0, 100]]
-    assert all(len(s.runs) <= 3 for s in paths), [len(s.runs) for s in paths]
+    assert all(len(s.runs) <= 6 for s in paths), [len(s.runs) for s in paths]
     assert all(sum(n for _, n in s.runs) == len(s.tokens) for s in paths)
 
 
