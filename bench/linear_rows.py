@@ -1,10 +1,13 @@
 """Cost of one linear layer against its number of rows (the decode batch: one row per path), with
-weights prepacked for oneDNN and with plain `F.linear`, on CPU.
+weights prepacked for oneDNN and with plain `F.linear`, on CPU; `PackedLinear` is the prepacked
+call with its rows padded to `padded_rows` (what the engine runs: issue 22's fix for oneDNN's
+per-shape caches), so rows that get padded show what the padding costs.
 
 The 1.5B model's widest layer (1536 -> 8960, the MLP's gate/up shape), float32. Each row count
 runs `--calls` times after a warm-up, `--rounds` times in turn; the fastest round counts.
 
     python bench/linear_rows.py
+    python bench/linear_rows.py --rows 16,17,100,257,1000 --calls 10
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from common import machine, report
+from parathinker.model.fast_linear import PackedLinear, padded_rows
 
 
 def main() -> None:
@@ -32,10 +36,13 @@ def main() -> None:
     print("config:", config)
     w = torch.randn(args.out_features, args.in_features)
     packed = torch.ops.mkldnn._reorder_linear_weight(w)
+    layer = torch.nn.Linear(args.in_features, args.out_features, bias=False)
+    layer.weight.data = w
     ways = {"packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-            "F.linear": lambda x: F.linear(x, w)}
+            "F.linear": lambda x: F.linear(x, w), "PackedLinear": PackedLinear(layer)}
     rows = [int(r) for r in args.rows.split(",")]
     best = {name: {m: float("inf") for m in rows} for name in ways}
+    torch.set_grad_enabled(False)
     for _ in range(args.rounds):
         for m in rows:
             x = torch.randn(m, args.in_features)
@@ -49,7 +56,9 @@ def main() -> None:
                 best[name][m] = min(best[name][m], ms)
     for m in rows:
         print(f"rows={m:2d}: packed {best['packed'][m]:.2f} ms ({best['packed'][m] / best['packed'][rows[0]]:.2f}x)"
-              f"  F.linear {best['F.linear'][m]:.2f} ms ({best['F.linear'][m] / best['F.linear'][rows[0]]:.2f}x)")
+              f"  F.linear {best['F.linear'][m]:.2f} ms ({best['F.linear'][m] / best['F.linear'][rows[0]]:.2f}x)"
+              f"  PackedLinear ({padded_rows(m)} rows) {best['PackedLinear'][m]:.2f} ms "
+              f"({best['PackedLinear'][m] / best['packed'][m]:.2f}x packed)")
     report("linear_rows", config, {"ms": best})
 
 
