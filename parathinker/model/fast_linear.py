@@ -7,11 +7,13 @@ free. int8 dynamic quantization (`torch.ao.quantization.quantize_dynamic`) quart
 streamed, at some accuracy cost. `LLM(..., linear="auto")` picks "packed" for float32 on CPU.
 
 oneDNN builds (JIT-compiles) and caches one primitive per input shape, in two caches of 1,024
-entries each (oneDNN's own and ideep's), about 0.6 MB apiece and more for large row counts. The
-engine's row count changes every step (1 to `max_num_batched_tokens`), so a server's memory grew
-by hundreds of MB before the caches filled (issue 22). `PackedLinear` therefore pads its rows up to
-one of a few sizes (`padded_rows`: exact up to 16, then 8 sizes per power of two, at most 1/8
-extra rows): about 90 shapes per layer shape up to 8,192 rows, every one built once and kept.
+entries each (oneDNN's own and ideep's), about 0.6 MB apiece for a few hundred rows and several MB
+for thousands. The engine's row count changes every step (1 to `max_num_batched_tokens`), so a
+server's memory grew by hundreds of MB, round after round, as new counts kept coming (issue 22).
+`PackedLinear` therefore computes at most CHUNK_ROWS rows per call and pads them up to one of a
+few sizes (`padded_rows`: exact up to 16, then 8 sizes per power of two, at most 1/8 extra rows):
+48 shapes per layer shape, every one built once and kept. A chunk of 256 rows is compute-bound
+already, so splitting larger counts costs little (`bench/linear_rows.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ LINEAR_BACKENDS = ("auto", "plain", "packed", "int8")
 
 
 EXACT_ROWS = 16  # row counts up to this are used as they are (decode of a few sequences)
+CHUNK_ROWS = 256  # larger row counts are computed in chunks of this many rows
 
 
 def padded_rows(rows: int) -> int:
@@ -37,8 +40,9 @@ def padded_rows(rows: int) -> int:
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` whose float32 weight is prepacked for oneDNN (inference only); rows are
-    padded with zeros to `padded_rows` so oneDNN sees few shapes (see the module docstring)."""
+    """An `nn.Linear` whose float32 weight is prepacked for oneDNN (inference only); rows go in
+    chunks of at most CHUNK_ROWS, padded with zeros to `padded_rows`, so oneDNN sees few shapes
+    (see the module docstring)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -49,11 +53,18 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= CHUNK_ROWS:
+            y = self._padded(rows)
+        else:
+            y = torch.cat([self._padded(c) for c in rows.split(CHUNK_ROWS)])
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _padded(self, rows: torch.Tensor) -> torch.Tensor:
         m = rows.shape[0]
         if padded_rows(m) != m:
             rows = torch.cat([rows, rows.new_zeros(padded_rows(m) - m, self.in_features)])
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-        return y[:m].reshape(*x.shape[:-1], self.out_features)
+        return y[:m]
 
 
 def can_prepack(model: nn.Module) -> bool:

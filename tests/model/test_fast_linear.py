@@ -8,8 +8,8 @@ import torch
 from parathinker import LLM, SamplingParams
 from parathinker.attention.dense import DenseAttention
 from parathinker.model import load_model
-from parathinker.model.fast_linear import (PackedLinear, can_prepack, padded_rows, prepack_linears,
-                                           quantize_int8)
+from parathinker.model.fast_linear import (CHUNK_ROWS, PackedLinear, can_prepack, padded_rows,
+                                           prepack_linears, quantize_int8)
 
 
 def logits(model, n=24):
@@ -47,11 +47,11 @@ def test_bad_linear_backend(ckpt_dir, kw, match):
 
 
 def test_padded_rows_few_sizes_little_padding():
-    sizes = [padded_rows(m) for m in range(1, 8193)]
+    sizes = [padded_rows(m) for m in range(1, CHUNK_ROWS + 1)]
     assert sizes[:16] == list(range(1, 17))                     # a few rows: as they are
     assert all(m <= p <= m + m // 8 for m, p in enumerate(sizes, 1))  # at most 1/8 extra
-    assert len(set(sizes)) <= 96                                # not 8,192 oneDNN shapes
-    assert padded_rows(17) == 18 and padded_rows(33) == 36 and padded_rows(1000) == 1024
+    assert len(set(sizes)) <= 64 and max(sizes) == CHUNK_ROWS   # not one oneDNN shape per count
+    assert padded_rows(17) == 18 and padded_rows(33) == 36 and padded_rows(200) == 208
 
 
 @pytest.mark.skipif(not can_prepack(torch.nn.Linear(2, 2)), reason="no oneDNN on this CPU build")
@@ -60,7 +60,7 @@ def test_packed_rows_padded_equal_plain():
     plain = torch.nn.Linear(32, 48)
     packed = PackedLinear(plain)
     with torch.no_grad():
-        for m in [1, 7, 16, 17, 19, 33, 100, 257]:          # exact and padded row counts
+        for m in [1, 7, 16, 17, 19, 33, 100, 256, 257, 700]:  # exact, padded, in chunks
             x = torch.randn(2, m, 32)
             y = packed(x)
             assert y.shape == (2, m, 48)
@@ -74,12 +74,12 @@ def rss_mb() -> float:
 @pytest.mark.skipif(not can_prepack(torch.nn.Linear(2, 2)) or not os.path.exists("/proc/self/statm"),
                     reason="no oneDNN on this CPU build, or no /proc")
 def test_packed_memory_flat_over_row_counts():
-    # oneDNN builds and caches a primitive (~0.6 MB) per input shape; unpadded, every new row count
-    # grew the process (a server by hundreds of MB, issue 22). Once the padded sizes are built,
-    # 600 distinct row counts add nothing.
+    # oneDNN builds and caches a primitive (~0.6 MB and up) per input shape; unpadded, every new
+    # row count grew the process (a server by hundreds of MB, issue 22). Once the padded chunk
+    # sizes are built, 600 distinct row counts add nothing.
     packed = PackedLinear(torch.nn.Linear(128, 512))
     with torch.inference_mode():
-        for m in sorted({padded_rows(k) for k in range(1, 601)}):
+        for m in sorted({padded_rows(k) for k in range(1, CHUNK_ROWS + 1)}):
             packed(torch.zeros(m, 128))
         before = rss_mb()
         for m in range(1, 601):
