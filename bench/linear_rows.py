@@ -1,7 +1,7 @@
 """Cost of one linear layer against its number of rows (the decode batch: one row per path), with
 weights prepacked for oneDNN and with plain `F.linear`, on CPU; `PackedLinear` is the prepacked
-call with its rows padded to `padded_rows` (what the engine runs: issue 22's fix for oneDNN's
-per-shape caches), so rows that get padded show what the padding costs.
+call with its rows in chunks of at most CHUNK_ROWS, each padded to `padded_rows` (what the engine
+runs: issue 22's fix for oneDNN's per-shape caches), so padded or chunked rows show what it costs.
 
 The 1.5B model's widest layer (1536 -> 8960, the MLP's gate/up shape), float32. Each row count
 runs `--calls` times after a warm-up, `--rounds` times in turn; the fastest round counts.
@@ -19,7 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from common import machine, report
-from parathinker.model.fast_linear import PackedLinear, padded_rows
+from parathinker.model.fast_linear import CHUNK_ROWS, PackedLinear, padded_rows
+
+
+def computed(rows: int) -> str:
+    """The rows PackedLinear computes for `rows`: its chunks, each padded."""
+    return "+".join(str(padded_rows(min(CHUNK_ROWS, rows - i))) for i in range(0, rows, CHUNK_ROWS))
 
 
 def main() -> None:
@@ -57,7 +62,7 @@ def main() -> None:
     for m in rows:
         print(f"rows={m:2d}: packed {best['packed'][m]:.2f} ms ({best['packed'][m] / best['packed'][rows[0]]:.2f}x)"
               f"  F.linear {best['F.linear'][m]:.2f} ms ({best['F.linear'][m] / best['F.linear'][rows[0]]:.2f}x)"
-              f"  PackedLinear ({padded_rows(m)} rows) {best['PackedLinear'][m]:.2f} ms "
+              f"  PackedLinear ({computed(m)} rows) {best['PackedLinear'][m]:.2f} ms "
               f"({best['PackedLinear'][m] / best['packed'][m]:.2f}x packed)")
     report("linear_rows", config, {"ms": best})
 
