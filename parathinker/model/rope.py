@@ -90,3 +90,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_cos_sin_signed(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos as `rope_cos_sin`, and sin with its first half negated (for `apply_rope_flip`)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    cos, sin = freqs.cos(), freqs.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
+
+
+def apply_rope_flip(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in three ops: rotate_half(x) = flip of x's two halves times (-1 | +1), so
+    x * cos + rotate_half(x) * sin = addcmul(x * cos, flip(x), sin_signed). A new tensor."""
+    cos, sin_signed = cos.unsqueeze(-2), sin_signed.unsqueeze(-2)
+    halves = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, halves, sin_signed)
