@@ -4,7 +4,7 @@
 are swapped, so the packed and int8 backends apply to the fused ones) replaces, in every layer,
 q_proj, k_proj, v_proj by one `qkv_proj` (rows q | k | v, biases alike) and gate_proj, up_proj by
 one `gate_up_proj` (rows gate | up), and stacks every layer's thought embeddings into one table
-`model.seg_table` [num_layers, max_segments, head_dim]. A fused model computes the same function
+`model.seg_table` [num_layers, max_segments, head_dim] (and the rotary's `model.rope_constants`). A fused model computes the same function
 as the unfused one (`lean_forward`, one flat forward):
 
   once per step   cos, signed sin (rope.rope_cos_sin_signed); E = seg_table[:, segment_ids]
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parathinker.model.rope import apply_rope_flip, rope_cos_sin_signed
+from parathinker.model.rope import apply_rope_flip, flip_rope_constants, rope_cos_sin_signed
 
 # (fused name, its parts in row order), per module of a layer
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
@@ -64,6 +64,7 @@ def fuse_for_inference(model: nn.Module) -> bool:
                 delattr(owner, n)
     model.seg_table = torch.stack([layer.self_attn.seg_embeddings.weight.detach()
                                    for layer in model.model.layers])
+    model.rope_constants = flip_rope_constants(model.inv_freq, model.rope_scale)
     model.fused = True
     return True
 
@@ -129,7 +130,7 @@ def lean_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Ten
                  segment_ids: torch.Tensor, attn: Any, kv_cache: Any) -> torch.Tensor:
     """A fused model's forward (ParaThinkerForCausalLM.forward's contract)."""
     x = model.model.embed_tokens(input_ids)
-    cos, sin = rope_cos_sin_signed(positions, model.inv_freq, model.rope_scale, x.dtype)
+    cos, sin = rope_cos_sin_signed(positions, *model.rope_constants, model.rope_scale, x.dtype)
     segs = model.seg_table[:, segment_ids]  # [L, B, T, D]
     for layer, seg in zip(model.model.layers, segs):
         x = _lean_layer(layer, x, cos, sin, seg, attn, kv_cache)

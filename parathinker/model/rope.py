@@ -92,16 +92,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def rope_cos_sin_signed(
-    positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos as `rope_cos_sin`, and sin with its first half negated (for `apply_rope_flip`)."""
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)
-    cos, sin = freqs.cos(), freqs.sin()
-    if scale != 1.0:
-        cos, sin = cos * scale, sin * scale
-    return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
+def flip_rope_constants(inv_freq: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inv_freq | inv_freq [D], -scale | +scale [D]): what `rope_cos_sin_signed` multiplies by."""
+    sign = torch.ones_like(inv_freq)
+    return torch.cat((inv_freq, inv_freq)), torch.cat((-sign, sign)) * scale
 
+
+def rope_cos_sin_signed(positions: torch.Tensor, freqs: torch.Tensor, sin_factor: torch.Tensor,
+                        scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos as `rope_cos_sin`, and sin with its first half negated (for `apply_rope_flip`), from
+    `flip_rope_constants`: the same float32 values, in three ops (int64 positions times float32
+    frequencies is computed in float32)."""
+    angles = positions[..., None] * freqs
+    cos = angles.cos() if scale == 1.0 else angles.cos() * scale
+    return cos.to(dtype), (angles.sin() * sin_factor).to(dtype)
 
 def apply_rope_flip(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """`apply_rope` in three ops: rotate_half(x) = flip of x's two halves times (-1 | +1), so

@@ -13,7 +13,8 @@ from parathinker.model import load_model
 from parathinker.model.checkpoint import save_model
 from parathinker.model.fast_linear import apply_linear_backend, can_prepack
 from parathinker.model.fused import fuse_for_inference, linear_add
-from parathinker.model.rope import apply_rope_flip, rope_cos_sin_signed, rope_parameters
+from parathinker.model.rope import (apply_rope_flip, flip_rope_constants, rope_cos_sin,
+                                    rope_cos_sin_signed, rope_parameters)
 
 needs_onednn = pytest.mark.skipif(not can_prepack(nn.Linear(2, 2)), reason="no oneDNN here")
 
@@ -119,11 +120,23 @@ def test_flip_rotary_equals_rotate_half():
     inv_freq, scale = rope_parameters(d, theta, None)
     pos = torch.tensor([[0, 1, 5, 5, 100, 4095]])
     x = torch.randn(1, 6, 3, d)
-    cos, sin = rope_cos_sin_signed(pos, inv_freq, scale, torch.float32)
+    cos, sin = rope_cos_sin_signed(pos, *flip_rope_constants(inv_freq, scale), scale, torch.float32)
     angle = pos[..., None].float() * (1.0 / theta ** (torch.arange(0, d, 2).float() / d))
     c, s = torch.cat([angle.cos()] * 2, -1)[:, :, None], torch.cat([angle.sin()] * 2, -1)[:, :, None]
     rotated = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
     assert torch.allclose(apply_rope_flip(x, cos, sin), x * c + rotated * s, atol=1e-6)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 64}])
+def test_signed_cos_sin_are_the_plain_ones_exactly(rope_scaling):
+    inv_freq, scale = rope_parameters(16, 10000.0, rope_scaling)
+    pos = torch.tensor([[0, 1, 5, 100, 4095, 70000]])
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = rope_cos_sin(pos, inv_freq, scale, dtype)
+        cos2, sin2 = rope_cos_sin_signed(pos, *flip_rope_constants(inv_freq, scale), scale, dtype)
+        assert torch.equal(cos, cos2) and torch.equal(sin[..., 8:], sin2[..., 8:])
+        assert torch.equal(-sin[..., :8], sin2[..., :8])
 
 
 @needs_onednn
