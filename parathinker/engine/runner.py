@@ -49,8 +49,9 @@ class ModelRunner:
         segments = [w.segment for w in work for _ in w.token_ids]
         meta = self.backend.build_metadata([len(w.token_ids) for w in work],
                                            [w.context for w in work], self.device)
-        flat = lambda x: torch.tensor([x], dtype=torch.long, device=self.device)  # noqa: E731
-        return flat(ids), flat(positions), flat(segments), meta
+        inputs = torch.tensor([ids, positions, segments], dtype=torch.long)  # one copy to the device
+        inputs = inputs.to(self.device)
+        return inputs[0:1], inputs[1:2], inputs[2:3], meta
 
     @torch.inference_mode()
     def run(self, work: list[SeqWork]) -> torch.Tensor:
@@ -62,14 +63,19 @@ class ModelRunner:
             end += len(w.token_ids)
             if w.needs_logits:
                 ends.append(end - 1)
-        rows = torch.tensor(ends + forced, dtype=torch.long, device=self.device)
+        rows = ends + forced
         if self.graphs is not None and self.graphs.takes(work):  # flat token i = sequence i
-            return self.graphs.run(work)[rows]
+            logits = self.graphs.run(work)
+            if rows == list(range(len(work))):
+                return logits
+            return logits[torch.tensor(rows, device=self.device)]
         ids, positions, segments, meta = self.build(work)
         hidden = self.model(ids, positions, segments, meta, self.kv_cache)[0]
-        if not ends and not forced:
+        if not rows:
             return torch.empty(0, self.model.vocab_size, device=self.device)
-        return self.model.compute_logits(hidden[rows])
+        if rows == list(range(hidden.shape[0])):  # every row, in order (decoding): no gather
+            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
 
 @torch.inference_mode()

@@ -14,6 +14,8 @@ import warnings
 import torch
 from torch import nn
 
+from parathinker.model.fused import fuse_for_inference
+
 LINEAR_BACKENDS = ("auto", "plain", "packed", "int8")
 
 
@@ -31,6 +33,13 @@ class PackedLinear(nn.Module):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed_weight,
                                                 self.bias, "none", [], "")
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """self(x) + other in one oneDNN call (its binary "add" post-op); other: the output's shape."""
+        y = torch.ops.mkldnn._linear_pointwise.binary(
+            x.reshape(-1, self.in_features), other.reshape(-1, self.out_features),
+            self.packed_weight, self.bias, "add")
+        return y.view(other.shape)
 
 
 def can_prepack(model: nn.Module) -> bool:
@@ -74,9 +83,11 @@ def quantize_int8(model: nn.Module) -> int:
 
 
 def apply_linear_backend(model: nn.Module, backend: str) -> str:
-    """Swap in the requested linear implementation; returns the one in effect."""
+    """Prepare a loaded model for inference: fuse its layers (model.fused.fuse_for_inference),
+    then swap in the requested linear implementation; returns the one in effect."""
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"unknown linear backend {backend!r}; use one of {LINEAR_BACKENDS}")
+    fuse_for_inference(model)
     if backend == "auto":
         backend = "packed" if can_prepack(model) else "plain"
     if backend == "packed":
