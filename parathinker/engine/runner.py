@@ -68,7 +68,7 @@ class ModelRunner:
             logits = self.graphs.run(work)
             if rows == list(range(len(work))):
                 return logits
-            return logits[torch.tensor(rows, device=self.device)]
+            return logits[torch.tensor(rows, dtype=torch.long, device=self.device)]
         ids, positions, segments, meta = self.build(work)
         hidden = self.model(ids, positions, segments, meta, self.kv_cache)[0]
         if not rows:
