@@ -26,6 +26,6 @@ step python -m pytest -q -p no:cacheprovider -m gpu tests
 step python bench/long_context.py --device cuda --dtype bfloat16 --attention flex --sizes 2048,16384
 step python bench/flex_vs_runs.py --device cuda --dtype bfloat16 --context 16384
 step python bench/path_overhead.py --device cuda --dtype bfloat16 --attention flex --tokens 4096 --paths 1,8,16 --rounds 1
-step python bench/compile_step.py --device cuda --dtype bfloat16 --model 1.5b --attention flex --tokens 256 --paths 1,8,16 --rounds 2
+step python bench/compile_step.py --device cuda --dtype bfloat16 --model 1.5b --attention flex --context 4096 --paths 1,8,16 --steps 20
 echo "gpu_check: $([ $status = 0 ] && echo ok || echo FAILED)"
 exit $status
