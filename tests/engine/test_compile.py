@@ -10,6 +10,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 from parathinker import LLM, SamplingParams
+from parathinker.attention.paged import backend_for
 from parathinker.attention.static_decode import StaticDecode
 from parathinker.engine.graphs import BATCH_BUCKETS, MAX_PADDED_SLOTS, DecodeGraphs
 from parathinker.engine.request import SeqWork
@@ -70,6 +71,21 @@ def test_samples_and_mixed_path_counts_in_one_batch(compiled, llm):
     assert outs["compiled"] == outs["eager"]
     for ids, p, got in zip(prompts, configs, outs["compiled"]):
         assert got == tokens(compiled.generate_slow_twin(prompt_token_ids=[ids], params=p)[0])
+
+
+def test_prefill_through_the_gathered_backend(compiled):
+    """The graph path under another prefill backend (the runs one is the CPU default above; flex
+    needs a zeroed pool: tests/engine/test_gpu_compile.py runs it on CUDA)."""
+    runner = compiled.engine.runner
+    runs = runner.backend
+    runner.backend = backend_for("gathered", "cpu")
+    try:
+        p = params(num_paths=3, min_finished_paths=2)
+        qs = QUESTIONS[:3]
+        for a, b in zip(compiled.generate(qs, p), compiled.generate_slow_twin(qs, p)):
+            assert tokens(a) == tokens(b)
+    finally:
+        runner.backend = runs
 
 
 def test_two_graphs_over_buckets_and_widths_no_breaks(compiled):
