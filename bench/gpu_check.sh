@@ -5,7 +5,8 @@
 # 2. bench/long_context.py: 8-path decode and summary steps vs the HBM floor at 2K and 16K/path;
 # 3. bench/flex_vs_runs.py: one layer's decode attention, flex vs runs, 8 x 16K;
 # 4. bench/path_overhead.py: P = 1, 8, 16 paths of 4K tokens (paper: 8 paths +7.1% at 16K;
-#    16K paths take ~3x longer: rerun with --tokens 16384 when there is time).
+#    16K paths take ~3x longer: rerun with --tokens 16384 when there is time);
+# 5. bench/compile_step.py: the decode step with CUDA graphs (compile, the CUDA default) off/on.
 # The package's Python dependencies (transformers, safetensors, pytest, hypothesis) must be
 # installed; without network, install them first from wheels carried along
 # (pip download -d wheels ...; pip install --no-index --find-links wheels ...).
@@ -25,5 +26,6 @@ step python -m pytest -q -p no:cacheprovider -m gpu tests
 step python bench/long_context.py --device cuda --dtype bfloat16 --attention flex --sizes 2048,16384
 step python bench/flex_vs_runs.py --device cuda --dtype bfloat16 --context 16384
 step python bench/path_overhead.py --device cuda --dtype bfloat16 --attention flex --tokens 4096 --paths 1,8,16 --rounds 1
+step python bench/compile_step.py --device cuda --dtype bfloat16 --model 1.5b --attention flex --context 4096 --paths 1,8,16 --steps 20
 echo "gpu_check: $([ $status = 0 ] && echo ok || echo FAILED)"
 exit $status

@@ -5,6 +5,7 @@ transformers: `generate(num_return_sequences=8, min_new_tokens=N, max_new_tokens
 Qwen2ForCausalLM holding the very same weights. Reported: generated tokens/s of each, and the ratio.
 
     python bench/vs_transformers.py --tokens 64
+    python bench/vs_transformers.py --model small --tokens 64
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import argparse
 
 import torch
 
-from common import QWEN_1_5B, machine, prompt_ids, random_model, report, synthetic_ctrl, timed
+from common import SHAPES, machine, prompt_ids, random_model, report, synthetic_ctrl, timed
 from parathinker.config import SamplingParams
 from parathinker.engine import Engine
 from parathinker.model.fast_linear import apply_linear_backend
 
 
-def hf_model(ours: torch.nn.Module, device: str) -> torch.nn.Module:
+def hf_model(ours: torch.nn.Module, shape: dict, device: str) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = {k: v for k, v in QWEN_1_5B.items() if k not in ("model_type", "max_segments")}
+    cfg = {k: v for k, v in shape.items() if k not in ("model_type", "max_segments")}
     with torch.device("meta"):
         hf = Qwen2ForCausalLM(Qwen2Config(**cfg))
     hf = hf.to_empty(device=device)
@@ -38,16 +39,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--paths", type=int, default=8)
+    ap.add_argument("--model", choices=list(SHAPES), default="1.5b",
+                    help="random weights of the 1.5B shape, or the small one (hidden 512, 8 layers)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    config = vars(args) | {"model": "random Qwen2-1.5B shape", "dtype": "float32",
+    shape = SHAPES[args.model]
+    config = vars(args) | {"model_shape": shape, "dtype": "float32",
                            "sampling": "temperature 1.0 for both"}
     print("machine:", machine())
     print("config:", config)
-    ours = random_model(QWEN_1_5B, args.device)
-    hf = hf_model(ours, args.device)  # shares no storage with `ours` once ours is prepacked
+    ours = random_model(shape, args.device)
+    hf = hf_model(ours, shape, args.device)  # shares no storage with `ours` once ours is prepacked
     config["linear"] = apply_linear_backend(ours, "auto")
-    ctrl, template = synthetic_ctrl(QWEN_1_5B["vocab_size"])
+    ctrl, template = synthetic_ctrl(shape["vocab_size"])
     engine = Engine(ours, ctrl, template, num_kv_blocks=2048)
     prompt = prompt_ids(args.prompt)
     n, p = args.tokens, args.paths

@@ -100,6 +100,10 @@ def add_model_args(p: argparse.ArgumentParser, *, model_flag: str = "--model",
                    help="attention over the paged KV cache: auto (runs on CPU, flex on CUDA), runs, "
                         "flex (FlexAttention) or gathered (the slow twin: each context gathered) "
                         "(default: %(default)s)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode steps through a torch.compile'd forward per batch bucket, replayed "
+                        "as CUDA graphs on CUDA; prefill and odd shapes stay eager; the linear "
+                        "layers are plain then (default: on for CUDA, off on CPU)")
     return g
 
 
@@ -167,5 +171,5 @@ def llm_kwargs(args: argparse.Namespace, rope_scaling: dict[str, Any] | None,
     """`LLM(model, **llm_kwargs(...))` from the shared flags and a resolved rope scaling."""
     return {"device": args.device, "dtype": args.dtype, "linear": args.linear,
             "allow_pickle": getattr(args, "allow_pickle", False),
-            "attention": args.attention, "layout": layout or args.layout,
+            "attention": args.attention, "layout": layout or args.layout, "compile": args.compile,
             "rope_scaling": PLAIN_ROPE if rope_scaling is None else rope_scaling}

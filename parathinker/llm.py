@@ -21,6 +21,7 @@ import torch
 from parathinker.config import PlainParams, SamplingParams, normalize_rope_scaling
 from parathinker.engine import LAYOUTS, Engine
 from parathinker.engine.engine import check_prompt
+from parathinker.engine.graphs import resolve_compile
 from parathinker.engine.request import Request
 from parathinker.model.checkpoint import load_model, load_tokenizer, resolve_model_dir
 from parathinker.model.fast_linear import apply_linear_backend
@@ -68,13 +69,21 @@ class LLM:
                  rope_scaling: dict[str, Any] | None = None, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory: int | None = None,
                  max_num_batched_tokens: int = 8192, linear: str = "auto",
-                 layout: str = "native", attention: str = "auto") -> None:
+                 layout: str = "native", attention: str = "auto",
+                 compile: bool | None = None) -> None:
+        """compile: decode steps through a compiled forward, replayed as CUDA graphs on CUDA
+        (`engine.graphs`); None (default) turns it on for CUDA, off on CPU. Compiled, the linear
+        layers stay plain (Inductor picks their kernels): linear must be auto or plain."""
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
         self.layout = layout
         if "{question}" not in prompt_template:
             raise ValueError("prompt_template must contain '{question}'")
         self.device = resolve_device(device)
+        self.compiled = resolve_compile(compile, self.device)
+        if self.compiled and linear not in ("auto", "plain"):
+            raise ValueError(f"linear={linear!r} cannot be compiled (the graph path's linear "
+                             "layers are Inductor's); use linear='auto' or 'plain', or compile=False")
         self.model_dir = resolve_model_dir(model, revision)
         raw_cfg = json.loads((self.model_dir / "config.json").read_text()) \
             if (self.model_dir / "config.json").exists() else {}
@@ -85,7 +94,7 @@ class LLM:
         self.tokenizer = load_tokenizer(self.model_dir)  # first: cheap, and says which files lack
         self.model = load_model(self.model_dir, self.device, self.dtype, allow_pickle, overrides)
         self.config = self.model.config
-        self.linear_backend = apply_linear_backend(self.model, linear)
+        self.linear_backend = apply_linear_backend(self.model, "plain" if self.compiled else linear)
         # a base model (no ParaThinker tokens) still runs plain traces: the sequential and
         # majority baselines; generate() refuses it in validate()
         self.ctrl = ControlTokens.from_tokenizer(self.tokenizer, allow_base=True)
@@ -99,7 +108,7 @@ class LLM:
         self.max_paths = min(self.ctrl.max_paths, self.config.max_segments - 1)
         self.engine = Engine(self.model, self.ctrl, self.summary_template_ids, block_size,
                              num_kv_blocks, kv_cache_memory, max_num_batched_tokens,
-                             layout=layout, attention=attention)
+                             layout=layout, attention=attention, compile=self.compiled)
         self._ids = itertools.count()
 
     # ----- input handling

@@ -77,7 +77,8 @@ class Engine:
     def __init__(self, model: ParaThinkerForCausalLM, ctrl: ControlTokens, template_ids: list[int],
                  block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
-                 layout: str = "native", attention: str = "auto") -> None:
+                 layout: str = "native", attention: str = "auto",
+                 compile: bool | None = None) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
         if ctrl.summary_open is not None and (not template_ids or template_ids[0] != ctrl.summary_open):
@@ -93,7 +94,7 @@ class Engine:
         self.vocab_size = model.vocab_size
         self.block_manager = BlockManager(num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_kv_blocks, block_size, attention)
+        self.runner = ModelRunner(model, num_kv_blocks, block_size, attention, compile)
         self.masks = LogitMasks(ctrl, self.runner.device)
         self.requests: dict[str, SeqGroup] = {}
         self._arrivals = itertools.count()

@@ -3,7 +3,9 @@
 Each sequence attends to its context, given as runs of consecutive slots of the paged pool (the
 prompt's, (the paths'), its own), read in place by the attention backend: partially filled
 blocks need no padding, and the summary attends to exactly the tokens of SPEC §4. The metadata
-of a step is O(runs): nothing here walks the slots of a context.
+of a step is O(runs): nothing here walks the slots of a context. With compile on, a decode-only
+step goes through the graph path instead (`engine.graphs`: compiled, CUDA graphs on CUDA), which
+writes its padding rows to one scratch slot past the blocks.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 from parathinker.attention.paged import backend_for
 from parathinker.attention.pool import PagedAttention, PagedKVCache
+from parathinker.engine.graphs import DecodeGraphs, resolve_compile
 from parathinker.engine.request import SeqWork
 from parathinker.model.decoder import ParaThinkerForCausalLM
 
@@ -24,15 +27,19 @@ def kv_bytes_per_block(model: ParaThinkerForCausalLM, block_size: int, dtype: to
 
 class ModelRunner:
     def __init__(self, model: ParaThinkerForCausalLM, num_blocks: int, block_size: int,
-                 attention: str = "auto") -> None:
+                 attention: str = "auto", compile: bool | None = None) -> None:
         cfg = model.config
         p = next(model.parameters())
         self.model, self.device = model, p.device
         self.backend = backend_for(attention, self.device)  # the one choice of backend
         self.attention = self.backend.name  # as resolved ("auto" -> runs or flex)
-        self.kv_cache = PagedKVCache.allocate(cfg.num_hidden_layers, num_blocks * block_size,
+        self.compiled = resolve_compile(compile, self.device)  # None: on for CUDA only
+        scratch = num_blocks * block_size  # the graph path's padding slot (one extra block)
+        self.kv_cache = PagedKVCache.allocate(cfg.num_hidden_layers,
+                                              scratch + (block_size if self.compiled else 0),
                                               cfg.num_key_value_heads, cfg.head_dim, p.dtype,
                                               p.device, zeroed=self.backend.zeroed_pool)
+        self.graphs = DecodeGraphs(model, self.kv_cache, scratch) if self.compiled else None
 
     def build(self, work: list[SeqWork]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                   PagedAttention]:
@@ -42,24 +49,33 @@ class ModelRunner:
         segments = [w.segment for w in work for _ in w.token_ids]
         meta = self.backend.build_metadata([len(w.token_ids) for w in work],
                                            [w.context for w in work], self.device)
-        flat = lambda x: torch.tensor([x], dtype=torch.long, device=self.device)  # noqa: E731
-        return flat(ids), flat(positions), flat(segments), meta
+        inputs = torch.tensor([ids, positions, segments], dtype=torch.long)  # one copy to the device
+        inputs = inputs.to(self.device)
+        return inputs[0:1], inputs[1:2], inputs[2:3], meta
 
     @torch.inference_mode()
     def run(self, work: list[SeqWork]) -> torch.Tensor:
         """-> float32 logits [R + F, V]: of the last token of each sequence with needs_logits, in
         order, then of each `forced` position, in order."""
-        ids, positions, segments, meta = self.build(work)
-        hidden = self.model(ids, positions, segments, meta, self.kv_cache)[0]
         ends, forced, end = [], [], 0
         for w in work:
             forced += [end + i for i in w.forced]
             end += len(w.token_ids)
             if w.needs_logits:
                 ends.append(end - 1)
-        if not ends and not forced:
+        rows = ends + forced
+        if self.graphs is not None and self.graphs.takes(work):  # flat token i = sequence i
+            logits = self.graphs.run(work)
+            if rows == list(range(len(work))):
+                return logits
+            return logits[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        ids, positions, segments, meta = self.build(work)
+        hidden = self.model(ids, positions, segments, meta, self.kv_cache)[0]
+        if not rows:
             return torch.empty(0, self.model.vocab_size, device=self.device)
-        return self.model.compute_logits(hidden[torch.tensor(ends + forced, device=self.device)])
+        if rows == list(range(hidden.shape[0])):  # every row, in order (decoding): no gather
+            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
 
 @torch.inference_mode()

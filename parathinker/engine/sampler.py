@@ -104,6 +104,7 @@ class SamplingTensors:
     top_k: torch.Tensor  # [R] int64, 0 (or >= V) = off
     seed: torch.Tensor  # [R] int64, the request's seed (its 64 bits)
     counter: torch.Tensor  # [R] int64, unique per token drawn within a request
+    keys: torch.Tensor | None = None  # [2, R] int64, the rows' k0, k1; None: computed from seed
     is_all_greedy: bool = False
     has_greedy: bool = True
     has_top_k: bool = True
@@ -119,19 +120,22 @@ class SamplingTensors:
         # float64 first: a value past float32's range becomes its largest value, not an error.
         floats = torch.tensor([temperature, top_p], dtype=torch.float64).reshape(2, num_rows)
         floats = floats.clamp(max=_FLOAT32_MAX).to(torch.float32)
-        ints = torch.tensor([[max(0, min(int(k), 1 << 62)) for k in top_k],
-                             [_wrap_int64(s) for s in seed], [_wrap_int64(c) for c in counter]],
-                            dtype=torch.int64).reshape(3, num_rows)
+        seed, counter = [_wrap_int64(s) for s in seed], [_wrap_int64(c) for c in counter]
+        keys = [_row_keys_host(s, c) for s, c in zip(seed, counter)]  # on the host: no device ops
+        ints = torch.tensor([[max(0, min(int(k), 1 << 62)) for k in top_k], seed, counter,
+                             [k[0] for k in keys], [k[1] for k in keys]],
+                            dtype=torch.int64).reshape(5, num_rows)
         is_greedy = ~(floats[0] > 0)  # on the host still: a value that rounded to 0 is greedy
         flags = dict(is_all_greedy=bool(is_greedy.all()), has_greedy=bool(is_greedy.any()),
                      has_top_k=bool((ints[0] > 0).any()), has_top_p=bool((~(floats[1] >= 1)).any()))
         floats, ints = floats.to(device), ints.to(device)
-        return cls(floats[0], floats[1], ints[0], ints[1], ints[2], **flags)
+        return cls(floats[0], floats[1], ints[0], ints[1], ints[2], ints[3:5], **flags)
 
     def select(self, rows: torch.Tensor) -> SamplingTensors:
         """These rows only ([R'] indices); the host flags stay the whole set's (still correct)."""
         return replace(self, temperature=self.temperature[rows], top_p=self.top_p[rows],
-                       top_k=self.top_k[rows], seed=self.seed[rows], counter=self.counter[rows])
+                       top_k=self.top_k[rows], seed=self.seed[rows], counter=self.counter[rows],
+                       keys=None if self.keys is None else self.keys[:, rows])
 
 
 def sample_rows(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -141,7 +145,7 @@ def sample_rows(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         return logits.argmax(-1)
     weights = filtered_logits(logits, st).exp_()  # p up to each row's normalization; 0 for
     # banned and filtered tokens. weights / log1p(-u) = -p / E: its argmin is the race's winner.
-    noise = _log1p_neg_uniform(uniform_bits(st.seed, st.counter, logits.shape[-1]))
+    noise = _log1p_neg_uniform(uniform_bits(st.seed, st.counter, logits.shape[-1], st.keys))
     token = weights.div_(noise).argmin(-1)
     if st.has_greedy:
         token = torch.where(~(st.temperature.float() > 0), logits.argmax(-1), token)
@@ -185,10 +189,11 @@ def _filter_threshold(x: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     return torch.maximum(threshold, threshold_p)
 
 
-def uniform_bits(seed: torch.Tensor, counter: torch.Tensor, num_vocab: int) -> torch.Tensor:
+def uniform_bits(seed: torch.Tensor, counter: torch.Tensor, num_vocab: int,
+                 keys: torch.Tensor | None = None) -> torch.Tensor:
     """bits [R, V] int64 in [0, 2^32): the noise words of the module docstring, for seed [R] and
-    counter [R] (int64, read as their 64-bit patterns)."""
-    k0, k1 = _row_keys(seed, counter)
+    counter [R] (int64, read as their 64-bit patterns); `keys` [2, R]: their k0, k1 if known."""
+    k0, k1 = _row_keys(seed, counter) if keys is None else (keys[0], keys[1])
     # k1 | 1 as the signed value congruent to it mod 2^32, so a[v] * m stays inside int64.
     multiplier = ((k1 | 1) ^ 0x80000000) - 0x80000000
     bits = _vocab_words(num_vocab, seed.device)[None, :] * multiplier[:, None]  # [R, V]
@@ -212,6 +217,20 @@ def _row_keys(seed: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, 
     keys = keys.expand(2, seed.shape[0])
     for word in words:
         keys = _fmix32_(keys ^ word[None, :])
+    return keys[0], keys[1]
+
+
+def _row_keys_host(seed: int, counter: int) -> tuple[int, int]:
+    """`_row_keys` of one row, in Python on the host (from_rows ships them with the row's ints)."""
+    keys = list(_KEY_STARTS)
+    for word in (seed & _MASK32, (seed >> 32) & _MASK32, counter & _MASK32, (counter >> 32) & _MASK32):
+        for i, k in enumerate(keys):
+            k ^= word
+            k ^= k >> 16
+            k = (k * 0x85EBCA6B) & _MASK32
+            k ^= k >> 13
+            k = (k * 0xC2B2AE35) & _MASK32
+            keys[i] = k ^ (k >> 16)
     return keys[0], keys[1]
 
 

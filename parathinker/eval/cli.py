@@ -118,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         batch_size=args.batch_size, concurrency=args.concurrency, server_retries=args.server_retries,
         device=args.device,
         dtype=args.dtype, rope_scaling=args.rope_scaling, linear=args.linear, attention=args.attention,
+        compile=args.compile,
         allow_pickle=args.allow_pickle, save_text=args.save_text,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY"))
 

@@ -53,6 +53,7 @@ class EvalConfig:
     rope_scaling: str | dict[str, Any] = "auto"  # parathinker.config.resolve_rope_scaling
     linear: str = "auto"
     attention: str = "auto"
+    compile: bool | None = None  # --compile / --no-compile; None: on for CUDA (engine.graphs)
     allow_pickle: bool = False  # --allow-pickle: a checkpoint with only *.bin weights
     save_text: bool = False
     api_key: str | None = field(default=None, repr=False)

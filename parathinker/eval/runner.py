@@ -55,7 +55,7 @@ def _load_llm(cfg: EvalConfig, rope: dict[str, Any] | None, layout: str) -> Any:
     from parathinker.llm import LLM
 
     return LLM(cfg.model, device=cfg.device, dtype=cfg.dtype, linear=cfg.linear, attention=cfg.attention,
-               layout=layout, allow_pickle=cfg.allow_pickle,
+               compile=cfg.compile, layout=layout, allow_pickle=cfg.allow_pickle,
                rope_scaling=PLAIN_ROPE if rope is None else rope)
 
 

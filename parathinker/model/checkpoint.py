@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from parathinker.config import ModelConfig
 from parathinker.model.decoder import ParaThinkerForCausalLM
+from parathinker.model.fused import hf_state_dict
 from parathinker.model.rope import rope_parameters
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,12 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu",
 
 def save_model(model: ParaThinkerForCausalLM, out_dir: str | Path, tokenizer: Any = None,
                max_shard_bytes: int = 4 << 30) -> Path:
-    """Write config.json, safetensors (sharded above `max_shard_bytes`) and the tokenizer."""
+    """Write config.json, safetensors (sharded above `max_shard_bytes`) and the tokenizer, under
+    the Hugging Face names (a model fused for inference is split back)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in hf_state_dict(model).items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     shards: list[dict[str, torch.Tensor]] = [{}]

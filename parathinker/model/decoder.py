@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from parathinker.attention.pool import PagedKVCache as KVCache
 from parathinker.config import ModelConfig
+from parathinker.model.fused import lean_forward
 from parathinker.model.rope import apply_rope, rope_cos_sin, rope_parameters
 
 
@@ -118,6 +119,8 @@ class ParaThinkerForCausalLM(nn.Module):
         inv_freq, self.rope_scale = rope_parameters(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.gradient_checkpointing = False
+        self.fused = False  # model.fused.fuse_for_inference sets it, with seg_table
+        self.seg_table: torch.Tensor | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -127,6 +130,8 @@ class ParaThinkerForCausalLM(nn.Module):
                 segment_ids: torch.Tensor, attn: AttentionMeta,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         """input_ids, positions, segment_ids: [B, L] -> final hidden states [B, L, H]."""
+        if self.fused:
+            return lean_forward(self, input_ids, positions, segment_ids, attn, kv_cache)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, x.dtype)
         for layer in self.model.layers:

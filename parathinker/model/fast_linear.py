@@ -23,6 +23,8 @@ import warnings
 import torch
 from torch import nn
 
+from parathinker.model.fused import fuse_for_inference
+
 LINEAR_BACKENDS = ("auto", "plain", "packed", "int8")
 
 
@@ -52,18 +54,33 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= CHUNK_ROWS:
-            y = self._padded(rows)
-        else:
-            y = torch.cat([self._padded(c) for c in rows.split(CHUNK_ROWS)])
+        y = self._chunked(x.reshape(-1, self.in_features), None)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _padded(self, rows: torch.Tensor) -> torch.Tensor:
+    def forward_add(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """self(x) + other in one oneDNN call per chunk (its binary "add" post-op); other: the
+        output's shape. Chunked and padded as forward is (the same few shapes)."""
+        y = self._chunked(x.reshape(-1, self.in_features), other.reshape(-1, self.out_features))
+        return y.view(other.shape)
+
+    def _chunked(self, rows: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+        if rows.shape[0] <= CHUNK_ROWS:
+            return self._padded(rows, add)
+        adds = [None] * -(-rows.shape[0] // CHUNK_ROWS) if add is None else add.split(CHUNK_ROWS)
+        return torch.cat([self._padded(c, a) for c, a in zip(rows.split(CHUNK_ROWS), adds)])
+
+    def _padded(self, rows: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
         m = rows.shape[0]
         if padded_rows(m) != m:
-            rows = torch.cat([rows, rows.new_zeros(padded_rows(m) - m, self.in_features)])
-        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
+            pad = padded_rows(m) - m
+            rows = torch.cat([rows, rows.new_zeros(pad, self.in_features)])
+            if add is not None:
+                add = torch.cat([add, add.new_zeros(pad, self.out_features)])
+        if add is None:
+            y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
+        else:
+            y = torch.ops.mkldnn._linear_pointwise.binary(rows, add, self.packed_weight, self.bias,
+                                                          "add")
         return y[:m]
 
 
@@ -108,9 +125,11 @@ def quantize_int8(model: nn.Module) -> int:
 
 
 def apply_linear_backend(model: nn.Module, backend: str) -> str:
-    """Swap in the requested linear implementation; returns the one in effect."""
+    """Prepare a loaded model for inference: fuse its layers (model.fused.fuse_for_inference),
+    then swap in the requested linear implementation; returns the one in effect."""
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"unknown linear backend {backend!r}; use one of {LINEAR_BACKENDS}")
+    fuse_for_inference(model)
     if backend == "auto":
         backend = "packed" if can_prepack(model) else "plain"
     if backend == "packed":

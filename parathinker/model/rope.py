@@ -90,3 +90,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def flip_rope_constants(inv_freq: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inv_freq | inv_freq [D], -scale | +scale [D]): what `rope_cos_sin_signed` multiplies by."""
+    sign = torch.ones_like(inv_freq)
+    return torch.cat((inv_freq, inv_freq)), torch.cat((-sign, sign)) * scale
+
+
+def rope_cos_sin_signed(positions: torch.Tensor, freqs: torch.Tensor, sin_factor: torch.Tensor,
+                        scale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos as `rope_cos_sin`, and sin with its first half negated (for `apply_rope_flip`), from
+    `flip_rope_constants`: the same float32 values, in three ops (int64 positions times float32
+    frequencies is computed in float32)."""
+    angles = positions[..., None] * freqs
+    cos = angles.cos() if scale == 1.0 else angles.cos() * scale
+    return cos.to(dtype), (angles.sin() * sin_factor).to(dtype)
+
+def apply_rope_flip(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` in three ops: rotate_half(x) = flip of x's two halves times (-1 | +1), so
+    x * cos + rotate_half(x) * sin = addcmul(x * cos, flip(x), sin_signed). A new tensor."""
+    cos, sin_signed = cos.unsqueeze(-2), sin_signed.unsqueeze(-2)
+    halves = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, halves, sin_signed)

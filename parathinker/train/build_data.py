@@ -86,6 +86,7 @@ class BuildConfig:
     layout: str = "native"  # local teacher, paths mode
     linear: str = "auto"
     attention: str = "auto"
+    compile: bool | None = None  # local teacher: --compile / --no-compile (engine.graphs)
     allow_pickle: bool = False  # local teacher: --allow-pickle
     limit: int | None = None
 
@@ -166,7 +167,8 @@ class LocalTeacher:
                                     cfg.max_tokens + 2 if paths else cfg.max_tokens, parallel=paths)
         # a base model is fine for plain traces
         self.llm = LLM(cfg.teacher, device=cfg.device, dtype=cfg.dtype, linear=cfg.linear,
-                       attention=cfg.attention, layout=cfg.layout, allow_pickle=cfg.allow_pickle,
+                       attention=cfg.attention, compile=cfg.compile, layout=cfg.layout,
+                       allow_pickle=cfg.allow_pickle,
                        rope_scaling=PLAIN_ROPE if rope is None else rope)
         if cfg.teacher_mode == "paths" and not self.llm.max_paths:
             raise ValueError(f"--teacher-mode paths needs a ParaThinker teacher; {cfg.teacher} has no "

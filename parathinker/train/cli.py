@@ -199,7 +199,7 @@ def run_build_data(args: argparse.Namespace) -> int:
         concurrency=args.concurrency, traces_per_request=args.traces_per_request,
         server_retries=args.server_retries, request_timeout=args.request_timeout, device=args.device,
         dtype=args.dtype, rope_scaling=args.rope_scaling, layout=args.layout, linear=args.linear, attention=args.attention,
-        allow_pickle=args.allow_pickle, limit=args.limit, **extra)
+        compile=args.compile, allow_pickle=args.allow_pickle, limit=args.limit, **extra)
     from parathinker.client.endpoints import EndpointError
 
     try:

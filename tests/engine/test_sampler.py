@@ -126,6 +126,20 @@ def test_uniform_bits_are_the_documented_hash() -> None:
         assert bits[r].tolist() == [reference_bits(seed, counter, v) for v in range(num_vocab)]
 
 
+def test_host_row_keys_give_the_documented_hash() -> None:
+    """from_rows computes each row's keys on the host; the bits they give are the same hash."""
+    seeds = [0, 1, 2**63 - 1, 2**62 + 5, -1, 123456789, 2**64 + 9]
+    counters = [0, (1 << 52) + 7, 1, 2**63 - 1, (3 << 32) + 2, 0, -5]
+    st = SamplingTensors.from_rows([1.0] * 7, [1.0] * 7, [0] * 7, seeds, counters, "cpu")
+    assert st.keys is not None and st.keys.shape == (2, 7)
+    bits = uniform_bits(st.seed, st.counter, 41, st.keys)
+    for r, (seed, counter) in enumerate(zip(seeds, counters)):
+        assert bits[r].tolist() == [reference_bits(seed, counter, v) for v in range(41)]
+    rows = torch.tensor([5, 0])
+    assert torch.equal(uniform_bits(st.seed[rows], st.counter[rows], 41, st.select(rows).keys),
+                       bits[rows])
+
+
 def test_seeds_and_counters_are_taken_mod_2_64() -> None:
     st = SamplingTensors.from_rows([1.0] * 4, [1.0] * 4, [0] * 4, [2**64 - 1, -1, 2**64 + 5, 5],
                                    [2**64 + 3, 3, 3, 3], "cpu")

@@ -238,3 +238,22 @@ def test_every_command_resolves_rope_scaling_by_one_rule(long_ckpt, monkeypatch,
         {"generate": REFERENCE_16K, "eval": REFERENCE_16K, "serve": REFERENCE_16K}
     assert _rope_each_command_loads(monkeypatch, tmp_path, long_ckpt, "--max-path-tokens", "24576") == \
         {c: {**REFERENCE_16K, "factor": 3.0} for c in ("generate", "eval", "serve")}
+
+
+def test_compile_flag_on_every_model_command():
+    """--compile / --no-compile (default: per device) on every command that loads a model, passed
+    on as LLM(compile=...)."""
+    from parathinker.cli import add_generate_args
+    from parathinker.eval.cli import add_eval_args
+    from parathinker.serve.cli import add_serve_args
+    from parathinker.train.cli import add_build_data_args
+
+    for adder in (add_generate_args, add_serve_args, add_eval_args, add_build_data_args):
+        p = argparse.ArgumentParser()
+        adder(p)
+        assert "--compile, --no-compile" in p.format_help(), adder.__name__
+    p = argparse.ArgumentParser()
+    cli_args.add_model_args(p)
+    for argv, want in (([], None), (["--compile"], True), (["--no-compile"], False)):
+        args = p.parse_args(["--model", "m", *argv])
+        assert args.compile is want and cli_args.llm_kwargs(args, None)["compile"] is want
