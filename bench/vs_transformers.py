@@ -19,12 +19,14 @@ from parathinker.engine import Engine
 from parathinker.model.fast_linear import apply_linear_backend
 
 
-def hf_model(ours: torch.nn.Module, device: str) -> torch.nn.Module:
+def hf_model(ours: torch.nn.Module, device: str, shape: dict = QWEN_1_5B,
+             attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """A Qwen2ForCausalLM holding copies of `ours`'s weights (random weights of `shape`)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = {k: v for k, v in QWEN_1_5B.items() if k not in ("model_type", "max_segments")}
+    cfg = {k: v for k, v in shape.items() if k not in ("model_type", "max_segments")}
     with torch.device("meta"):
-        hf = Qwen2ForCausalLM(Qwen2Config(**cfg))
+        hf = Qwen2ForCausalLM(Qwen2Config(**cfg, attn_implementation=attn_implementation))
     hf = hf.to_empty(device=device)
     state = {k: v for k, v in ours.state_dict().items() if "seg_embeddings" not in k}
     hf.load_state_dict(state, strict=False)  # copies: ours is prepacked afterwards

@@ -132,42 +132,66 @@ def _attend_seq(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_poo
     """One sequence: q [T, Hq, D], its own new K/V [T, Hkv, D] (also the last T slots of its
     context); the prefix read from the pool [Hkv, S, D] in place (see the module docstring).
     -> [T, Hq, D]."""
-    t = q.shape[0]
-    qh = q.transpose(0, 1)[None]  # [1, Hq, T, D], a view
-    parts = []
-    if t > 1:  # causal among the new tokens: the step's own K/V, no pool read
-        parts.append(_flash(qh, k_new.transpose(0, 1)[None], v_new.transpose(0, 1)[None], True))
+    t, hq, d = q.shape
+    hkv = k_pool.shape[0]
     prefix = runs if t == 1 else _head_runs(runs, t)
     if len(prefix) > GATHER_MIN_RUNS and sum(n for _, n in prefix) < GATHER_MAX_MEAN_RUN * len(prefix):
         # a fragmented context: copied once (about one more read of it), not a call per run
         k_pool, v_pool = _gather_runs(k_pool, prefix), _gather_runs(v_pool, prefix)
         prefix = [(0, k_pool.shape[1])]
-    for a, n in prefix:
-        parts.append(_flash(qh, k_pool[None, :, a: a + n], v_pool[None, :, a: a + n], False))
-    return _merge(parts)[0].transpose(0, 1)
+    parts = []
+    if prefix:  # unmasked: the G query heads of a KV head folded into its rows, one K/V read
+        qf = _fold(q, hkv)[None]  # [1, Hkv, T*G, D]
+        o, lse = _merge([_flash(qf, k_pool[None, :, a: a + n], v_pool[None, :, a: a + n], False)
+                         for a, n in prefix])
+        parts.append((_unfold(o[0], t), lse[0].view(hkv, t, -1).permute(1, 0, 2).reshape(t, hq)))
+    if t > 1:  # causal among the new tokens: the step's own K/V, no pool read
+        o, lse = _flash(q.transpose(0, 1)[None], k_new.transpose(0, 1)[None],
+                        v_new.transpose(0, 1)[None], True)
+        parts.append((o[0].transpose(0, 1), lse[0].transpose(0, 1)))
+    return _merge(parts)[0]
+
+
+def _fold(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[T, Hq, D] -> [Hkv, T*G, D]: the G query heads of a KV head share its K/V reads."""
+    t, hq, d = q.shape
+    g = hq // num_kv_heads
+    return q.view(t, num_kv_heads, g, d).permute(1, 0, 2, 3).reshape(num_kv_heads, t * g, d)
+
+
+def _unfold(o: torch.Tensor, t: int) -> torch.Tensor:
+    """[Hkv, T*G, D] -> [T, Hq, D]."""
+    hkv, tg, d = o.shape
+    return o.view(hkv, t, tg // t, d).permute(1, 0, 2, 3).reshape(t, -1, d)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [1, Hq, T, D] over k, v [1, Hkv, n, D] (GQA; causal: T == n) and its
-    log-sum-exp [1, Hq, T] (float32). On CPU the flash kernel (tiles, online softmax); elsewhere
-    the same numbers from plain scores (the runs backend is the CPU default; flex serves CUDA)."""
+    log-sum-exp [1, Hq, T] (float32): on CPU the flash kernel (tiles, online softmax)."""
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
+    return _plain(q, k, v, causal)
+
+
+def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_flash` off the CPU, from whole score matrices (the runs backend is the CPU default;
+    flex serves CUDA)."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
     lse = scores.logsumexp(-1)
-    return ((scores - lse[..., None]).exp().to(v.dtype) @ v), lse
+    return (scores - lse[..., None]).exp().to(v.dtype) @ v, lse
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Attention over the union of disjoint key sets from each set's (output, log-sum-exp):
-    out = sum_i exp(lse_i - lse) out_i, lse = log sum_i exp(lse_i)."""
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of disjoint key sets from each set's (output [..., D],
+    log-sum-exp [...]): lse = log sum_i exp(lse_i), out = sum_i exp(lse_i - lse) out_i."""
     if len(parts) == 1:
-        return parts[0][0]
+        return parts[0]
     lse = torch.logsumexp(torch.stack([l for _, l in parts]), 0)
     out = sum(o.float() * (l - lse).exp()[..., None] for o, l in parts)
-    return out.to(parts[0][0].dtype)
+    return out.to(parts[0][0].dtype), lse

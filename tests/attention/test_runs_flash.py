@@ -62,3 +62,17 @@ def test_prefill_builds_no_queries_by_context_tensor():
     t = 2048
     assert largest_allocation("runs", t, 1024) < t * t // 2
     assert largest_allocation("gathered", t, 1024) >= t * t  # the measure sees such a tensor
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_off_cpu_pieces_equal_the_cpu_flash_kernel(causal):
+    """The runs backend off the CPU computes each piece from plain scores: the same output and
+    log-sum-exp as the CPU flash kernel (GQA, a causal square piece and an unmasked one)."""
+    from parathinker.attention.runs import _plain
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 6, 40, 16)
+    k, v = torch.randn(1, 2, 40 if causal else 90, 16), torch.randn(1, 2, 40 if causal else 90, 16)
+    out, lse = _plain(q, k, v, causal)
+    ref_out, ref_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
+    assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
