@@ -6,9 +6,9 @@ holding the very same random weights; and the peak RSS growth of each prefill.
 Times: every size, ours and transformers alternating, `--repeats` times after a warm-up; the
 median counts (the best and worst are printed too). Ours uses `--linear` (auto: oneDNN-prepacked
 on CPU), transformers plain nn.Linear; `--linear plain` compares like with like. Peak RSS: a
-fresh subprocess per size and side runs one prefill and reports VmHWM after it minus before it,
-the peak reset just before (/proc/self/clear_refs; so Linux only) (the
-KV the prefill writes included: T x 2 x layers x Hkv x D x 4 bytes).
+fresh subprocess per size and side runs one prefill and reports its peak RSS (VmHWM, reset
+through /proc/self/clear_refs just before: Linux only) minus the RSS before it; ours includes
+the K/V the prefill writes (T x 2 x layers x Hkv x D x dtype bytes).
 
     python bench/prefill.py --model small --sizes 1024,4096,8192
 """
