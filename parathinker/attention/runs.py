@@ -6,7 +6,7 @@ Per sequence, its queries attend to two kinds of piece, each one flash call retu
 and log-sum-exp (`_flash`), merged exactly by log-sum-exp (`_merge`):
 
 - the prefix (the context before the new tokens), every query sees all of it: one call per run
-  of the pool, read as a view; a context in many short runs (a fragmented pool) is copied out
+  of the pool, read as a view, the G query heads of a KV head folded into its rows; a context in many short runs (a fragmented pool) is copied out
   first (only its own slots, `_gather_runs`);
 - the new tokens themselves, causal among them: one call over the step's own K/V (a fresh
   prompt's prefill is this piece alone). A decode token (one query) sees its whole context
