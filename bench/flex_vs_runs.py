@@ -5,7 +5,8 @@ S sequences decode one token each, every one over its own context of C tokens, a
 (Hq 12, Hkv 2, D 128). Two pool layouts: "contiguous" (each context one run of slots) and
 "interleaved" (16-slot blocks dealt round-robin to the sequences, as paths decoding side by side
 allocate them: a context is C / 16 runs). Times are per layer call after a warm-up (the compile),
-fastest of --rounds; the step's metadata build (once per step, all layers) is timed apart.
+fastest of --rounds; the step's metadata build (once per step, all layers) is timed apart. The
+floor: a plain read (sum) of the same K/V bytes, fastest of --rounds, in the same process.
 
     python bench/flex_vs_runs.py                      # CPU, float32, 8 x 8K
     python bench/flex_vs_runs.py --device cuda --dtype bfloat16
@@ -69,7 +70,10 @@ def main() -> None:
     k = torch.randn(1, args.seqs, hkv, d, device=args.device, dtype=dtype)
     v = torch.randn(1, args.seqs, hkv, d, device=args.device, dtype=dtype)
     kv_bytes = 2 * num_slots * hkv * d * cache.k.element_size()
-    results = {"kv_bytes_per_layer": kv_bytes}
+    read = best_of(lambda: (cache.k.sum(), cache.v.sum()), args.calls, args.rounds)
+    results = {"kv_bytes_per_layer": kv_bytes, "read_ms": round(read * 1e3, 3),
+               "read_GBps": round(kv_bytes / read / 1e9, 1)}
+    print("plain read", results, flush=True)
     for layout in args.layouts.split(","):
         contexts = contexts_for(layout, args.seqs, args.context)
         for backend in args.backends.split(","):
@@ -87,7 +91,8 @@ def main() -> None:
             meta_s = best_of(build, args.calls, args.rounds)
             name = f"{layout}/{backend}"
             results[name] = {"attend_ms": round(attend * 1e3, 3), "build_ms": round(meta_s * 1e3, 3),
-                             "warmup_s": round(warm, 2), "kv_GBps": round(kv_bytes / attend / 1e9, 1)}
+                             "warmup_s": round(warm, 2), "kv_GBps": round(kv_bytes / attend / 1e9, 1),
+                             "x_read": round(attend / read, 2)}
             print(name, results[name], flush=True)
     report("flex_vs_runs", config, results)
 

@@ -14,18 +14,20 @@ import argparse
 
 import torch
 
-from common import SHAPES, machine, prompt_ids, random_model, report, synthetic_ctrl, timed
+from common import QWEN_1_5B, SHAPES, machine, prompt_ids, random_model, report, synthetic_ctrl, timed
 from parathinker.config import SamplingParams
 from parathinker.engine import Engine
 from parathinker.model.fast_linear import apply_linear_backend
 
 
-def hf_model(ours: torch.nn.Module, shape: dict, device: str) -> torch.nn.Module:
+def hf_model(ours: torch.nn.Module, device: str, shape: dict = QWEN_1_5B,
+             attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """A Qwen2ForCausalLM holding copies of `ours`'s weights (random weights of `shape`)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = {k: v for k, v in shape.items() if k not in ("model_type", "max_segments")}
     with torch.device("meta"):
-        hf = Qwen2ForCausalLM(Qwen2Config(**cfg))
+        hf = Qwen2ForCausalLM(Qwen2Config(**cfg, attn_implementation=attn_implementation))
     hf = hf.to_empty(device=device)
     state = {k: v for k, v in ours.state_dict().items() if "seg_embeddings" not in k}
     hf.load_state_dict(state, strict=False)  # copies: ours is prepacked afterwards
@@ -49,7 +51,7 @@ def main() -> None:
     print("machine:", machine())
     print("config:", config)
     ours = random_model(shape, args.device)
-    hf = hf_model(ours, shape, args.device)  # shares no storage with `ours` once ours is prepacked
+    hf = hf_model(ours, args.device, shape)  # shares no storage with `ours` once ours is prepacked
     config["linear"] = apply_linear_backend(ours, "auto")
     ctrl, template = synthetic_ctrl(shape["vocab_size"])
     engine = Engine(ours, ctrl, template, num_kv_blocks=2048)

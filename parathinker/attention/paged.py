@@ -5,8 +5,9 @@ The pool, one step's metadata (O(runs) of slots per sequence) and the backends' 
 in `attention.pool`. The backends, each a class with `build_metadata` (once per step) and
 `attend` (once per layer):
 
-- "runs" (CPU default, `attention.runs`): per sequence, one matmul per run over a view of the
-  pool, one softmax over the concatenated scores, the output summed over runs.
+- "runs" (CPU default, `attention.runs`): per sequence, a flash kernel over each run of its
+  prefix (a view of the pool) and causally over its new tokens, merged by log-sum-exp; no
+  queries x context tensor.
 - "flex" (GPU default; also compiles on CPU, `attention.flex_paged`): FlexAttention over the
   whole pool with a block mask built from the same runs.
 - "gathered" (`attention.gathered`): gathers each context into a new tensor and runs masked

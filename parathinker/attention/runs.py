@@ -1,11 +1,19 @@
 """The "runs" paged backend (the CPU default): reads each context's K/V in place, as views of the
-pool (`attention.pool`).
+pool (`attention.pool`), with a flash kernel: no score or mask tensor of queries x context is
+ever built, so a prefill's memory grows linearly with its length.
 
-Per sequence, the scores against each run are one matmul over a view of the pool; one softmax
-over the concatenated scores; the output is the sum over runs. Two exceptions, both for speed
-only: a context in many short runs (a fragmented pool) is copied out first, and sequences that
-decode one token over a short context are batched into one SDPA call (`ShortBatch`, planned once
-per step).
+Per sequence, its queries attend to two kinds of piece, each one flash call returning its output
+and log-sum-exp (`_flash`), merged exactly by log-sum-exp (`_merge`):
+
+- the prefix (the context before the new tokens), every query sees all of it: one call per run
+  of the pool, read as a view, the G query heads of a KV head folded into its rows; a context in many short runs (a fragmented pool) is copied out
+  first (only its own slots, `_gather_runs`);
+- the new tokens themselves, causal among them: one call over the step's own K/V (a fresh
+  prompt's prefill is this piece alone). A decode token (one query) sees its whole context
+  unmasked, so it is all prefix.
+
+Sequences that decode one token over a short context are batched into one SDPA call
+(`ShortBatch`, planned once per step; their slots copied with one `index_select`).
 """
 
 from __future__ import annotations
@@ -16,17 +24,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from parathinker.attention.pool import PagedAttention, PagedKVCache, attend_each, write_kv
+from parathinker.attention.pool import PagedAttention, PagedKVCache, write_kv
 
 # The runs backend copies a context out of the pool when it has more than GATHER_MIN_RUNS runs
 # of fewer than GATHER_MAX_MEAN_RUN slots on average (a fragmented pool), else reads in place.
 GATHER_MIN_RUNS = 4
 GATHER_MAX_MEAN_RUN = 32
 # Sequences decoding one token over at most this many slots are batched into one call (their
-# K/V copied: cheap at this size, while a Python loop of small matmuls per sequence is not).
+# K/V copied: cheap at this size, while a Python loop of small calls per sequence is not).
 BATCH_MAX_CONTEXT = 512
-# Score buffers of the runs backend stay under this many bytes (queries are chunked to fit).
-MAX_SCORE_BYTES = 64 << 20
 
 
 class RunsBackend:
@@ -50,7 +56,9 @@ class RunsBackend:
         if short is not None:  # short decoding contexts in one batched call (Python-bound alone)
             out[short.rows] = _attend_short(q[0, short.rows], k_pool, v_pool, short)
             rest = short.rest
-        attend_each(q[0], out, meta, rest, lambda qs, runs: _attend_runs(qs, k_pool, v_pool, runs))
+        for s in rest:
+            a, b = meta.qo_indptr[s], meta.qo_indptr[s + 1]
+            out[a:b] = _attend_seq(q[0, a:b], k[0, a:b], v[0, a:b], k_pool, v_pool, meta.runs(s))
         return out[None]
 
 
@@ -88,12 +96,60 @@ def _plan_short(meta: PagedAttention, device: torch.device | str) -> ShortBatch 
 def _attend_short(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                   short: ShortBatch) -> torch.Tensor:
     """q [B, Hq, D], one new token per sequence of the batch; their K/V copied into
-    [B, Hkv, Cmax, D] (padding masked) and one SDPA."""
-    k = k_pool[:, short.slots].transpose(0, 1)  # [B, Hkv, Cmax, D]
-    v = v_pool[:, short.slots].transpose(0, 1)
+    [B, Hkv, Cmax, D] (padding masked) and one SDPA. index_select on the slot axis, not the
+    advanced index k_pool[:, slots]: 0.1 ms against 30 ms for 8 x 400 slots (BENCHMARKS.md)."""
+    b, c_max = short.slots.shape
+    flat = short.slots.view(-1)
+    k = k_pool.index_select(1, flat).view(-1, b, c_max, k_pool.shape[-1]).transpose(0, 1)
+    v = v_pool.index_select(1, flat).view(-1, b, c_max, v_pool.shape[-1]).transpose(0, 1)
     out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=short.visible,
                                          enable_gqa=True)  # [B, Hq, 1, D]
     return out[:, :, 0]
+
+
+def _gather_runs(pool: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """The context's slots of pool [Hkv, S, D], copied in order: [Hkv, C, D]."""
+    starts = torch.tensor([a for a, _ in runs])
+    lens = torch.tensor([n for _, n in runs])
+    offsets = torch.cumsum(lens, 0) - lens
+    slots = torch.arange(int(lens.sum())) + torch.repeat_interleave(starts - offsets, lens)
+    return pool.index_select(1, slots.to(pool.device))
+
+
+def _head_runs(runs: list[tuple[int, int]], drop: int) -> list[tuple[int, int]]:
+    """The runs of a context without its last `drop` slots."""
+    out, keep = [], sum(n for _, n in runs) - drop
+    for a, n in runs:
+        if keep <= 0:
+            break
+        out.append((a, min(n, keep)))
+        keep -= n
+    return out
+
+
+def _attend_seq(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor,
+                v_pool: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """One sequence: q [T, Hq, D], its own new K/V [T, Hkv, D] (also the last T slots of its
+    context); the prefix read from the pool [Hkv, S, D] in place (see the module docstring).
+    -> [T, Hq, D]."""
+    t, hq, _ = q.shape
+    hkv = k_pool.shape[0]
+    prefix = runs if t == 1 else _head_runs(runs, t)
+    if len(prefix) > GATHER_MIN_RUNS and sum(n for _, n in prefix) < GATHER_MAX_MEAN_RUN * len(prefix):
+        # a fragmented context: copied once (about one more read of it), not a call per run
+        k_pool, v_pool = _gather_runs(k_pool, prefix), _gather_runs(v_pool, prefix)
+        prefix = [(0, k_pool.shape[1])]
+    parts = []
+    if prefix:  # unmasked: the G query heads of a KV head folded into its rows, one K/V read
+        qf = _fold(q, hkv)[None]  # [1, Hkv, T*G, D]
+        o, lse = _merge([_flash(qf, k_pool[None, :, a: a + n], v_pool[None, :, a: a + n], False)
+                         for a, n in prefix])
+        parts.append((_unfold(o[0], t), lse[0].view(hkv, t, -1).permute(1, 0, 2).reshape(t, hq)))
+    if t > 1:  # causal among the new tokens: the step's own K/V, no pool read
+        o, lse = _flash(q.transpose(0, 1)[None], k_new.transpose(0, 1)[None],
+                        v_new.transpose(0, 1)[None], True)
+        parts.append((o[0].transpose(0, 1), lse[0].transpose(0, 1)))
+    return _merge(parts)[0]
 
 
 def _fold(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -109,55 +165,33 @@ def _unfold(o: torch.Tensor, t: int) -> torch.Tensor:
     return o.view(hkv, t, tg // t, d).permute(1, 0, 2, 3).reshape(t, -1, d)
 
 
-def _causal_tail(t: int, c: int, g: int, device: torch.device) -> torch.Tensor:
-    """[T*G, C] bool: query row (t, g) sees context index <= C - T + t."""
-    last = torch.arange(c - t, c, device=device).repeat_interleave(g)
-    return torch.arange(c, device=device)[None, :] <= last[:, None]
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [1, Hq, T, D] over k, v [1, Hkv, n, D] (GQA; causal: T == n) and its
+    log-sum-exp [1, Hq, T] (float32): on CPU the flash kernel (tiles, online softmax)."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
+    return _plain(q, k, v, causal)
 
 
-def _gather_runs(pool: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
-    """The context's slots of pool [Hkv, S, D], copied in order: [Hkv, C, D]."""
-    starts = torch.tensor([a for a, _ in runs])
-    lens = torch.tensor([n for _, n in runs])
-    offsets = torch.cumsum(lens, 0) - lens
-    slots = torch.arange(int(lens.sum())) + torch.repeat_interleave(starts - offsets, lens)
-    return pool.index_select(1, slots.to(pool.device))
+def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_flash` off the CPU, from whole score matrices (the runs backend is the CPU default;
+    flex serves CUDA)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    lse = scores.logsumexp(-1)
+    return (scores - lse[..., None]).exp().to(v.dtype) @ v, lse
 
 
-def _attend_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                 runs: list[tuple[int, int]]) -> torch.Tensor:
-    """One sequence: q [T, Hq, D]; K/V read as views of each run of the pool [Hkv, S, D]. A
-    context in many short runs (a fragmented pool) is copied into one first: a copy costs about
-    one more read of it, while a matmul per 16-slot run costs several (BENCHMARKS.md)."""
-    if len(runs) > GATHER_MIN_RUNS and sum(n for _, n in runs) < GATHER_MAX_MEAN_RUN * len(runs):
-        k, v = _gather_runs(k_pool, runs), _gather_runs(v_pool, runs)
-        return _attend_in_place(q, k, v, [(0, k.shape[1])])
-    return _attend_in_place(q, k_pool, v_pool, runs)
-
-
-def _attend_in_place(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                     runs: list[tuple[int, int]]) -> torch.Tensor:
-    t, _, d = q.shape
-    hkv = k_pool.shape[0]
-    g = q.shape[1] // hkv
-    c = sum(n for _, n in runs)
-    qf = _fold(q, hkv) * d ** -0.5  # [Hkv, T*G, D]
-    chunk = max(1, MAX_SCORE_BYTES // (4 * hkv * g * c))  # query tokens per score buffer
-    outs = []
-    for t0 in range(0, t, chunk):
-        t1 = min(t, t0 + chunk)
-        rows = qf[:, t0 * g: t1 * g]
-        # torch.bmm, not matmul: matmul copies a strided slice of the pool first
-        scores = torch.cat([torch.bmm(rows, k_pool[:, a: a + n].transpose(1, 2))
-                            for a, n in runs], -1).float()  # [Hkv, rows, C]
-        if t > 1:  # queries see the context up to themselves
-            visible = _causal_tail(t, c, g, q.device)[t0 * g: t1 * g]
-            scores = scores.masked_fill(~visible, float("-inf"))
-        p = scores.softmax(-1).to(q.dtype)
-        o, off = None, 0
-        for a, n in runs:
-            part = torch.bmm(p[..., off: off + n], v_pool[:, a: a + n])
-            o = part if o is None else o + part
-            off += n
-        outs.append(o)
-    return _unfold(torch.cat(outs, 1), t)
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of disjoint key sets from each set's (output [..., D],
+    log-sum-exp [...]): lse = log sum_i exp(lse_i), out = sum_i exp(lse_i - lse) out_i."""
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.logsumexp(torch.stack([l for _, l in parts]), 0)
+    out = sum(o.float() * (l - lse).exp()[..., None] for o, l in parts)
+    return out.to(parts[0][0].dtype), lse

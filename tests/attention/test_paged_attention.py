@@ -33,7 +33,6 @@ def test_runs_of():
 def test_paged_attention_matches_naive(backend, gather, monkeypatch):
     import parathinker.attention.runs as runs
 
-    monkeypatch.setattr(runs, "MAX_SCORE_BYTES", 4096)  # force query chunking too
     if gather != "default":  # runs read in place, or every context copied out first
         monkeypatch.setattr(runs, "GATHER_MIN_RUNS", 10**9 if gather == "never" else 0)
         monkeypatch.setattr(runs, "GATHER_MAX_MEAN_RUN", 10**9)
