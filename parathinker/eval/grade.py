@@ -36,18 +36,17 @@ from collections.abc import Sequence
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _WRAPPER_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
-_SPACING_RE = re.compile(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\[!,;: ]|~")
 _CHOICE_RE = re.compile(r"\(([A-E])\)|answer is:?\s*([A-E])\b")
 _STARTUP_TIMEOUT_S = 120.0
 
 
 def _normalize(s: str) -> str:
-    """Light, lossless-for-grading normalisation used only for the equality fast path."""
-    s = _SPACING_RE.sub("", s.strip().strip("$"))
-    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
-    s = re.sub(r"(?<=[A-Za-z0-9])\s+(?=[A-Za-z0-9])", " ", s)  # keep one space between word characters
-    s = re.sub(r"(?<![A-Za-z0-9])\s+|\s+(?![A-Za-z0-9])", "", s)
-    return s.rstrip(".")
+    """Light, lossless-for-grading normalisation used only for the equality fast path: the
+    engine's agreement rule too, so it is stated once in `parathinker.spec.answers`."""
+    # imported here: the grading workers load this file alone, without the package (and torch)
+    from parathinker.spec.answers import normalize_answer
+
+    return normalize_answer(s)
 
 
 def _unwrap(s: str) -> str:
