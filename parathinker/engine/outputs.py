@@ -138,7 +138,7 @@ def request_output(req: Any, tokenizer: Any, ctrl: Any) -> RequestOutput:
     summary = req.summary.tokens if req.summary else []
     out = build_output(req.prompt.tokens, [p.tokens for p in req.paths],
                        [str(f) for f in req.path_finish], summary, str(req.summary_finish),
-                       req.num_forward_tokens, latency, tokenizer, ctrl)
+                       req.num_forward_tokens, latency, tokenizer, ctrl, req.path_confidence)
     out.metrics["num_preemptions"] = req.num_preemptions
     if req.num_logprobs is not None and req.summary is not None:
         out.summary.logprobs = [req.summary.logprobs.get(i) for i in range(len(summary))]
