@@ -69,6 +69,19 @@ def thresholds(records: list[dict[str, Any]], quantiles: tuple[float, ...]) -> l
     return [float(f"{np.quantile(values, q):.4g}") for q in quantiles]
 
 
+def path_outcomes(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Over the ungated records' paths, split by whether a path boxed an answer: how many, their
+    median length and mean confidence."""
+    out = {}
+    ungated = [r for r in records if not r.get("stop_on_agreement") and r.get("prune_confidence") is None]
+    for name, boxed in (("answered", True), ("unanswered", False)):
+        paths = [(t, c) for r in ungated for t, c, a in zip(r["path_tokens"], r["path_confidences"],
+                                                            r["path_answers"]) if (a is not None) == boxed]
+        out[name] = {"paths": len(paths), "median_tokens": float(np.median([t for t, _ in paths])),
+                     "mean_confidence": float(np.mean([c for _, c in paths]))}
+    return out
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -137,7 +150,8 @@ def _pct(x: float | None) -> str:
 
 
 def render(study: GatingStudy, table: list[dict[str, Any]], cuts: list[float], lines: list[str],
-           env: dict[str, Any], num_problems: int) -> str:
+           env: dict[str, Any], num_problems: int, outcomes: dict[str, dict[str, float]]) -> str:
+    a, u = outcomes["answered"], outcomes["unanswered"]
     cmd = "python -m parathinker.demo.gating --output docs/demo"
     head = ["# Gated thinking on the demo model: accuracy against generated tokens", "",
             "Regenerate (the demo's model/ must be there; resumes from docs/demo/work/gating):", "",
@@ -160,6 +174,20 @@ def render(study: GatingStudy, table: list[dict[str, Any]], cuts: list[float], l
             for r in table]
     tail = ["", "![accuracy against generated tokens per problem](gating_pareto.png)", "", "## Verdict", "",
             *(f"- {line}" for line in lines), "",
+            "How the task shapes these numbers: a path of the demo task stops as soon as it verifies a "
+            f"candidate ({a['paths']} of the wait-for-all run's paths boxed an answer, after "
+            f"{a['median_tokens']:.0f} tokens at the median) and otherwise runs through its 3 tries to "
+            f"`not found.` ({u['paths']} paths, {u['median_tokens']:.0f} tokens at the median, no "
+            "answer), so a path that ends early nearly always carries a verified answer: stopping on "
+            "the first answer (`agree=1`) then behaves like first-finish, and a second agreeing answer "
+            "(`agree=2`) tends to come late in the 48-token budget, when the paths it cuts are nearly "
+            "done. Confidence does not separate the paths that verified the answer from those that "
+            f"did not (mean {a['mean_confidence']:.3f} and {u['mean_confidence']:.3f}): the candidates "
+            "a path tries are drawn at random (the teacher picks them so, and the model learned to), "
+            "so their tokens are uncertain in every path, and pruning the least confident paths "
+            "removes paths that would have verified the answer as readily as paths that would not. "
+            "DeepConf's premise (low confidence flags a wrong trace) needs reasoning whose uncertain "
+            "steps are its mistakes; on this task they are its search.", "",
             "Accuracy is the summary's answer; the majority columns vote over the paths' own answers "
             "(confidence-weighted: DeepConf's, each path's answer weighs its confidence). `+/-` counts "
             "the samples a configuration got right (+) or wrong (-) where wait-for-all did not, on the "
@@ -192,12 +220,13 @@ def _run_study(study: GatingStudy, output: Path, demo: DemoConfig, log: Any) -> 
     configs = configurations(*summaries, study.paths)
     table = rows(configs, _jsonl(wait / "samples.jsonl"), _jsonl(first / "samples.jsonl"))
     lines = verdict(table)
+    outcomes = path_outcomes(_jsonl(wait / "samples.jsonl"))
     env = float_environment()
     num_problems = configs[f"P={study.paths} {WAIT}"]["num_problems"]
-    (output / "GATING.md").write_text(render(study, table, cuts, lines, env, num_problems))
+    (output / "GATING.md").write_text(render(study, table, cuts, lines, env, num_problems, outcomes))
     tokens_figure({"modeq": configs}).savefig(output / "gating_pareto.png", dpi=120, bbox_inches="tight")
     (output / "gating_summary.json").write_text(json.dumps(
-        {"study": asdict(study), "thresholds": cuts, "table": table, "verdict": lines,
+        {"study": asdict(study), "thresholds": cuts, "table": table, "verdict": lines, "paths": outcomes,
          "environment": env}, indent=1) + "\n")
     return lines
 

@@ -419,8 +419,10 @@ def tokens_figure(summary: dict[str, dict[str, dict[str, Any]]]) -> Figure:
         front = pareto_front(xy)
         ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], color=f"C{k}", linestyle="--",
                 alpha=0.6, label=f"{bench} Pareto front")
-        for (c, _), (x, y) in zip(pts, xy):
-            ax.annotate(c, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for i, ((c, _), (x, y)) in enumerate(sorted(zip(pts, xy), key=lambda p: p[1])):
+            # neighbours by tokens take turns above and below their point: close labels stay apart
+            ax.annotate(c, (x, y), textcoords="offset points", xytext=(4, 5 if i % 2 == 0 else -11),
+                        fontsize=7)
     ax.set_ylim(*_accuracy_ylim(ys))
     ax.set_xlabel("generated tokens per problem (paths + summary, mean)")
     ax.set_ylabel("accuracy (%)")
