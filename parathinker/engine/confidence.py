@@ -50,7 +50,7 @@ LOGPROB_FLOOR = -9999.0
 
 def token_confidence(logits: torch.Tensor, st: SamplingTensors,
                      top_k: list[int]) -> torch.Tensor:
-    """logits [R, V] float32 (masks applied) and the rows' sampling tensors -> [R] float32 token
+    """logits [R, V] float32 (masks applied) and the rows' sampling tensors -> [R] float64 token
     confidences, with top_k[r] log-probabilities for row r; on the logits' device, no host read.
     (torch is imported here: the rest of this module is the request state's pure Python.)"""
     import torch
@@ -60,7 +60,9 @@ def token_confidence(logits: torch.Tensor, st: SamplingTensors,
     logprobs = filtered_logits(logits, st).log_softmax(-1)
     num_vocab = logprobs.shape[-1]
     k_max = min(max(top_k), num_vocab)
-    top = logprobs.topk(k_max, dim=-1).values.clamp_(min=LOGPROB_FLOOR)  # [R, k_max]
+    # float64 for the mean of the float32 log-probabilities: as a host sum of the reported
+    # top_logprobs would compute it, to ~1e-15
+    top = logprobs.topk(k_max, dim=-1).values.clamp_(min=LOGPROB_FLOOR).double()  # [R, k_max]
     if min(top_k) >= k_max:
         return -top.mean(-1)
     k = torch.tensor([min(k, num_vocab) for k in top_k], device=logits.device)

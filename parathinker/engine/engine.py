@@ -291,7 +291,7 @@ class Engine:
             where = torch.tensor(gated, device=logits.device)
             conf = token_confidence(logits[where], st.select(where),
                                     [rows[i].owner.params.confidence_top_k for i in gated])
-            both = torch.cat([tokens.to(torch.float64), conf.to(torch.float64)]).tolist()
+            both = torch.cat([tokens.to(torch.float64), conf]).tolist()
             tokens_list = [int(t) for t in both[:len(rows)]]  # exact: ids < 2^53
             for i, c in zip(gated, both[len(rows):]):
                 rows[i].confidence = c
