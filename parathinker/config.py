@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,17 @@ def check_sampling(temperature: float, top_p: float) -> None:
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is generated (SPEC §5). temperature 0 is greedy; top_k <= 0 disables
-    top-k; min_path_tokens masks end tokens until a path (tags included) could hold that many."""
+    top-k; min_path_tokens masks end tokens until a path (tags included) could hold that many.
+
+    Gated thinking (an extension of SPEC §5, issue 23; engine/confidence.py states the rules):
+    - confidence_window > 0: each path's confidence (DeepConf's lowest group confidence) over
+      windows of that many sampled tokens, each token's confidence being minus the mean of the
+      top `confidence_top_k` log-probabilities of the distribution it was drawn from;
+    - prune_confidence: a path whose group confidence (window full) falls below it is closed at
+      that step with its end tag, finish reason "pruned" (never the last open path);
+    - stop_on_agreement > 0: once that many finished paths have the same answer (their last
+      \\boxed{}, equal after `spec.answers.normalize_answer`), the open paths are cut and the
+      summary starts; together with min_finished_paths, whichever rule fires first."""
 
     num_paths: int = 4
     max_path_tokens: int = 16384
@@ -195,6 +206,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    confidence_window: int = 0  # 0: no confidence computed
+    confidence_top_k: int = 20
+    prune_confidence: float | None = None
+    stop_on_agreement: int = 0  # 0: off
 
     def __post_init__(self) -> None:
         if self.num_paths < 1:
@@ -217,6 +232,28 @@ class SamplingParams:
         if self.max_summary_tokens < 1:
             raise ValueError(f"max_summary_tokens must be >= 1, got {self.max_summary_tokens}")
         check_sampling(self.temperature, self.top_p)
+        self._check_gating()
+
+    def _check_gating(self) -> None:
+        if self.confidence_window < 0:
+            raise ValueError(f"confidence_window must be >= 0 (0: off), got {self.confidence_window}")
+        if self.confidence_top_k < 1:
+            raise ValueError(f"confidence_top_k must be >= 1, got {self.confidence_top_k}")
+        if self.prune_confidence is not None:
+            if not math.isfinite(self.prune_confidence):
+                raise ValueError(f"prune_confidence must be a finite number, got "
+                                 f"{self.prune_confidence}")
+            if self.confidence_window < 1:
+                raise ValueError("prune_confidence needs confidence_window > 0 (the window its "
+                                 "group confidence is measured over)")
+        if not 0 <= self.stop_on_agreement <= self.num_paths:
+            raise ValueError(f"stop_on_agreement must be in 0..num_paths={self.num_paths} "
+                             f"(0: off), got {self.stop_on_agreement}")
+
+    @property
+    def is_gated(self) -> bool:
+        """Whether a path's state needs confidence or answers (issue 23's rules)."""
+        return self.confidence_window > 0 or self.stop_on_agreement > 0
 
 
 @dataclass(frozen=True)

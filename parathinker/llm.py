@@ -20,6 +20,7 @@ import torch
 
 from parathinker.config import PlainParams, SamplingParams, normalize_rope_scaling
 from parathinker.engine import LAYOUTS, Engine
+from parathinker.engine.confidence import check_ungated
 from parathinker.engine.engine import check_prompt
 from parathinker.engine.graphs import resolve_compile
 from parathinker.engine.request import Request
@@ -28,6 +29,7 @@ from parathinker.model.fast_linear import apply_linear_backend
 from parathinker.engine.outputs import (RequestOutput, SequentialOutput, build_output,
                                         request_output, trace_output)
 from parathinker.engine.slow_twin import RawRequestOutput, generate_request
+from parathinker.spec.answers import answer_key
 from parathinker.spec.budgets import check_context, check_trace
 from parathinker.spec.reference_layout import ReferenceTokens, check_params, pad_prompt
 from parathinker.spec.tokens import (DEFAULT_PROMPT_TEMPLATE, DEFAULT_SUMMARY_TEMPLATE,
@@ -108,8 +110,14 @@ class LLM:
         self.max_paths = min(self.ctrl.max_paths, self.config.max_segments - 1)
         self.engine = Engine(self.model, self.ctrl, self.summary_template_ids, block_size,
                              num_kv_blocks, kv_cache_memory, max_num_batched_tokens,
-                             layout=layout, attention=attention, compile=self.compiled)
+                             layout=layout, attention=attention, compile=self.compiled,
+                             answer_of=self.answer_key)
         self._ids = itertools.count()
+
+    def answer_key(self, text_ids: list[int]) -> str | None:
+        """A path's answer for stop_on_agreement: its text's last \\boxed{}, normalised
+        (`spec.answers.answer_key`)."""
+        return answer_key(self.tokenizer.decode(text_ids, skip_special_tokens=False))
 
     # ----- input handling
     def format_prompt(self, question: str) -> str:
@@ -164,6 +172,7 @@ class LLM:
                              f"context ({limit} positions); shorten it")
         if self.layout == "reference":  # what the reference layout cannot run as it does
             ReferenceTokens.from_ctrl(self.ctrl)
+            check_ungated(params)
             check_params(params.num_paths, params.max_path_tokens, params.min_path_tokens,
                          params.min_finished_paths, params.max_summary_tokens, template_len)
         check_context(len(prompt_ids), params.max_path_tokens, params.max_summary_tokens, limit,
@@ -233,7 +242,8 @@ class LLM:
         outputs = []
         for ids in encoded:
             start = time.perf_counter()
-            raw = generate_request(self.model, self.ctrl, ids, self.summary_template_ids, params)
+            raw = generate_request(self.model, self.ctrl, ids, self.summary_template_ids, params,
+                                   answer_of=self.answer_key)
             outputs.append(self.to_output(ids, raw, time.perf_counter() - start))
         return outputs
 
@@ -246,4 +256,4 @@ class LLM:
         """A slow-twin result as a RequestOutput, by the same rules as the engine's."""
         return build_output(prompt_ids, raw.path_token_ids, raw.path_finish, raw.summary_token_ids,
                             raw.summary_finish, raw.num_forward_tokens, latency_s,
-                            self.tokenizer, self.ctrl)
+                            self.tokenizer, self.ctrl, raw.path_confidence)

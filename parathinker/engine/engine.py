@@ -17,12 +17,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from parathinker.config import PlainParams, SamplingParams
 from parathinker.engine.block_manager import BlockManager
+from parathinker.engine.confidence import token_confidence
 from parathinker.engine.group import SampleGroup, members
 from parathinker.engine.reference_request import ReferenceRequest
 from parathinker.engine.request import (ABORTED, FAILED, FINISHED, LogprobEntry, PlainRequest,
@@ -78,7 +80,10 @@ class Engine:
                  block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
                  layout: str = "native", attention: str = "auto",
-                 compile: bool | None = None) -> None:
+                 compile: bool | None = None,
+                 answer_of: Callable[[list[int]], str | None] | None = None) -> None:
+        """answer_of: a path's text ids -> its answer key (spec.answers.answer_key of the decoded
+        text; `LLM` supplies it from its tokenizer), needed by requests with stop_on_agreement."""
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
         if ctrl.summary_open is not None and (not template_ids or template_ids[0] != ctrl.summary_open):
@@ -91,6 +96,7 @@ class Engine:
             num_kv_blocks = default_num_blocks(model, block_size, kv_cache_memory,
                                                max_num_batched_tokens)
         self.ctrl, self.template_ids = ctrl, list(template_ids)
+        self.answer_of = answer_of
         self.vocab_size = model.vocab_size
         self.block_manager = BlockManager(num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens)
@@ -127,6 +133,9 @@ class Engine:
             if params.num_paths > self.ctrl.max_paths:
                 raise ValueError(f"num_paths={params.num_paths} but the tokenizer has "
                                  f"{self.ctrl.max_paths} <think{{k}}> tokens")
+            if params.stop_on_agreement and self.answer_of is None:
+                raise ValueError("stop_on_agreement needs answers: build the Engine with "
+                                 "answer_of (LLM does, from its tokenizer)")
             cls = ReferenceRequest if self.layout == "reference" else Request
             ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
             samples = []
@@ -135,6 +144,7 @@ class Engine:
                 sample = cls(rid, arrival, prompt_ids, replace(params, seed=seed), self.ctrl,
                              self.template_ids)
                 sample.num_logprobs, sample.path_logprobs = logprobs, path_logprobs
+                sample.answer_of = self.answer_of
                 sample.seed = sampler.resolve_seed(seed)
                 samples.append(sample)
             req = samples[0] if n == 1 else SampleGroup(request_id, arrival, prompt_ids, samples)
@@ -266,7 +276,9 @@ class Engine:
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow]
                 ) -> tuple[list[int], list[LogprobEntry | None]]:
         """-> the sampled token of every row, and its logprob entry for the rows whose request
-        asked (`logprobs`; None elsewhere), computed in the same step on the device."""
+        asked (`logprobs`; None elsewhere), computed in the same step on the device. The rows of
+        gated paths get their token's confidence (`SampleRow.confidence`), read back with the
+        tokens in one transfer."""
         if not rows:
             return [], []
         st = sampler.SamplingTensors.from_rows(
@@ -274,6 +286,18 @@ class Engine:
             [r.owner.params.top_k for r in rows], [r.owner.seed for r in rows],
             [r.counter for r in rows], device=logits.device)
         tokens = sampler.sample_rows(logits, st)
+        gated = [i for i, r in enumerate(rows) if r.kind == "path"
+                 and r.owner.params.confidence_window]
+        if gated:
+            where = torch.tensor(gated, device=logits.device)
+            conf = token_confidence(logits[where], st.select(where),
+                                    [rows[i].owner.params.confidence_top_k for i in gated])
+            both = torch.cat([tokens.to(torch.float64), conf]).tolist()
+            tokens_list = [int(t) for t in both[:len(rows)]]  # exact: ids < 2^53
+            for i, c in zip(gated, both[len(rows):]):
+                rows[i].confidence = c
+        else:
+            tokens_list = tokens.tolist()
         asked = [i for i, r in enumerate(rows) if r.wants_logprobs]
         entries: list[LogprobEntry | None] = [None] * len(rows)
         if asked:
@@ -284,7 +308,7 @@ class Engine:
             for i, lp, ids, lps in zip(asked, chosen.tolist(), top_ids.tolist(), top_lps.tolist()):
                 k = rows[i].owner.num_logprobs
                 entries[i] = (lp, ids[:k], lps[:k])
-        return tokens.tolist(), entries
+        return tokens_list, entries
 
     def run_to_completion(self) -> list[SeqGroup]:
         ended = []

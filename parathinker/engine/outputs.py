@@ -20,8 +20,11 @@ class PathOutput:
     index: int  # 1-based path index k
     token_ids: list[int]  # starts with <think{k}>, ends with </think{k}>
     text: str  # the path's text, without its two tags
-    finish_reason: str  # "end" | "budget" | "cut"
+    finish_reason: str  # "end" | "budget" | "cut" | "pruned" (closed by prune_confidence)
     logprobs: list[Any] | None = None  # per token id, see above
+    # the path's lowest group confidence (engine/confidence.py); None when confidence_window is 0
+    confidence: float | None = None
+    answer: str | None = None  # the last \boxed{...} of the path's text (every path)
 
 
 @dataclass
@@ -103,15 +106,20 @@ def first_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int | None:
 
 def build_output(prompt_ids: list[int], path_token_ids: list[list[int]], path_finish: list[str],
                  summary_token_ids: list[int], summary_finish: str, num_forward_tokens: int,
-                 latency_s: float, tokenizer: Any, ctrl: Any) -> RequestOutput:
+                 latency_s: float, tokenizer: Any, ctrl: Any,
+                 path_confidence: list[float | None] | None = None) -> RequestOutput:
     """A finished ParaThinker request's output: each path's and the summary's text by the rules
-    above, the answer (the summary text's last \\boxed{}) and the timing metrics."""
+    above, the answers (the last \\boxed{} of each path's and of the summary's text), each path's
+    confidence (None: not computed) and the timing metrics."""
     from parathinker.spec.reference_layout import path_text_ids
     from parathinker.spec.tokens import last_boxed
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-    paths = [PathOutput(k + 1, ids, decode(path_text_ids(ids, ctrl.think_close[k])), reason)
-             for k, (ids, reason) in enumerate(zip(path_token_ids, path_finish))]
+    texts = [decode(path_text_ids(ids, ctrl.think_close[k])) for k, ids in enumerate(path_token_ids)]
+    confidence = path_confidence or [None] * len(path_token_ids)
+    paths = [PathOutput(k + 1, ids, text, reason, confidence=c, answer=last_boxed(text))
+             for k, (ids, text, reason, c) in enumerate(zip(path_token_ids, texts, path_finish,
+                                                           confidence))]
     text = decode(summary_text_ids(summary_token_ids, summary_finish))
     summary = SummaryOutput(summary_token_ids, text, summary_finish)
     num_generated = sum(len(p) for p in path_token_ids) + len(summary_token_ids)
@@ -130,7 +138,7 @@ def request_output(req: Any, tokenizer: Any, ctrl: Any) -> RequestOutput:
     summary = req.summary.tokens if req.summary else []
     out = build_output(req.prompt.tokens, [p.tokens for p in req.paths],
                        [str(f) for f in req.path_finish], summary, str(req.summary_finish),
-                       req.num_forward_tokens, latency, tokenizer, ctrl)
+                       req.num_forward_tokens, latency, tokenizer, ctrl, req.path_confidence)
     out.metrics["num_preemptions"] = req.num_preemptions
     if req.num_logprobs is not None and req.summary is not None:
         out.summary.logprobs = [req.summary.logprobs.get(i) for i in range(len(summary))]

@@ -10,11 +10,15 @@ the released vLLM fork step by step (rules in `parathinker.spec.reference_layout
   (pass 2) -- the logits of the step in which thinking ends are discarded, as the reference does;
 - the summary starts as `[<summary>]` at position 2 * Lp + L and gets its template one token per
   step (`apply_summary`), then samples freely until a stop id or min(max_summary_tokens, 128).
+
+Gated params (confidence_window, prune_confidence, stop_on_agreement) are refused: the released
+engine has none of them (`confidence.check_ungated`, also called by `LLM.validate`).
 """
 
 from __future__ import annotations
 
 from parathinker.config import SamplingParams
+from parathinker.engine.confidence import check_ungated
 from parathinker.engine.request import FINISHED, Request, Seq
 from parathinker.spec.reference_layout import (CUT, ReferenceTokens, check_params, check_path,
                                           is_thinking_over, path_token, summary_cap, summary_end,
@@ -29,6 +33,7 @@ class ReferenceRequest(Request):
                  params: SamplingParams, ctrl: ControlTokens, template_ids: list[int],
                  num_paths: int | None = None) -> None:
         num = params.num_paths if num_paths is None else num_paths
+        check_ungated(params)
         check_params(num, params.max_path_tokens, params.min_path_tokens,
                      params.min_finished_paths, params.max_summary_tokens, len(template_ids))
         self.ref_tokens = ReferenceTokens.from_ctrl(ctrl)

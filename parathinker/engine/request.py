@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from parathinker.config import PlainParams, SamplingParams
 from parathinker.engine.block_manager import BlockManager
+from parathinker.engine.confidence import PathConfidence, to_prune
 from parathinker.spec.layout import path_segment, summary_start
-from parathinker.spec.rules import (BUDGET, CUT, END, can_end, is_at_budget, path_choice,
+from parathinker.spec.reference_layout import path_text_ids
+from parathinker.spec.rules import (BUDGET, CUT, END, PRUNED, can_end, is_at_budget, path_choice,
                                should_stop_thinking, summary_choice)
 from parathinker.spec.tokens import ControlTokens
 
@@ -110,6 +113,9 @@ class SampleRow:
     can_end: bool  # a masked path row may draw an end token
     counter: int  # (stream << 32) + index of the token drawn: unique within the owner
     path: int | None = None  # 0-based path index of a path row
+    # the drawn token's confidence (engine/confidence.py), set by the engine after sampling on
+    # the rows of a request with confidence_window > 0
+    confidence: float | None = None
 
     @property
     def wants_logprobs(self) -> bool:
@@ -267,6 +273,17 @@ class Request(SeqGroup):
         self.path_finish: list[str | None] = [None] * num_paths
         self.summary: Seq | None = None
         self.summary_finish: str | None = None
+        # gating (engine/confidence.py): each path's window, and answer keys for agreement
+        window = params.confidence_window
+        self.confidence = [PathConfidence(window) for _ in range(num_paths)] if window else None
+        self.answers: list[str | None] = [None] * num_paths
+        # path text ids -> answer key, set by the engine for requests with stop_on_agreement
+        self.answer_of: Callable[[list[int]], str | None] | None = None
+
+    @property
+    def path_confidence(self) -> list[float | None] | None:
+        """Each path's confidence, or None when confidence_window is 0."""
+        return None if self.confidence is None else [c.value for c in self.confidence]
 
     def seqs(self) -> list[Seq]:
         return [self.prompt, *self.paths] + ([self.summary] if self.summary else [])
@@ -293,7 +310,8 @@ class Request(SeqGroup):
 
     def apply(self, rows: list[SampleRow], tokens: list[int]) -> None:
         if self.summary is None:
-            self.apply_paths([r.path for r in rows], tokens)  # type: ignore[misc]
+            self.apply_paths([r.path for r in rows], tokens,  # type: ignore[misc]
+                             [r.confidence for r in rows])
         else:
             self.apply_summary(tokens[0])
 
@@ -305,23 +323,54 @@ class Request(SeqGroup):
         return [k for k, p in enumerate(self.paths)
                 if self.path_finish[k] is None and not is_at_budget(len(p.tokens), self.params)]
 
-    def apply_paths(self, sampled: list[int], chosen: list[int]) -> None:
-        """After a thinking step: budget closes, sampled tokens, the termination policy."""
+    def apply_paths(self, sampled: list[int], chosen: list[int],
+                    confidence: list[float | None] | None = None) -> None:
+        """After a thinking step: budget closes, sampled tokens, pruning, the termination
+        policy (`confidence`: the drawn tokens' confidences, for a gated request)."""
+        was_open = [f is None for f in self.path_finish]
         for k, p in enumerate(self.paths):
             if self.path_finish[k] is None and k not in sampled:
                 p.tokens.append(self.ctrl.think_close[k])
                 self.path_finish[k] = BUDGET
-        for k, c in zip(sampled, chosen):
+        below: dict[int, float] = {}  # path -> group confidence under prune_confidence
+        for k, c, conf in zip(sampled, chosen, confidence or [None] * len(sampled)):
             token, reason = path_choice(self.ctrl, k + 1, c)
+            group = None if self.confidence is None else self.confidence[k].add(conf)  # type: ignore[arg-type]
+            threshold = self.params.prune_confidence
+            if reason is None and group is not None and threshold is not None and group < threshold:
+                below[k] = group
             self.paths[k].tokens.append(token)
             self.path_finish[k] = reason
-        if should_stop_thinking(sum(f is not None for f in self.path_finish), self.params):
+        if below:
+            for k in to_prune(below, sum(f != PRUNED for f in self.path_finish)):
+                self.paths[k].tokens[-1] = self.ctrl.think_close[k]
+                self.path_finish[k] = PRUNED
+        if self.thinking_is_over(was_open):
             for k, p in enumerate(self.paths):
                 if self.path_finish[k] is None:
                     p.tokens.append(self.ctrl.think_close[k])
                     self.path_finish[k] = CUT
             start = summary_start(len(self.prompt.tokens), [len(p.tokens) for p in self.paths])
             self.summary = Seq(list(self.template_ids), 0, start)
+
+    def thinking_is_over(self, was_open: list[bool]) -> bool:
+        """After a step's paths are applied (`was_open`: which were open before it): enough paths
+        ended (min_finished_paths; pruned ones do not count), none is open, or, with
+        stop_on_agreement, that many ended paths share an answer (`engine/confidence.py`)."""
+        finish = self.path_finish
+        if all(f is not None for f in finish):
+            return True
+        if should_stop_thinking(sum(f in (END, BUDGET) for f in finish), self.params):
+            return True
+        agree = self.params.stop_on_agreement
+        if not agree:
+            return False
+        assert self.answer_of is not None, "the engine sets answer_of for stop_on_agreement"
+        for k, p in enumerate(self.paths):
+            if was_open[k] and finish[k] in (END, BUDGET):
+                self.answers[k] = self.answer_of(path_text_ids(p.tokens, self.ctrl.think_close[k]))
+        keys = [a for a in self.answers if a is not None]
+        return any(keys.count(a) >= agree for a in set(keys))
 
     def apply_summary(self, token: int) -> None:
         assert self.summary is not None

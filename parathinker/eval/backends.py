@@ -153,8 +153,9 @@ class EngineBackend:
 @dataclass
 class PathResult:
     text: str  # without its two tags
-    finish_reason: str  # "end" | "budget" | "cut"
+    finish_reason: str  # "end" | "budget" | "cut" | "pruned"
     num_tokens: int  # tags included
+    confidence: float | None = None  # the path's lowest group confidence (None: not computed)
 
 
 @dataclass
@@ -172,7 +173,8 @@ class ParallelResult:
     @classmethod
     def of(cls, out: Any) -> ParallelResult:
         """From an engine `RequestOutput`."""
-        paths = [PathResult(p.text, p.finish_reason, len(p.token_ids)) for p in out.paths]
+        paths = [PathResult(p.text, p.finish_reason, len(p.token_ids), p.confidence)
+                 for p in out.paths]
         return cls(paths, out.summary.text, out.summary.finish_reason, len(out.prompt_token_ids),
                    len(out.summary.token_ids), out.metrics.get("latency_s"), out.error)
 
@@ -196,8 +198,10 @@ class EndpointBackend:
     `parathinker serve`, which thinks in parallel on every request. ParaThinker requests:
     `/v1/chat/completions` on `parathinker serve` (its default `--chat-template parathinker` puts
     the question into the model's prompt template, as the engine does) with every SamplingParams
-    field in the `parallel` extension, so that the server's defaults and budget fitting never
-    apply; only servers of the requested layout take them."""
+    field in the `parallel` extension (the gating ones only when confidence or a gate is on, so an
+    ungated run also works with a server older than them), so that the server's defaults and
+    budget fitting never apply; paths' `confidence` come back in `PathResult`; only servers of
+    the requested layout take them."""
 
     def __init__(self, urls: str | tuple[str, ...], model: str, timeout_s: float = 3600.0,
                  api_key: str | None = None, concurrency: int = 64, retries: int = 5,
@@ -318,6 +322,11 @@ class EndpointBackend:
                     "min_path_tokens": params.min_path_tokens,
                     "max_summary_tokens": params.max_summary_tokens,
                     "min_finished_paths": params.min_finished_paths}
+        if params.is_gated or params.prune_confidence is not None:  # else a server before them works
+            settings.update(confidence_window=params.confidence_window,
+                            confidence_top_k=params.confidence_top_k,
+                            prune_confidence=params.prune_confidence,
+                            stop_on_agreement=params.stop_on_agreement)
         start = time.perf_counter()
         resp = server.client.chat.completions.create(
             model=self.model, messages=[{"role": "user", "content": question}],
@@ -330,7 +339,7 @@ class EndpointBackend:
             raise EndpointError(f"the endpoint {server.url} answered without the parallel extension's "
                                 "paths / usage.summary_tokens: is it parathinker serve?")
         choice = resp.choices[0]
-        paths = [PathResult(p["text"], p["finish_reason"], int(p["num_tokens"]))
+        paths = [PathResult(p["text"], p["finish_reason"], int(p["num_tokens"]), p.get("confidence"))
                  for p in sorted(extra["paths"], key=lambda p: p["index"])]
         template = int(server.card["summary_template_tokens"])  # type: ignore[index]
         return ParallelResult(paths, choice.message.content or "",

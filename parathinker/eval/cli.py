@@ -12,6 +12,7 @@ accuracy_vs_paths.png. An interrupted run continues with --resume. See docs/EVAL
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -32,6 +33,21 @@ def _ints(text: str) -> tuple[int, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
+
+
+def _thresholds(text: str) -> tuple[float | None, ...]:
+    """--prune-confidence: comma-separated finite numbers, `none` for the unpruned run."""
+    values: list[float | None] = []
+    for v in (v.strip() for v in text.split(",") if v.strip()):
+        try:
+            values.append(None if v.lower() == "none" else float(v))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers or none, got {text!r}") from None
+        if values[-1] is not None and not math.isfinite(values[-1]):  # type: ignore[arg-type]
+            raise argparse.ArgumentTypeError(f"expected finite numbers, got {v!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number or none")
+    return tuple(values)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -64,6 +80,21 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="K independent samples per problem and configuration; pass@1 = mean over them "
                         "(for majority: K independent votes of N traces each). Default 1")
     add_path_budget_args(g, max_path_tokens=16384, min_path_tokens=None)
+    g = p.add_argument_group("gated thinking (each value of a list is a configuration, run in turn "
+                             "with the same seeds)")
+    g.add_argument("--stop-on-agreement", type=_ints, default=(0,), metavar="N[,N...]",
+                   help="cut the open paths and start the summary once N finished paths give the same "
+                        "answer (0: off); together with --min-finished-paths, whichever fires first; "
+                        "values above a configuration's P are not run for it (default 0)")
+    g.add_argument("--prune-confidence", type=_thresholds, default=(None,), metavar="C[,C...]",
+                   help="close a path whose group confidence falls below C (finish reason pruned; "
+                        "never the last open path); needs --confidence-window; none: off (default none)")
+    g.add_argument("--confidence-window", type=int, default=0,
+                   help="each path's confidence (DeepConf's lowest group confidence) over windows of "
+                        "this many tokens, stored per path with the confidence-weighted vote over "
+                        "paths; 0: off (default 0)")
+    g.add_argument("--confidence-top-k", type=int, default=20,
+                   help="log-probabilities a token's confidence averages (default 20)")
     g.add_argument("--max-tokens", type=int, default=None,
                    help="sequential mode: budget of the trace (default 2 x --max-path-tokens = 32768)")
     g.add_argument("--majority-max-tokens", type=int, default=None,
@@ -111,7 +142,9 @@ def config_from_args(args: argparse.Namespace) -> object:
         modes=tuple(args.mode), paths=tuple(args.paths), majority_n=tuple(args.majority_n or ()),
         layouts=tuple(args.layout),
         samples=args.samples, max_path_tokens=args.max_path_tokens, max_summary_tokens=args.max_summary_tokens,
-        min_finished_paths=args.min_finished_paths, max_tokens=args.max_tokens,
+        min_finished_paths=args.min_finished_paths, stop_on_agreement=tuple(args.stop_on_agreement),
+        prune_confidence=tuple(args.prune_confidence), confidence_window=args.confidence_window,
+        confidence_top_k=args.confidence_top_k, max_tokens=args.max_tokens,
         majority_max_tokens=args.majority_max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, resume=args.resume, limit=args.limit,
         endpoint=",".join(args.endpoint) if args.endpoint else None, request_timeout=args.request_timeout,

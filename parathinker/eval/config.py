@@ -5,7 +5,9 @@
     cfg.configurations()   # [("parathinker", 2, "native"), ..., ("parathinker", 8, "reference")]
 
 A configuration is a mode, a number of paths and, for ParaThinker requests, a layout (SPEC §4
-native, SPEC §6 reference); plain traces (sequential, majority) have no layout (None).
+native, SPEC §6 reference) and a `Gate` (how thinking may end early: `cfg.gates()`, every
+--stop-on-agreement x --prune-confidence pair); plain traces (sequential, majority) have no
+layout (None) and no gate.
 """
 
 from __future__ import annotations
@@ -17,6 +19,27 @@ from parathinker.config import PlainParams, parse_rope_scaling, resolve_rope_sca
 
 MODES = ("parathinker", "sequential", "majority")
 LAYOUTS = ("native", "reference")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Issue 23's early ends of a ParaThinker sample (SamplingParams' fields of the same names):
+    the open paths are cut once `stop_on_agreement` finished paths give the same answer (0: off);
+    a path whose group confidence falls below `prune_confidence` is closed (None: off). The
+    default gate is the ungated request."""
+
+    stop_on_agreement: int = 0
+    prune_confidence: float | None = None
+
+    @property
+    def key(self) -> tuple[int, float | None]:
+        return (self.stop_on_agreement, self.prune_confidence)
+
+    @property
+    def label(self) -> str:
+        """" agree=2 prune<1.5" (each rule that is on), "" for the ungated request."""
+        return ((f" agree={self.stop_on_agreement}" if self.stop_on_agreement else "")
+                + (f" prune<{self.prune_confidence:g}" if self.prune_confidence is not None else ""))
 
 
 @dataclass(frozen=True)
@@ -35,6 +58,10 @@ class EvalConfig:
     max_path_tokens: int = 16384
     max_summary_tokens: int = 1024
     min_finished_paths: int = 1  # clipped to P; 1 = first-finish
+    stop_on_agreement: tuple[int, ...] = (0,)  # each a run dimension (`gates`); 0 = off
+    prune_confidence: tuple[float | None, ...] = (None,)  # each a run dimension; None = off
+    confidence_window: int = 0  # tokens per group confidence; 0 = no confidence computed
+    confidence_top_k: int = 20  # log-probabilities per token confidence
     max_tokens: int | None = None  # sequential trace budget; None = 2 x max_path_tokens
     majority_max_tokens: int | None = None  # each majority trace; None = max_path_tokens
     temperature: float = 0.5
@@ -86,6 +113,7 @@ class EvalConfig:
         for name, value, low in checks:
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
+        self._check_gates()
         if isinstance(self.rope_scaling, str):
             parse_rope_scaling(self.rope_scaling)  # raises for an unknown choice
         if self.request_timeout <= 0:
@@ -96,6 +124,30 @@ class EvalConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.endpoints  # noqa: B018 - raises for a malformed URL or an empty file
         PlainParams(max_tokens=1, temperature=self.temperature, top_p=self.top_p)  # same checks as sampling
+
+    def _check_gates(self) -> None:
+        if not self.stop_on_agreement or not self.prune_confidence:
+            raise ValueError("--stop-on-agreement and --prune-confidence need at least one value")
+        if any(v < 0 for v in self.stop_on_agreement):
+            raise ValueError("--stop-on-agreement values must be >= 0 (0: off), got "
+                             f"{','.join(map(str, self.stop_on_agreement))}")
+        if self.paths and max(self.stop_on_agreement) > max(self.paths):
+            raise ValueError(f"--stop-on-agreement {max(self.stop_on_agreement)} needs that many "
+                             f"paths, but --paths goes up to {max(self.paths)}")
+        if any(v is not None for v in self.prune_confidence) and self.confidence_window < 1:
+            raise ValueError("--prune-confidence needs --confidence-window > 0 (the window a "
+                             "path's group confidence is measured over)")
+        for name, value, low in (("--confidence-window", self.confidence_window, 0),
+                                 ("--confidence-top-k", self.confidence_top_k, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+
+    def gates(self, num_paths: int) -> list[Gate]:
+        """The gates a parathinker configuration with `num_paths` paths runs under: every
+        --stop-on-agreement x --prune-confidence pair, but no agreement of more paths than it has."""
+        pairs = dict.fromkeys((a, c) for a in self.stop_on_agreement for c in self.prune_confidence
+                              if a <= num_paths)
+        return [Gate(a, c) for a, c in pairs]
 
     def data_files(self) -> dict[str, str]:
         """--data entries by benchmark: `NAME=FILE`, or plain FILEs one per --benchmark name in order."""
@@ -153,13 +205,20 @@ class EvalConfig:
         return resolve_rope_scaling(self.rope_scaling, self.checkpoint, self.max_path_tokens,
                                     parallel=mode == "parathinker")
 
-    def settings(self, mode: str, num_paths: int) -> dict[str, Any]:
-        """What shaped a sample besides its seed and layout: stored with it, compared on --resume."""
+    def settings(self, mode: str, num_paths: int, gate: Gate = Gate()) -> dict[str, Any]:
+        """What shaped a sample besides its seed and layout: stored with it, compared on --resume.
+        The gating settings appear only where confidence or a gate is on, so the samples of a run
+        without them keep resuming as before."""
         out: dict[str, Any] = {"model": self.model, "backend": self.backend, "temperature": self.temperature,
                                "top_p": self.top_p, "top_k": self.top_k, "base_seed": self.seed}
         if mode == "parathinker":
             out.update(max_path_tokens=self.max_path_tokens, max_summary_tokens=self.max_summary_tokens,
                        min_finished_paths=min(self.min_finished_paths, num_paths))
+            if self.confidence_window or gate != Gate():
+                out.update(confidence_window=self.confidence_window,
+                           confidence_top_k=self.confidence_top_k,
+                           stop_on_agreement=gate.stop_on_agreement,
+                           prune_confidence=gate.prune_confidence)
         else:
             out.update(max_tokens=self.sequential_max_tokens if mode == "sequential" else self.vote_max_tokens)
         out["rope_scaling"] = self.rope_for(mode)

@@ -36,18 +36,17 @@ from collections.abc import Sequence
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _WRAPPER_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
-_SPACING_RE = re.compile(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\[!,;: ]|~")
 _CHOICE_RE = re.compile(r"\(([A-E])\)|answer is:?\s*([A-E])\b")
 _STARTUP_TIMEOUT_S = 120.0
 
 
 def _normalize(s: str) -> str:
-    """Light, lossless-for-grading normalisation used only for the equality fast path."""
-    s = _SPACING_RE.sub("", s.strip().strip("$"))
-    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
-    s = re.sub(r"(?<=[A-Za-z0-9])\s+(?=[A-Za-z0-9])", " ", s)  # keep one space between word characters
-    s = re.sub(r"(?<![A-Za-z0-9])\s+|\s+(?![A-Za-z0-9])", "", s)
-    return s.rstrip(".")
+    """Light, lossless-for-grading normalisation used only for the equality fast path: the
+    engine's agreement rule too, so it is stated once in `parathinker.spec.answers`."""
+    # imported here: the grading workers load this file alone, without the package (and torch)
+    from parathinker.spec.answers import normalize_answer
+
+    return normalize_answer(s)
 
 
 def _unwrap(s: str) -> str:
@@ -244,26 +243,32 @@ def grade(gold: str, response: str, timeout_s: float = 5.0) -> bool:
 
 
 def majority_vote(
-    answers: Sequence[str | None], use_grader: bool = True, timeout_s: float = 5.0
+    answers: Sequence[str | None], use_grader: bool = True, timeout_s: float = 5.0,
+    weights: Sequence[float | None] | None = None,
 ) -> str | None:
     """Most common answer, equivalent answers grouped; None answers are ignored.
 
     Answers are bare final answers (e.g. `parathinker.spec.tokens.last_boxed` output). Each answer joins
     the first earlier group whose first member (as gold) grades it correct, or with use_grader=False
     whose normalised string is equal. Deterministic: ties go to the group that appeared first.
-    Returns that group's first member, or None when there is no answer.
+    Returns that group's first member, or None when there is no answer. With `weights` (one per
+    answer) a group's size is the sum of its members' weights (DeepConf's confidence-weighted vote:
+    each path votes with its confidence); an answer without a weight (None) does not vote.
     """
-    groups: list[tuple[str, int]] = []  # (first member, count) in order of first appearance
-    for a in answers:
-        if a is None:
+    if weights is not None and len(weights) != len(answers):
+        raise ValueError(f"{len(weights)} weights for {len(answers)} answers")
+    groups: list[tuple[str, float]] = []  # (first member, votes) in order of first appearance
+    for j, a in enumerate(answers):
+        weight = 1.0 if weights is None else weights[j]
+        if a is None or weight is None:
             continue
         for k, (rep, count) in enumerate(groups):
             same = grade(rep, f"\\boxed{{{a}}}", timeout_s) if use_grader else _normalize(rep) == _normalize(a)
             if same:
-                groups[k] = (rep, count + 1)
+                groups[k] = (rep, count + weight)
                 break
         else:
-            groups.append((a, 1))
+            groups.append((a, weight))
     if not groups:
         return None
     best = max(c for _, c in groups)

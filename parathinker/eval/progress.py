@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from parathinker.eval.report import config_label
+from parathinker.eval.results import gate_of
 
 REFRESH_S = 0.5  # the token counter redraws at most this often
 
@@ -33,7 +34,7 @@ class Progress:
         self.num_done += 1
         self.num_correct += bool(record["correct"])
         self.num_failed += record.get("error") is not None
-        label = config_label(record["mode"], record["num_paths"], record.get("layout"))
+        label = config_label(record["mode"], record["num_paths"], record.get("layout"), gate_of(record))
         self.sample_text = (f"{record['benchmark']} {label} | acc "
                             f"{100 * self.num_correct / self.num_done:.1f}%")
         self._postfix(refresh=False)

@@ -1,7 +1,9 @@
 """Record building: a finished sample graded into its samples.jsonl line (fields in docs/EVAL.md).
 
 A response's answer is the last `\\boxed{}` of the summary / trace (`parathinker.spec.tokens.last_boxed`,
-the extractor `RequestOutput.answer` uses); one without a box is wrong.
+the extractor `RequestOutput.answer` uses); one without a box is wrong. A ParaThinker record with
+path confidences (--confidence-window > 0) stores them (`path_confidences`) and the
+confidence-weighted vote over its paths (DeepConf: each path's answer votes with its confidence).
 """
 
 from __future__ import annotations
@@ -22,12 +24,19 @@ def is_correct(gold: str, answer: str | None) -> bool:
     return answer is not None and grade(gold, f"\\boxed{{{answer}}}")
 
 
-def _vote(gold: str, answers: list[str | None]) -> dict[str, Any]:
-    """Each answer's correctness, the any-answer oracle and the majority vote."""
+def _vote(gold: str, answers: list[str | None],
+          confidences: list[float | None] | None = None) -> dict[str, Any]:
+    """Each answer's correctness, the any-answer oracle and the majority vote; with confidences
+    (any not None), the confidence-weighted vote too."""
     path_correct = [is_correct(gold, a) for a in answers]
     voted = majority_vote(answers)
-    return {"path_answers": answers, "path_correct": path_correct, "any_path_correct": any(path_correct),
-            "majority_answer": voted, "majority_over_paths_correct": is_correct(gold, voted)}
+    out = {"path_answers": answers, "path_correct": path_correct, "any_path_correct": any(path_correct),
+           "majority_answer": voted, "majority_over_paths_correct": is_correct(gold, voted)}
+    if confidences is not None and any(c is not None for c in confidences):
+        weighted = majority_vote(answers, weights=confidences)
+        out.update(path_confidences=confidences, confidence_majority_answer=weighted,
+                   confidence_majority_correct=is_correct(gold, weighted))
+    return out
 
 
 def build_record(cfg: EvalConfig, unit: Unit, outputs: Sequence[Any],
@@ -39,13 +48,16 @@ def build_record(cfg: EvalConfig, unit: Unit, outputs: Sequence[Any],
                            "num_paths": unit.num_paths, "sample": unit.sample, "layout": unit.key[5],
                            "seed": unit.seed(cfg.seed), "gold": gold}
     if unit.mode == "parathinker":
+        rec.update(stop_on_agreement=unit.gate.stop_on_agreement,
+                   prune_confidence=unit.gate.prune_confidence)
         (out,) = outputs
         if not isinstance(out, ParallelResult):
             out = ParallelResult.of(out)  # the engine's RequestOutput
         answer = last_boxed(out.summary_text)
         rec.update(answer=answer, correct=is_correct(gold, answer), summary=out.summary_text,
                    summary_finish=out.summary_finish)
-        rec.update(_vote(gold, [last_boxed(p.text) for p in out.paths]))
+        rec.update(_vote(gold, [last_boxed(p.text) for p in out.paths],
+                         [p.confidence for p in out.paths]))
         path_tokens = [p.num_tokens for p in out.paths]
         rec.update(path_tokens=path_tokens, path_finish=[p.finish_reason for p in out.paths],
                    prompt_tokens=out.num_prompt_tokens, summary_tokens=out.num_summary_tokens,
@@ -76,5 +88,5 @@ def build_record(cfg: EvalConfig, unit: Unit, outputs: Sequence[Any],
                 rec["responses"] = [t.text for t in traces]
     if server is not None:
         rec["server"] = server
-    rec["settings"] = cfg.settings(unit.mode, unit.num_paths)
+    rec["settings"] = cfg.settings(unit.mode, unit.num_paths, unit.gate)
     return rec

@@ -7,8 +7,9 @@
 One JSON object per line, written, flushed and fsynced as soon as a sample is graded. A run killed
 mid-write leaves a last line without its newline: on open it is dropped (with a warning) and the file
 truncated to the last complete line, so that sample is simply run again, never counted twice.
-A record's key is (benchmark, mode, num_paths, id, sample, layout); a parathinker record written
-before layouts existed is a native one, plain traces have no layout (None).
+A record's key is (benchmark, mode, num_paths, id, sample, layout, gate); a parathinker record
+written before layouts existed is a native one, plain traces have no layout (None); the gate is
+(stop_on_agreement, prune_confidence), (0, None) for a record without them (ungated).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-SampleKey = tuple[str, str, int, str, int, str | None]
+SampleKey = tuple[str, str, int, str, int, str | None, tuple[int, float | None]]
 REQUIRED_FIELDS = ("benchmark", "id", "mode", "num_paths", "sample", "answer", "correct")
 
 
@@ -38,7 +39,14 @@ def sample_key(record: dict[str, Any]) -> SampleKey:
     return (
         str(record["benchmark"]), mode, int(record["num_paths"]),
         str(record["id"]), int(record["sample"]), layout_of(mode, record.get("layout")),
+        gate_of(record),
     )
+
+
+def gate_of(record: dict[str, Any]) -> tuple[int, float | None]:
+    """A record's (stop_on_agreement, prune_confidence); (0, None) when it has none (ungated)."""
+    prune = record.get("prune_confidence")
+    return (int(record.get("stop_on_agreement") or 0), None if prune is None else float(prune))
 
 
 class SampleStore:

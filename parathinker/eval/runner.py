@@ -42,7 +42,7 @@ def _check_resume(cfg: EvalConfig, store: SampleStore, units: list[Unit]) -> Non
         stored = by_key.get(unit.key)
         if stored is None or "settings" not in stored:
             continue
-        want = json.loads(json.dumps(cfg.settings(unit.mode, unit.num_paths)))
+        want = json.loads(json.dumps(cfg.settings(unit.mode, unit.num_paths, unit.gate)))
         diff = {k: (stored["settings"].get(k), v) for k, v in want.items() if stored["settings"].get(k) != v}
         if diff:
             what = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in diff.items())

@@ -126,7 +126,8 @@ async def stream_events(server: Server, ticket: Ticket, kind: str, acc: Accepted
             out = outs[index] = await server.off_loop(server.llm.request_output, d.request)
             final = C.finish(out, parsed.stop, server.template_text)
             yield event([R.stream_choice(kind, index=index, finish=final.finish_reason,
-                                         paths=R.path_list(out, with_text=False))])
+                                         paths=R.path_list(out, with_text=False,
+                                                           with_answer=parsed.include_reasoning))])
         ticket.is_done = True
         if parsed.include_usage:
             yield event([], _usage(server, acc, [outs[i] for i in range(acc.num_choices)]))

@@ -10,7 +10,8 @@
 Commands (`_Add`, `_Abort`, `_FailAll`, `_Stop`) are applied between steps, so every request in
 flight shares each forward (continuous batching across clients). After each step the thread
 publishes, per request, what is new since the last step as a `Delta` (token ids only:
-detokenizing is the handler's job), built by the engine's `output_processor.SampleStream`; the
+detokenizing is the handler's job), built by the engine's `output_processor.SampleStream`, with
+the confidence of each path that closed in that step (`Delta.path_confidence`); the
 last Delta of each of a request's n samples carries that ended sample. A sample whose summary's
 generated text holds one of the job's stop strings (`SampleStream.is_stop_hit`) is ended
 right after the step that completed it (`Engine.stop_sample`). With nothing to run it blocks on the
@@ -25,17 +26,26 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from parathinker.config import SamplingParams
 from parathinker.engine import Engine
 from parathinker.engine.group import members
-from parathinker.engine.output_processor import Delta, SampleStream
+from parathinker.engine.output_processor import Delta as SampleDelta
+from parathinker.engine.output_processor import SampleStream
 from parathinker.engine.request import FINISHED
 from parathinker.serve.metrics import Metrics
 
 log = logging.getLogger("parathinker.serve")
+
+
+@dataclass
+class Delta(SampleDelta):
+    """A sample's engine Delta and, for each path that closed in its step, the path's final
+    confidence (None unless the request set confidence_window): the stream's per-path finish."""
+
+    path_confidence: dict[int, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -199,7 +209,9 @@ class EngineLoop:
                 m.inc("parathinker_request_latency_seconds_count")
             del self._tracked[req.request_id]
         for i, (sample, sent) in enumerate(zip(samples, t.samples)):
-            d = sent.delta(i, sample)
+            d = Delta(**vars(sent.delta(i, sample)))
+            confidence = sample.path_confidence
+            d.path_confidence = {k: None if confidence is None else confidence[k] for k in d.path_finish}
             self._count(d)
             if is_final:
                 d.request, d.status, d.error = sample, req.status, error

@@ -82,10 +82,10 @@ def get_bool(body: dict[str, Any], name: str, prefix: str = "") -> bool | None:
     return get_typed(body, name, (bool,), "a boolean", prefix)
 
 
-def get_number(body: dict[str, Any], name: str) -> float | None:
-    value = get_typed(body, name, (int, float), "a number")
+def get_number(body: dict[str, Any], name: str, prefix: str = "") -> float | None:
+    value = get_typed(body, name, (int, float), "a number", prefix)
     if value is not None and not math.isfinite(value):
-        raise bad(name, f"'{name}' must be a finite number")
+        raise bad(prefix + name, f"'{prefix}{name}' must be a finite number")
     return None if value is None else float(value)
 
 

@@ -21,7 +21,8 @@ from parathinker.spec.budgets import check_context, path_room, round_paths
 
 # SamplingParams fields in the order their names are looked for at the start of an error message
 _FIELDS = ("min_finished_paths", "max_summary_tokens", "max_path_tokens", "min_path_tokens",
-           "num_paths", "temperature", "top_p", "top_k", "seed")
+           "num_paths", "temperature", "top_p", "top_k", "seed", "confidence_window",
+           "confidence_top_k", "prune_confidence", "stop_on_agreement")
 PATH_FLOOR = 64  # a derived path budget is at least min(64, what fits); else fewer paths
 
 
@@ -33,8 +34,9 @@ def sampling_params(parsed: ParsedRequest, defaults: SamplingParams, prompt_len:
     paths fewer than min(PATH_FLOOR, what fits) positions (`context_summary`); max_path_tokens
     to what the context leaves after the prompt and the summary in this layout
     (spec/budgets.path_room; in 16s for the reference layout, SPEC §6); with a cap, the paths and
-    the budgets to it (`fit_to_cap`); min_finished_paths <= num_paths, min_path_tokens <=
-    max_path_tokens."""
+    the budgets to it (`fit_to_cap`); min_finished_paths and stop_on_agreement <= num_paths,
+    min_path_tokens <= max_path_tokens. The gating fields (confidence_window, confidence_top_k,
+    prune_confidence, stop_on_agreement) pass through as set; SamplingParams checks them."""
     s = dict(parsed.settings)
     least = round_paths(2, layout)  # the smallest path budget the layout runs
 
@@ -63,8 +65,10 @@ def sampling_params(parsed: ParsedRequest, defaults: SamplingParams, prompt_len:
         s["max_path_tokens"] = round_paths(min(defaults.max_path_tokens, fits), layout) \
             if fits >= least else defaults.max_path_tokens
     s.setdefault("min_path_tokens", min(defaults.min_path_tokens, s["max_path_tokens"]))
-    for name in ("temperature", "top_p", "top_k"):
+    for name in ("temperature", "top_p", "top_k", "confidence_window", "confidence_top_k",
+                 "prune_confidence"):
         s.setdefault(name, getattr(defaults, name))
+    s.setdefault("stop_on_agreement", min(defaults.stop_on_agreement, max(s["num_paths"], 1)))
     try:
         return SamplingParams(**s)
     except ValueError as e:
@@ -110,7 +114,8 @@ def fit_to_cap(s: dict[str, Any], parsed: ParsedRequest, defaults: SamplingParam
     if "num_paths" not in s:
         floor = min(round_paths(PATH_FLOOR, layout), limit)
         p = defaults.num_paths
-        lowest = max(1, min(s.get("min_finished_paths", 1), p))  # the client's stays valid
+        # the client's min_finished_paths and stop_on_agreement stay valid
+        lowest = max(1, min(max(s.get("min_finished_paths", 1), s.get("stop_on_agreement", 0)), p))
         while p > lowest and (p * share(p) + summary_need > cap
                               or "max_path_tokens" not in s and share(p) < floor):
             p -= 1

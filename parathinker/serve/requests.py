@@ -8,9 +8,10 @@ request field it came from).
 
 Extension fields (all optional; a plain OpenAI request uses the server's defaults):
 - request: "parallel": {"num_paths", "max_path_tokens", "min_path_tokens",
-  "max_summary_tokens", "min_finished_paths"} (the SamplingParams fields, summary template
-  included in max_summary_tokens), each also accepted flat at the top level (vLLM's extra_body
-  style; in both places with different values: 400); "top_k" at the top level (as vLLM);
+  "max_summary_tokens", "min_finished_paths", "confidence_window", "confidence_top_k",
+  "prune_confidence", "stop_on_agreement"} (the SamplingParams fields, summary template
+  included in max_summary_tokens; `PARALLEL_FIELDS` types them), each also accepted flat at the
+  top level (vLLM's extra_body style; in both places with different values: 400); "top_k" at the top level (as vLLM);
   "include_reasoning" (default true); "stream_options": {"include_usage", "include_paths"}.
 - `max_completion_tokens` (else `max_tokens`) caps what is generated: path tokens plus the
   summary after its template, so usage.completion_tokens never exceeds it (`params.fit_to_cap`;
@@ -32,8 +33,15 @@ from typing import Any
 from parathinker.serve.fields import (bad, checked_text, get_bool, get_int, get_number,
                                       get_typed, log_ignored, short)
 
-PARALLEL_KEYS = ("num_paths", "max_path_tokens", "min_path_tokens", "max_summary_tokens",
-                 "min_finished_paths")
+_GETTERS = {"integer": get_int, "number": get_number}
+
+# the `parallel` object's fields (SamplingParams' names) and their JSON types: the one table the
+# parser, the error params and /v1/models' card read
+PARALLEL_FIELDS = {"num_paths": "integer", "max_path_tokens": "integer", "min_path_tokens": "integer",
+                   "max_summary_tokens": "integer", "min_finished_paths": "integer",
+                   "confidence_window": "integer", "confidence_top_k": "integer",
+                   "prune_confidence": "number", "stop_on_agreement": "integer"}
+PARALLEL_KEYS = tuple(PARALLEL_FIELDS)
 KNOWN_FIELDS = frozenset((  # top-level fields read on both routes (besides messages / prompt)
     "model", "stream", "stream_options", "n", "stop", "logprobs", "top_logprobs", "echo",
     "path_logprobs", "include_reasoning", "temperature", "top_p", "top_k", "seed", "max_tokens",
@@ -198,8 +206,9 @@ def _parallel(body: dict[str, Any], parsed: ParsedRequest) -> None:
     if unknown:
         raise bad("parallel", f"unknown key(s) {unknown} in 'parallel'; known: "
                                f"{list(PARALLEL_KEYS)}")
-    for name in PARALLEL_KEYS:
-        nested, flat = get_int(parallel, name, "parallel."), get_int(body, name)
+    for name, kind in PARALLEL_FIELDS.items():
+        get = _GETTERS[kind]
+        nested, flat = get(parallel, name, "parallel."), get(body, name)
         if nested is not None and flat is not None and nested != flat:
             raise bad(name, f"'{name}' is set both at the top level ({flat}) and in 'parallel' "
                             f"({nested}); set it once")

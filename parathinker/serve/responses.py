@@ -2,8 +2,9 @@
 
 ParaThinker's extension fields, beside the standard ones: message.reasoning_content and
 .reasoning (every path as "<think{k}>text</think{k}>", one per line), message.paths ([{index,
-text, finish_reason: end|budget|cut, num_tokens}]), message.answer (the summary's last
-\\boxed{}), usage.path_tokens / summary_tokens and usage.completion_tokens_details.reasoning_tokens
+text, finish_reason: end|budget|cut|pruned, num_tokens, confidence, answer}]: confidence the
+path's lowest group confidence, null unless the request set confidence_window; answer the path's
+last \\boxed{}), message.answer (the summary's last \\boxed{}), usage.path_tokens / summary_tokens and usage.completion_tokens_details.reasoning_tokens
 (= path tokens). Streams: a chunk per choice (`stream_choice`); docs/SERVE.md shows both.
 """
 
@@ -24,9 +25,16 @@ def reasoning_text(out: RequestOutput) -> str:
     return "\n".join(f"<think{p.index}>{p.text}</think{p.index}>" for p in out.paths)
 
 
-def path_list(out: RequestOutput, with_text: bool = True) -> list[dict[str, Any]]:
+def path_list(out: RequestOutput, with_text: bool = True, with_answer: bool | None = None
+              ) -> list[dict[str, Any]]:
+    """The `paths` objects. `with_answer` (default: `with_text`) adds each path's answer, a piece
+    of its text: left out with include_reasoning false; a stream's finish chunk, whose text was
+    streamed, has it without the text."""
+    with_answer = with_text if with_answer is None else with_answer
     return [{"index": p.index, **({"text": p.text} if with_text else {}),
-             "finish_reason": p.finish_reason, "num_tokens": len(p.token_ids)} for p in out.paths]
+             "finish_reason": p.finish_reason, "num_tokens": len(p.token_ids),
+             "confidence": p.confidence, **({"answer": p.answer} if with_answer else {})}
+            for p in out.paths]
 
 
 def usage(outs: list[RequestOutput], template_len: int,
@@ -98,11 +106,14 @@ def chunk(kind: str, rid: str, created: int, model: str, choices: list[dict[str,
 def stream_choice(kind: str, *, index: int = 0, content: str | None = None,
                   reasoning: str | None = None,
                   path_index: int | None = None, path_content: str | None = None,
-                  path_finish: str | None = None, role: bool = False, finish: str | None = None,
-                  paths: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  path_finish: str | None = None, path_confidence: float | None = None,
+                  path_answer: str | None = None, with_answer: bool = True, role: bool = False,
+                  finish: str | None = None, paths: list[dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
     """One choice of a chunk. Chat puts text in `delta`; completions in the choice itself.
     `reasoning` is the readable stream (reasoning_content and reasoning); `path_*` one path's
-    live delta (the include_paths extension)."""
+    live delta (the include_paths extension): with `path_finish`, its confidence and (unless
+    `with_answer` is false) its answer, null when it has none."""
     fields: dict[str, Any] = {}
     if role:
         fields["role"] = "assistant"
@@ -115,6 +126,9 @@ def stream_choice(kind: str, *, index: int = 0, content: str | None = None,
         fields["path_content"] = path_content or ""
     if path_finish is not None:
         fields["path_finish_reason"] = path_finish
+        fields["path_confidence"] = path_confidence
+        if with_answer:
+            fields["path_answer"] = path_answer
     if kind == "chat":
         choice: dict[str, Any] = {"index": index, "delta": fields, "logprobs": None,
                                   "finish_reason": finish}

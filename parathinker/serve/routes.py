@@ -21,6 +21,7 @@ from parathinker.serve.admission import Ticket, accept, unknown_model
 from parathinker.serve.answers import answer, stream_events
 from parathinker.serve.fields import APIError
 from parathinker.serve.http import json_response
+from parathinker.serve.requests import PARALLEL_FIELDS
 from parathinker.serve.server import Server
 
 router = APIRouter()
@@ -70,7 +71,10 @@ def _model_card(server: Server) -> dict[str, Any]:
             # what the engine runs with: --rope-scaling resolved from the path budget, --layout
             "rope_scaling": llm.config.rope_scaling, "layout": llm.layout,
             # T: clients that count the summary with its forced template (eval) add it to usage
-            "summary_template_tokens": server.template_len}
+            "summary_template_tokens": server.template_len,
+            # what `parallel` (and its flat aliases) takes: field -> JSON type; a client can tell
+            # whether this server gates (confidence_window, stop_on_agreement, ...)
+            "parallel_fields": dict(PARALLEL_FIELDS)}
 
 
 @router.get("/v1/models", dependencies=[Depends(check_key)])

@@ -9,7 +9,10 @@ step by step):
   once and live from there. What a generic client (LiteLLM, LangChain) concatenates is the
   non-streamed text, character for character.
 - live per-path deltas, only with stream_options.include_paths: {"path_index": k,
-  "path_content": text}, and {"path_index": k, "path_finish_reason": …} when path k closes.
+  "path_content": text}, and {"path_index": k, "path_finish_reason": …, "path_confidence": …,
+  "path_answer": …} when path k closes (its confidence, null unless the request set
+  confidence_window; its answer, the last \\boxed{} of its whole text, as the non-streamed path
+  object's, left out with include_reasoning false).
 The summary's text goes through the request's stop strings (`choices.StopFilter`): nothing at or
 past one is sent, so the concatenated content is the non-streamed content. With `echo` the
 prompt's text is the first text of the choice.
@@ -25,7 +28,7 @@ from parathinker.engine.detokenize import IncrementalDetokenizer
 from parathinker.engine.outputs import SummaryTextIds
 from parathinker.serve.engine_loop import Delta
 from parathinker.spec.reference_layout import PathTextIds
-from parathinker.spec.tokens import ControlTokens
+from parathinker.spec.tokens import ControlTokens, last_boxed
 
 
 class StreamText:
@@ -38,6 +41,7 @@ class StreamText:
         self.paths = [IncrementalDetokenizer(tokenizer) for _ in range(num_paths)]
         self.path_ids = [PathTextIds(ctrl.think_close[k]) for k in range(num_paths)]
         self.held = [""] * num_paths  # path text not yet in the readable stream
+        self.text = [""] * num_paths  # each path's whole text so far (its answer at its close)
         self.is_closed = [False] * num_paths
         self.current, self.is_open = 0, False  # the path the readable stream is in
         self.summary = IncrementalDetokenizer(tokenizer)
@@ -51,13 +55,18 @@ class StreamText:
         for k in sorted(set(d.path_tokens) | set(d.path_finish)):
             text, reason = self._path_text(k, d)
             self.held[k] += text
+            self.text[k] += text
             self.is_closed[k] = self.is_closed[k] or reason is not None
             if self.include_paths and text and self.include_reasoning:
                 out.append(P.stream_choice(kind, index=self.index, path_index=k + 1,
                                            path_content=text))
             if self.include_paths and reason is not None:
+                answer = last_boxed(self.text[k]) if self.include_reasoning else None
                 out.append(P.stream_choice(kind, index=self.index, path_index=k + 1,
-                                           path_finish=reason))
+                                           path_finish=reason,
+                                           path_confidence=d.path_confidence.get(k),
+                                           path_answer=answer,
+                                           with_answer=self.include_reasoning))
         readable = self._readable()
         if readable and self.include_reasoning:
             out.append(P.stream_choice(kind, index=self.index, reasoning=readable))

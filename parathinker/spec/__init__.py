@@ -5,4 +5,5 @@
     rules             the control-token rules of generation (§5)
     reference_layout  the released vLLM fork's own layout (§6)
     budgets           what fits a model's context: one statement of the budget rule
+    answers           when two final answers are the same string (grading, stop_on_agreement)
 """

@@ -13,6 +13,7 @@ from parathinker.config import SamplingParams
 from parathinker.spec.tokens import ControlTokens
 
 END, BUDGET, CUT = "end", "budget", "cut"
+PRUNED = "pruned"  # a path closed by prune_confidence (gated thinking, engine/confidence.py)
 
 
 def is_at_budget(num_held: int, params: SamplingParams) -> bool:

@@ -175,3 +175,28 @@ def test_a_model_from_another_run_is_replaced_and_its_eval_dropped(tmp_path):
     evals.mkdir()  # the same model again: kept, and so is its evaluation
     install_model(trained, model, evals)
     assert evals.exists() and (model / "model.safetensors").read_bytes() == b"new weights"
+
+
+def test_gating_study_thresholds_and_verdict():
+    from parathinker.demo.gating import thresholds, verdict
+
+    ungated = [{"path_confidences": [1.0, 2.0, None]}, {"path_confidences": [3.0, 4.0, 5.0]}]
+    gated = [{"stop_on_agreement": 2, "path_confidences": [100.0]}, {"prune_confidence": 1.0,
+                                                                     "path_confidences": [0.0]}]
+    # the gated runs' confidences do not count; numpy's linear quantiles of 1..5 by hand
+    assert thresholds(ungated + gated, (0.25, 0.5, 0.1)) == [2.0, 3.0, 1.4]
+    with pytest.raises(ValueError, match="no path confidences"):
+        thresholds(gated[:1] + [{"path_confidences": None}], (0.5,))
+
+    def row(name, acc, total, saved, gained=0, lost=0):
+        return {"configuration": name, "accuracy": acc, "total_tokens": total, "path_tokens_saved": saved,
+                "gained": gained, "lost": lost, "num_samples": 48}
+
+    table = [row("P=8 first-finish", 0.5, 100.0, 0.6, 1, 12), row("P=8 wait-for-all", 0.7, 300.0, 0.0),
+             row("P=8 agree=2", 0.69, 200.0, 0.3, 1, 2), row("P=8 prune<1", 0.6, 250.0, 0.1, 0, 5)]
+    lines = verdict(table)
+    assert lines[0].endswith("P=8 first-finish, P=8 agree=2, P=8 wait-for-all.")  # prune<1 is beaten
+    assert "(stop_on_agreement=2 saves >= 20 % of path tokens with accuracy within 1 problem in 24): holds" \
+        in lines[-1] and "net -1 of 48" in lines[-1]
+    table[2] = row("P=8 agree=2", 0.6, 200.0, 0.3, 0, 3)  # 3 lost of 48: more than 2 (1 in 24)
+    assert "does not hold" in verdict(table)[-1]

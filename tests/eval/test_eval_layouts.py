@@ -43,7 +43,7 @@ def test_layouts_share_seeds_and_differ_in_keys():
 
 def test_keys_of_records_written_before_layouts_are_native():
     old = {"benchmark": "x", "mode": "parathinker", "num_paths": 2, "id": "a", "sample": 0}
-    assert sample_key(old) == ("x", "parathinker", 2, "a", 0, "native")
+    assert sample_key(old) == ("x", "parathinker", 2, "a", 0, "native", (0, None))  # and ungated
     assert sample_key({**old, "layout": "reference"})[5] == "reference"
     assert sample_key({**old, "mode": "sequential", "num_paths": 1})[5] is None
 

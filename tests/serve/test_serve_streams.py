@@ -95,7 +95,7 @@ def test_include_reasoning_false(base):
                                   seed=6, extra_body=body)
     msg = r.choices[0].message.model_extra
     assert "reasoning_content" not in msg and "reasoning" not in msg
-    assert [set(p) for p in msg["paths"]] == [{"index", "finish_reason", "num_tokens"}] * 3
+    assert [set(p) for p in msg["paths"]] == [{"index", "finish_reason", "num_tokens", "confidence"}] * 3
     assert r.usage.completion_tokens_details.reasoning_tokens > 0  # still thought, not shown
     s = collect_stream(c.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], seed=6, stream=True,
