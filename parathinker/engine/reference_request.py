@@ -48,7 +48,8 @@ class ReferenceRequest(Request):
             return []
         return [k for k, f in enumerate(self.path_finish) if f is None]
 
-    def apply_paths(self, sampled: list[int], chosen: list[int]) -> None:
+    def apply_paths(self, sampled: list[int], chosen: list[int],
+                    confidence: list[float | None] | None = None) -> None:  # never gated
         tok = self.ref_tokens
         for k, p in enumerate(self.paths):  # pass 1: the stop checker, on every path
             if self.path_finish[k] is None:
