@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from parathinker import LLM, SamplingParams
 from parathinker.attention.dense import DenseAttention
@@ -81,7 +82,19 @@ def test_packed_memory_flat_over_row_counts():
     with torch.inference_mode():
         for m in sorted({padded_rows(k) for k in range(1, CHUNK_ROWS + 1)}):
             packed(torch.zeros(m, 128))
+            packed.forward_add(torch.zeros(m, 128), torch.zeros(m, 512))  # the fused layer's call
         before = rss_mb()
         for m in range(1, 601):
             packed(torch.zeros(m, 128))
+            packed.forward_add(torch.zeros(m, 128), torch.zeros(m, 512))
     assert rss_mb() - before < 32
+
+
+def test_packed_forward_add_equals_linear_plus_residual_at_padded_and_chunked_counts():
+    linear = torch.nn.Linear(64, 96)
+    packed = PackedLinear(linear)
+    for m in (1, 17, 100, CHUNK_ROWS + 3):
+        x, r = torch.randn(m, 64), torch.randn(m, 96)
+        with torch.inference_mode():
+            want = F.linear(x, linear.weight, linear.bias) + r
+            torch.testing.assert_close(packed.forward_add(x, r), want, rtol=1e-5, atol=1e-5)
