@@ -50,8 +50,10 @@ class RunsBackend:
                kv_cache: PagedKVCache, meta: PagedAttention) -> torch.Tensor:
         write_kv(kv_cache, layer, k[0], v[0], meta.slot_mapping)
         k_pool, v_pool = kv_cache.k[layer], kv_cache.v[layer]
-        out = torch.empty_like(q[0])
         short: ShortBatch | None = meta.state
+        if short is not None and not short.rest and short.in_order:  # a pure decode step
+            return _attend_short(q[0], k_pool, v_pool, short)[None]
+        out = torch.empty_like(q[0])
         rest: Sequence[int] = range(meta.num_seqs)
         if short is not None:  # short decoding contexts in one batched call (Python-bound alone)
             out[short.rows] = _attend_short(q[0, short.rows], k_pool, v_pool, short)
@@ -69,8 +71,17 @@ class ShortBatch:
 
     rows: torch.Tensor  # [B] their flat token
     slots: torch.Tensor  # [B, Cmax] their contexts' slots, padded with slot 0
-    visible: torch.Tensor  # [B, 1, 1, Cmax] bool: False on the padding
+    padding: torch.Tensor  # [B, 1, 1, Cmax] bool: True on the padding
     rest: list[int]  # the other sequences
+    in_order: bool  # rows are 0..B-1 (every flat token is one of them when rest is empty)
+    mask: torch.Tensor | None = None  # padding as an additive mask in q's dtype, made by layer 0
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """Once per step: SDPA would convert a bool mask again in every layer."""
+        if self.mask is None or self.mask.dtype != dtype:
+            zeros = torch.zeros(self.padding.shape, dtype=dtype, device=self.padding.device)
+            self.mask = zeros.masked_fill(self.padding, float("-inf"))
+        return self.mask
 
 
 def _plan_short(meta: PagedAttention, device: torch.device | str) -> ShortBatch | None:
@@ -80,17 +91,18 @@ def _plan_short(meta: PagedAttention, device: torch.device | str) -> ShortBatch 
     if len(short) < 2:
         return None
     c_max = max(lens[s] for s in short)
-    slots = torch.zeros(len(short), c_max, dtype=torch.long)
-    for i, s in enumerate(short):  # O(runs) slices, no per-slot Python
-        off = 0
-        for a, n in meta.runs(s):
-            slots[i, off: off + n] = torch.arange(a, a + n)
-            off += n
-    visible = torch.arange(c_max)[None, :] < torch.tensor([lens[s] for s in short])[:, None]
+    table = []  # at most BATCH_MAX_CONTEXT ints a row: one host tensor, not ops per run
+    for s in short:
+        row = [slot for a, n in meta.runs(s) for slot in range(a, a + n)]
+        table.append(row + [0] * (c_max - len(row)))
+    slots = torch.tensor(table, dtype=torch.long)
+    padding = torch.arange(c_max)[None, :] >= torch.tensor([lens[s] for s in short])[:, None]
+    rows = [meta.qo_indptr[s] for s in short]
     is_short = set(short)
-    return ShortBatch(torch.tensor([meta.qo_indptr[s] for s in short], device=device),
-                      slots.to(device), visible[:, None, None].to(device),
-                      [s for s in range(meta.num_seqs) if s not in is_short])
+    return ShortBatch(torch.tensor(rows, device=device), slots.to(device),
+                      padding[:, None, None].to(device),
+                      [s for s in range(meta.num_seqs) if s not in is_short],
+                      rows == list(range(len(rows))))
 
 
 def _attend_short(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -102,8 +114,8 @@ def _attend_short(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     flat = short.slots.view(-1)
     k = k_pool.index_select(1, flat).view(-1, b, c_max, k_pool.shape[-1]).transpose(0, 1)
     v = v_pool.index_select(1, flat).view(-1, b, c_max, v_pool.shape[-1]).transpose(0, 1)
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=short.visible,
-                                         enable_gqa=True)  # [B, Hq, 1, D]
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True,
+                                         attn_mask=short.additive_mask(q.dtype))  # [B, Hq, 1, D]
     return out[:, :, 0]
 
 
