@@ -120,8 +120,9 @@ def test_sample_store_resume(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="lacks field"):
             store.append({"benchmark": "aime24"})
     with SampleStore(tmp_path) as store:
-        assert store.done_keys() == {("aime24", "parathinker", 4, "q1", 0, "native"),
-                                     ("aime24", "parathinker", 4, "q1", 1, "native")}
+        ungated = (0, None)  # stop_on_agreement, prune_confidence of a record without them
+        assert store.done_keys() == {("aime24", "parathinker", 4, "q1", 0, "native", ungated),
+                                     ("aime24", "parathinker", 4, "q1", 1, "native", ungated)}
         assert store.records()[0]["latency_s"] == 0.5
         store.append(_record(2))
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 3
