@@ -94,6 +94,7 @@ class DecodeGraphs:
         self.captured: dict[tuple[int, int], _Captured] = {}
         self._pool: Any = None
         self.num_steps = 0  # decode steps taken by the graph path
+        self.failed = False  # the compiled forward raised once: eager from then on (`run`)
         self.num_replays = 0  # of them, replayed as CUDA graphs
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, segments: torch.Tensor,
@@ -127,13 +128,20 @@ class DecodeGraphs:
         mark_dynamic(inputs)
         return inputs
 
-    def run(self, work: Sequence[SeqWork]) -> torch.Tensor:
-        """-> float32 logits [len(work), V] of each sequence's one token, in order."""
+    def run(self, work: Sequence[SeqWork]) -> torch.Tensor | None:
+        """-> float32 logits [len(work), V] of each sequence's one token, in order; None when
+        the compiled forward failed (a compiler or capture error on this machine): the graph
+        path is then off for good (`failed`), logged once, and the caller decodes eagerly. A
+        step that failed may have written its K/V already; the eager step writes the same."""
         inputs = self.inputs(work)
+        try:
+            logits = self._replay(inputs) if self.cuda_graphs else self.forward(*inputs)
+        except Exception:  # noqa: BLE001 - any failure of the compiled path leaves eager
+            log.exception("the compiled decode step failed; decoding eagerly from now on")
+            self.failed = True
+            return None
         self.num_steps += 1
-        if self.cuda_graphs:
-            return self._replay(inputs)[: len(work)]
-        return self.forward(*inputs)[: len(work)]
+        return logits[: len(work)]
 
     def _replay(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         key = (inputs[0].shape[0], inputs[4].shape[1])

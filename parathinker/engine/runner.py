@@ -64,8 +64,9 @@ class ModelRunner:
             if w.needs_logits:
                 ends.append(end - 1)
         rows = ends + forced
-        if self.graphs is not None and self.graphs.takes(work):  # flat token i = sequence i
-            logits = self.graphs.run(work)
+        graphed = self.graphs is not None and not self.graphs.failed and self.graphs.takes(work)
+        logits = self.graphs.run(work) if graphed else None  # flat token i = sequence i
+        if logits is not None:
             if rows == list(range(len(work))):
                 return logits
             return logits[torch.tensor(rows, dtype=torch.long, device=self.device)]

@@ -175,3 +175,31 @@ def test_bad_compile_arguments(ckpt_dir):
         LLM(str(ckpt_dir), device="cpu", compile="yes")
     with pytest.raises(ValueError, match="linear='packed' cannot be compiled"):
         LLM(str(ckpt_dir), device="cpu", compile=True, linear="packed")
+
+
+def test_a_compiled_step_that_fails_leaves_eager_with_the_same_logits(compiled, monkeypatch):
+    """A compiler error on a user's machine (e.g. an untested GPU stack) must not fail the
+    request: the step is decoded eagerly, and the graph path stays off from then on."""
+    runner = compiled.engine.runner
+    work = [SeqWork([21], [20], 0, [(0, 21)], True, None),
+            SeqWork([22], [20], 1, [(64, 21)], True, None)]
+    runner.run([SeqWork(list(range(30, 50)), list(range(20)), 0, [(0, 20)], True, None)])
+    runner.run([SeqWork(list(range(30, 50)), list(range(20)), 1, [(64, 20)], True, None)])
+    graphs, runner.graphs = runner.graphs, None
+    try:
+        eager = runner.run(work)
+    finally:
+        runner.graphs = graphs
+
+    def broken(*inputs):
+        raise RuntimeError("backend compiler failed")
+
+    monkeypatch.setattr(graphs, "forward", broken)
+    monkeypatch.setattr(graphs, "cuda_graphs", False)
+    steps = graphs.num_steps
+    try:
+        torch.testing.assert_close(runner.run(work), eager, rtol=0, atol=0)
+        assert graphs.failed and graphs.num_steps == steps
+        torch.testing.assert_close(runner.run(work), eager, rtol=0, atol=0)  # eager again
+    finally:
+        graphs.failed = False
