@@ -193,7 +193,7 @@ def uniform_bits(seed: torch.Tensor, counter: torch.Tensor, num_vocab: int,
                  keys: torch.Tensor | None = None) -> torch.Tensor:
     """bits [R, V] int64 in [0, 2^32): the noise words of the module docstring, for seed [R] and
     counter [R] (int64, read as their 64-bit patterns); `keys` [2, R]: their k0, k1 if known."""
-    k0, k1 = _row_keys(seed, counter) if keys is None else (keys[0], keys[1])
+    k0, k1 = _row_keys(seed, counter) if keys is None else keys
     # k1 | 1 as the signed value congruent to it mod 2^32, so a[v] * m stays inside int64.
     multiplier = ((k1 | 1) ^ 0x80000000) - 0x80000000
     bits = _vocab_words(num_vocab, seed.device)[None, :] * multiplier[:, None]  # [R, V]
@@ -210,18 +210,16 @@ def _log1p_neg_uniform(bits: torch.Tensor) -> torch.Tensor:
     return u.log1p_()
 
 
-def _row_keys(seed: torch.Tensor, counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two 32-bit keys per row, k0 and k1 [R] int64, from the four 32-bit words of (seed, counter)."""
-    words = (seed & _MASK32, (seed >> 32) & _MASK32, counter & _MASK32, (counter >> 32) & _MASK32)
-    keys = torch.tensor(_KEY_STARTS, dtype=torch.int64, device=seed.device)[:, None]  # [2, 1]
-    keys = keys.expand(2, seed.shape[0])
-    for word in words:
-        keys = _fmix32_(keys ^ word[None, :])
-    return keys[0], keys[1]
+def _row_keys(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """k0, k1 [2, R] int64 of rows given as tensors (from_rows ships them already), on the host:
+    `_row_keys_host` is the one statement of the key hash."""
+    keys = [_row_keys_host(s, c) for s, c in zip(seed.tolist(), counter.tolist())]
+    return torch.tensor(keys, dtype=torch.int64).reshape(-1, 2).T.to(seed.device)
 
 
 def _row_keys_host(seed: int, counter: int) -> tuple[int, int]:
-    """`_row_keys` of one row, in Python on the host (from_rows ships them with the row's ints)."""
+    """k0, k1 of one row (the module docstring's fmix32 chains over seed lo, seed hi, counter lo,
+    counter hi), in Python: from_rows ships them with the row's ints, no device op per step."""
     keys = list(_KEY_STARTS)
     for word in (seed & _MASK32, (seed >> 32) & _MASK32, counter & _MASK32, (counter >> 32) & _MASK32):
         for i, k in enumerate(keys):
