@@ -14,8 +14,8 @@ row at temperature 1 with its filters):
   confidences; a path's confidence is its lowest group confidence over every full window, or the
   mean of what it has while it holds fewer than W (None before its first drawn token).
 
-Torch-free but for `token_confidence`. It is computed on the device for every gated path row of a step in one batched op
-(`token_confidence`) and reaches the host with the step's tokens, in the same transfer.
+Torch-free but for `token_confidence`, which computes it on the device for every gated path row of
+a step in one batched op; it reaches the host with the step's tokens, in the same transfer.
 
 Pruning (`prune_confidence`): after a path draws a token that does not end it, a full window whose
 group confidence is below the threshold closes the path at that step: it gets its </think{k}> in
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from parathinker.engine.sampler import SamplingTensors
 
-LOGPROB_FLOOR = -9999.0
+LOGPROB_FLOOR = -9999.0  # also what the server reports for -inf (serve/choices.py)
 
 
 def token_confidence(logits: torch.Tensor, st: SamplingTensors,

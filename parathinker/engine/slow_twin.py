@@ -21,6 +21,7 @@ import torch
 from parathinker.attention.paged import backend_for
 from parathinker.attention.pool import PagedKVCache, runs_of
 from parathinker.config import SamplingParams
+from parathinker.engine.confidence import LOGPROB_FLOOR
 from parathinker.engine.request import SUMMARY_STREAM
 from parathinker.spec.layout import path_segment, summary_start
 from parathinker.model.decoder import ParaThinkerForCausalLM
@@ -118,7 +119,7 @@ def generate_request(model: ParaThinkerForCausalLM, ctrl: ControlTokens, prompt_
         if confidences is not None:
             _, _, top = sampling.logprobs_rows(rows, st, chosen, params.confidence_top_k)
             for values in top.tolist():
-                confidences.append(-sum(max(v, -9999.0) for v in values) / len(values))
+                confidences.append(-sum(max(v, LOGPROB_FLOOR) for v in values) / len(values))
         return chosen.tolist()
 
     # 1. Prefill the prompt once.

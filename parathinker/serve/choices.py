@@ -21,13 +21,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from parathinker.engine.confidence import LOGPROB_FLOOR
 from parathinker.engine.detokenize import IncrementalDetokenizer, token_bytes
 from parathinker.engine.outputs import RequestOutput, first_stop, summary_text_ids
 from parathinker.serve.responses import finish_reason
 from parathinker.spec.reference_layout import path_text_ids
 from parathinker.spec.tokens import last_boxed
-
-NEG_INF_LOGPROB = -9999.0
 
 
 @dataclass
@@ -91,7 +90,7 @@ def _held(text: str, stop: tuple[str, ...]) -> int:
 
 # ----- logprobs
 def _finite(x: float) -> float:
-    return x if math.isfinite(x) else NEG_INF_LOGPROB
+    return x if math.isfinite(x) else LOGPROB_FLOOR
 
 
 def _entries(tokenizer: Any, ids: list[int], logprobs: list[Any], num_chars: int | None = None
