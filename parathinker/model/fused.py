@@ -4,8 +4,8 @@
 are swapped, so the packed and int8 backends apply to the fused ones) replaces, in every layer,
 q_proj, k_proj, v_proj by one `qkv_proj` (rows q | k | v, biases alike) and gate_proj, up_proj by
 one `gate_up_proj` (rows gate | up), and stacks every layer's thought embeddings into one table
-`model.seg_table` [num_layers, max_segments, head_dim] (and the rotary's `model.rope_constants`). A fused model computes the same function
-as the unfused one (`lean_forward`, one flat forward):
+`model.seg_table` [num_layers, max_segments, head_dim] (and the rotary's `model.rope_constants`).
+A fused model computes the same function as the unfused one (`lean_forward`, one flat forward):
 
   once per step   cos, signed sin (rope.rope_cos_sin_signed); E = seg_table[:, segment_ids]
   per layer       h = rms_norm(x) (F.rms_norm, one fused kernel on CUDA)
@@ -34,6 +34,7 @@ from parathinker.model.rope import apply_rope_flip, flip_rope_constants, rope_co
 # (fused name, its parts in row order), per module of a layer
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
          "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+PARTS = dict(FUSED.values())  # fused name -> its parts
 
 
 def _concat(parts: list[nn.Linear]) -> nn.Linear:
@@ -83,7 +84,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         owner, _, leaf = key.rpartition(".")  # e.g. model.layers.0.self_attn.qkv_proj, weight
         prefix, _, module = owner.rpartition(".")
-        fused = {f: parts for f, parts in FUSED.values()}.get(module)
+        fused = PARTS.get(module)
         if fused is None:
             out[key] = value
             continue
@@ -113,15 +114,13 @@ def _lean_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch
     a = layer.self_attn
     b, t, _ = x.shape
     hq, hkv, d = a.num_heads, a.num_kv_heads, a.head_dim
-    norm = layer.input_layernorm
-    qkv = a.qkv_proj(F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps))
+    qkv = a.qkv_proj(_rms_norm(layer.input_layernorm, x))
     qkv[..., hq * d:].view(b, t, 2 * hkv, d).add_(seg[:, :, None])  # k and v += E[s]
     qk = apply_rope_flip(qkv[..., :(hq + hkv) * d].view(b, t, hq + hkv, d), cos, sin)
     v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d)
     o = attn.attend(a.layer, qk[:, :, :hq], qk[:, :, hq:], v, kv_cache)  # [B, T, Hq, D]
     x = linear_add(a.o_proj, o.reshape(b, t, -1), x)
-    norm = layer.post_attention_layernorm
-    gate_up = layer.mlp.gate_up_proj(F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps))
+    gate_up = layer.mlp.gate_up_proj(_rms_norm(layer.post_attention_layernorm, x))
     i = gate_up.shape[-1] // 2
     return linear_add(layer.mlp.down_proj, F.silu(gate_up[..., :i]) * gate_up[..., i:], x)
 
@@ -134,5 +133,9 @@ def lean_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Ten
     segs = model.seg_table[:, segment_ids]  # [L, B, T, D]
     for layer, seg in zip(model.model.layers, segs):
         x = _lean_layer(layer, x, cos, sin, seg, attn, kv_cache)
-    norm = model.model.norm
+    return _rms_norm(model.model.norm, x)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm module's function as one op (F.rms_norm; numerics in the module docstring)."""
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
