@@ -87,10 +87,7 @@ class DecodeGraphs:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                    RECOMPILE_LIMIT)
         self.cuda_graphs = self.device.type == "cuda"
-        # on CPU the weights are frozen into the graph: Inductor lowers the prepacked oneDNN
-        # linears (model.fast_linear) only for constant weights, and prepacks plain ones itself
-        options = None
-        self.forward = torch.compile(self._forward, fullgraph=True, dynamic=False, options=options)
+        self.forward = torch.compile(self._forward, fullgraph=True, dynamic=False)
         self.captured: dict[tuple[int, int], _Captured] = {}
         self._pool: Any = None
         self.num_steps = 0  # decode steps taken by the graph path
