@@ -15,7 +15,7 @@ import filecmp
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 
 from parathinker.demo.config import DemoConfig
 from parathinker.demo.report import (check_claims, entropy_floor, render, summary_breakdown,
-                                     teacher_accuracy)
+                                     teacher_accuracy, teacher_agreement_saving)
 from parathinker.demo.task import build
 from parathinker.eval.data import read_jsonl
 from parathinker.train.data import read_samples
@@ -82,6 +82,17 @@ def eval_argv(cfg: DemoConfig, model_dir: Path, eval_file: Path, out_dir: Path) 
             "--min-finished-paths", str(max(cfg.paths)),  # above P means P: every path is waited for
             "--temperature", str(cfg.temperature), "--top-p", "1.0", "--seed", str(cfg.seed),
             "--device", "cpu", "--dtype", "float32", "--output", str(out_dir), "--resume"]
+
+
+HISTORY_TRIES = range(3, 8)  # the page's "what did not work first": the saving of each per-path budget
+
+
+def token_counter(model_dir: Path) -> Callable[[str], int]:
+    """The number of tokens the model's tokenizer makes of a text (no special tokens)."""
+    from parathinker.model import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    return lambda text: len(tok.encode(text, add_special_tokens=False))
 
 
 @contextmanager
@@ -163,7 +174,9 @@ def _run_demo(cfg: DemoConfig, output: Path, log: Any) -> list[dict[str, Any]]:
     floor = entropy_floor(data / "train.jsonl", model)
     breakdown = {p: summary_breakdown(records, p) for p in cfg.paths}
     env = float_environment()
-    page = render(cfg, summary, claims, records, teacher, metrics, vocab, breakdown, floor, output, env)
+    savings = {t: teacher_agreement_saving(problems, t, token_counter(model)) for t in HISTORY_TRIES}
+    page = render(cfg, summary, claims, records, teacher, metrics, vocab, breakdown, floor, output, env,
+                  savings)
     (output / "README.md").write_text(page)
     (output / "demo_config.json").write_text(json.dumps({**asdict(cfg), "environment": env}, indent=1) + "\n")
     return claims

@@ -200,3 +200,40 @@ def test_gating_study_thresholds_and_verdict():
         in lines[-1] and "net -1 of 48" in lines[-1]
     table[2] = row("P=8 agree=2", 0.6, 200.0, 0.3, 0, 3)  # 3 lost of 48: more than 2 (1 in 24)
     assert "does not hold" in verdict(table)[-1]
+
+
+def test_teacher_agreement_saving_stops_every_path_where_the_second_answer_ends():
+    """Against a step-by-step run of the rule (paths write a token each per step; the request
+    stops at the step where the second answering path ends), on the same draws of the teacher."""
+    from parathinker.demo.report import teacher_agreement_saving
+
+    _, held_out = split_problems(random.Random(0), 99)
+    problems, words = held_out[:10], (lambda text: len(text.split()))
+    for tries, paths in ((3, 8), (12, 3), (5, 4)):
+        rng, full, kept = random.Random(1), 0, 0
+        for pr in problems:
+            for _ in range(20):
+                drawn = [teacher_path(pr, rng, tries) for _ in range(paths)]
+                lengths = [words(text) + 1 for text, _, _ in drawn]  # the end tag is a token
+                answers, step = 0, 0
+                while step < max(lengths) and answers < 2:
+                    step += 1
+                    answers += sum(n == step and found for n, (_, _, found) in zip(lengths, drawn))
+                full += sum(lengths)
+                kept += sum(min(n, step) for n in lengths)
+        assert teacher_agreement_saving(problems, tries, words, num_paths=paths) == pytest.approx(1 - kept / full)
+    assert teacher_agreement_saving(problems, 7, words, num_paths=2) == 0.0  # the second answer ends the last path
+    assert 0 < teacher_agreement_saving(problems, 3, words) < teacher_agreement_saving(problems, 7, words)
+
+
+def test_agreement_cuts_read_where_requests_stopped():
+    from parathinker.demo.gating import agreement_cuts
+
+    records = [{"stop_on_agreement": 2, "path_tokens": [20, 31, 31, 30],
+                "path_finish": ["end", "end", "cut", "cut"]},
+               {"stop_on_agreement": 2, "path_tokens": [40, 41], "path_finish": ["end", "end"]},
+               {"stop_on_agreement": 2, "path_tokens": [15, 51], "path_finish": ["end", "cut"]},
+               {"stop_on_agreement": 1, "path_tokens": [9, 10], "path_finish": ["end", "cut"]},
+               {"stop_on_agreement": 2, "prune_confidence": 1.0, "path_tokens": [9, 10],
+                "path_finish": ["end", "cut"]}]
+    assert agreement_cuts(records, 2) == {"requests": 3, "early": 2, "median_cut": 41.0}

@@ -12,6 +12,7 @@ from parathinker.testing.servers import MODEL, client, running_server
 
 from parathinker import LLM
 from parathinker.config import SamplingParams
+from parathinker.demo.config import DemoConfig
 from parathinker.spec.answers import normalize_answer
 from parathinker.spec.tokens import last_boxed
 from tests import ROOT
@@ -19,7 +20,8 @@ from tests import ROOT
 pytest.importorskip("uvicorn")
 DEMO = ROOT / "docs" / "demo" / "model"
 QUESTION = "Solve 5x + 4 = 7 modulo 13."
-EIGHT = {"num_paths": 8, "max_path_tokens": 48, "max_summary_tokens": 32, "min_finished_paths": 8}
+EIGHT = {"num_paths": 8, "max_path_tokens": DemoConfig().max_path_tokens,
+         "max_summary_tokens": DemoConfig().max_summary_tokens, "min_finished_paths": 8}
 SEED = 3
 
 
