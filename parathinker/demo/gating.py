@@ -85,11 +85,17 @@ def path_outcomes(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def agreement_cuts(records: list[dict[str, Any]], agree: int) -> dict[str, float]:
     """Over the records run with stop_on_agreement = `agree`: how many there are, how many stopped
-    early (a path was cut), and the median token at which they stopped (a cut path's length)."""
+    early (a path was cut), the median token at which they stopped (a cut path's length), and of
+    those that stopped early, how many summaries were wrong, and how many of those had `agree`
+    ended paths boxing the gold answer."""
     runs = [r for r in records if r.get("stop_on_agreement") == agree and r.get("prune_confidence") is None]
-    cuts = [max(t for t, f in zip(r["path_tokens"], r["path_finish"]) if f == "cut")
-            for r in runs if "cut" in r["path_finish"]]
-    return {"requests": len(runs), "early": len(cuts), "median_cut": float(np.median(cuts)) if cuts else 0.0}
+    early = [r for r in runs if "cut" in r["path_finish"]]
+    cuts = [max(t for t, f in zip(r["path_tokens"], r["path_finish"]) if f == "cut") for r in early]
+    wrong = [r for r in early if not r["correct"]]
+    gold = [r for r in wrong if sum(a == r["gold"] and f != "cut"
+                                    for a, f in zip(r["path_answers"], r["path_finish"])) >= agree]
+    return {"requests": len(runs), "early": len(early), "median_cut": float(np.median(cuts)) if cuts else 0.0,
+            "early_wrong": len(wrong), "early_wrong_paths_agreed_on_gold": len(gold)}
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -190,24 +196,24 @@ def render(study: GatingStudy, demo: DemoConfig, table: list[dict[str, Any]], cu
             "How the task shapes these numbers: a path of the demo task stops as soon as it verifies a "
             f"candidate ({a['paths']} of the wait-for-all run's paths boxed an answer, after "
             f"{a['median_tokens']:.0f} tokens at the median) and otherwise runs through its {demo.tries} "
-            "tries to "
-            f"`not found.` ({u['paths']} paths, {u['median_tokens']:.0f} tokens at the median, no "
+            f"tries to `not found.` ({u['paths']} paths, {u['median_tokens']:.0f} tokens at the median, no "
             "answer), so a path that ends early nearly always carries a verified answer: stopping on "
             "the first answer (`agree=1`) then behaves like first-finish, and stopping on two "
             f"(`agree=2`) cuts the paths still thinking when a second path has verified x ({cut['early']} "
             f"of {cut['requests']} requests stopped early, at token {cut['median_cut']:.0f} at the median, "
-            f"of a {demo.max_path_tokens}-token budget). The scripted teacher's own paths, cut the same "
-            f"way, save {100 * teacher:.1f} % of their path tokens (what a perfect imitation would save, "
+            f"of a {demo.max_path_tokens}-token budget). Of those, {cut['early_wrong']} summaries were "
+            f"wrong, {cut['early_wrong_paths_agreed_on_gold']} of them after two ended paths had boxed "
+            "the right answer (the path majority column counts those as right): the summary was "
+            "trained on whole paths only, and paths cut mid-step are text it has not seen. The "
+            f"scripted teacher's own paths, cut the same way, save {100 * teacher:.1f} % of their path tokens (what a perfect imitation would save, "
             "`parathinker.demo.report.teacher_agreement_saving`); the model's paths boxed an answer in "
             f"{100 * answered:.0f} % of cases, where the teacher's find x in "
-            f"{100 * demo.tries / (MODULUS - 1):.0f} % ({demo.tries} tries of {MODULUS - 1} candidates), "
-            f"so {'fewer' if answered < demo.tries / (MODULUS - 1) else 'as many or more'} of its "
-            "requests hold two answers early. Confidence does not separate the paths that verified the "
-            "answer from those that "
+            f"{100 * demo.tries / (MODULUS - 1):.0f} % ({demo.tries} tries of {MODULUS - 1} candidates). "
+            "Confidence hardly separates the paths that verified the answer from those that "
             f"did not (mean {a['mean_confidence']:.3f} and {u['mean_confidence']:.3f}): the candidates "
             "a path tries are drawn at random (the teacher picks them so, and the model learned to), "
             "so their tokens are uncertain in every path, and pruning the least confident paths "
-            "removes paths that would have verified the answer as readily as paths that would not. "
+            "removes paths that would have verified the answer too (see the path majority column). "
             "DeepConf's premise (low confidence flags a wrong trace) needs reasoning whose uncertain "
             "steps are its mistakes; on this task they are its search.", "",
             "Accuracy is the summary's answer; the majority columns vote over the paths' own answers "

@@ -1,7 +1,7 @@
 """The CPU demo end to end: scripted teacher -> `parathinker train` -> `parathinker eval` -> report.
 
     python -m parathinker.demo --output docs/demo            # the committed run
-    python -m parathinker.demo --output /tmp/d --preset quick  # same training, half the eval (~10-15 min; the slow test)
+    python -m parathinker.demo --output /tmp/d --preset quick  # same training, half the eval (~30 min; the slow test)
 
 Every step is one of the project's own commands, printed before it runs, so the run can be
 repeated by hand. Work files (data, the untrained checkpoint, training checkpoints, eval samples)

@@ -229,11 +229,15 @@ def test_teacher_agreement_saving_stops_every_path_where_the_second_answer_ends(
 def test_agreement_cuts_read_where_requests_stopped():
     from parathinker.demo.gating import agreement_cuts
 
-    records = [{"stop_on_agreement": 2, "path_tokens": [20, 31, 31, 30],
-                "path_finish": ["end", "end", "cut", "cut"]},
-               {"stop_on_agreement": 2, "path_tokens": [40, 41], "path_finish": ["end", "end"]},
-               {"stop_on_agreement": 2, "path_tokens": [15, 51], "path_finish": ["end", "cut"]},
-               {"stop_on_agreement": 1, "path_tokens": [9, 10], "path_finish": ["end", "cut"]},
-               {"stop_on_agreement": 2, "prune_confidence": 1.0, "path_tokens": [9, 10],
-                "path_finish": ["end", "cut"]}]
-    assert agreement_cuts(records, 2) == {"requests": 3, "early": 2, "median_cut": 41.0}
+    def rec(agree, tokens, finish, answers, correct, **kw):
+        return {"stop_on_agreement": agree, "path_tokens": tokens, "path_finish": finish, "gold": "5",
+                "path_answers": answers, "correct": correct, **kw}
+
+    records = [rec(2, [20, 31, 31, 30], ["end", "end", "cut", "cut"], ["5", "5", None, None], False),
+               rec(2, [40, 41], ["end", "end"], ["5", "3"], False),
+               rec(2, [15, 51, 51], ["end", "cut", "end"], ["5", "5", "3"], False),  # the cut 5 counts for none
+               rec(2, [15, 51], ["end", "cut"], ["5", None], True),
+               rec(1, [9, 10], ["end", "cut"], ["5", None], False),
+               rec(2, [9, 10], ["end", "cut"], ["5", None], False, prune_confidence=1.0)]
+    assert agreement_cuts(records, 2) == {"requests": 4, "early": 3, "median_cut": 51.0, "early_wrong": 2,
+                                          "early_wrong_paths_agreed_on_gold": 1}
