@@ -84,7 +84,7 @@ def test_stream_deltas_carry_them_at_each_paths_finish(demo):
 
 def test_agreement_and_pruning_nested_and_flat(demo):
     base, _ = demo
-    # seed 1: two paths box 11 by token 31, while six are still thinking
+    # seed 1: two paths box 11 by token 43, while six are still thinking
     nested = ask(base, 1, parallel={**EIGHT, "stop_on_agreement": 2})
     flat = ask(base, 1, **EIGHT, stop_on_agreement=2)
     paths = nested.choices[0].message.model_extra["paths"]
