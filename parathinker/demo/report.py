@@ -303,7 +303,8 @@ def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]
               "its teacher (a path right at P = 1: 18.4%, the teacher's 25%), so a path now has "
               f"{cfg.tries} "
               f"tries (paths of at most {cfg.max_path_tokens} tokens, the teacher's longest and a "
-              f"margin; training rows of {cfg.max_row_tokens}).", "",
+              f"margin; training rows of {cfg.max_row_tokens}). What agreement saves now, and what "
+              "the summary, trained on whole paths only, loses on the cut ones: [GATING.md](GATING.md).", "",
               "Building the demo also found a transformers 5 regression that the project now works "
               "around: `AutoTokenizer` rebuilt the demo's byte-level BPE with Qwen2's digit-splitting "
               "pre-tokenizer (and gives DeepSeek-R1-Distill checkpoints, whose tokenizer_config names "
