@@ -18,8 +18,8 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from parathinker.cli_args import (add_model_args, add_path_budget_args, add_sampling_args, llm_kwargs,
-                                  rope_for_args)
+from parathinker.cli_args import (add_gating_args, add_model_args, add_path_budget_args,
+                                  add_sampling_args, llm_kwargs, rope_for_args)
 from parathinker.config import SamplingParams
 from parathinker.extras import exits_for_missing_extra
 
@@ -69,17 +69,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                               "the YaRN factor from the startup value")
     add_sampling_args(g, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, seed_help="")
     # gated thinking (docs/SERVE.md "Gated thinking"): off unless a flag or the request says so
-    g.add_argument("--confidence-window", type=int, default=d.confidence_window,
-                   help="each path's confidence over windows of this many tokens; 0: off "
-                        "(default: %(default)s)")
-    g.add_argument("--confidence-top-k", type=int, default=d.confidence_top_k,
-                   help="log-probabilities a token's confidence averages (default: %(default)s)")
-    g.add_argument("--prune-confidence", type=float, default=d.prune_confidence,
-                   help="close a path whose group confidence falls below this; needs "
-                        "--confidence-window (default: off)")
-    g.add_argument("--stop-on-agreement", type=int, default=d.stop_on_agreement,
-                   help="end thinking once this many finished paths give the same answer (at most "
-                        "a request's paths); 0: off (default: %(default)s)")
+    add_gating_args(g, agreement_note="a default above a request's paths becomes its number of paths")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log verbosity")
 
