@@ -21,6 +21,7 @@ from typing import Any
 from parathinker.cli_args import (add_gating_args, add_model_args, add_path_budget_args,
                                   add_sampling_args, llm_kwargs, rope_for_args)
 from parathinker.config import SamplingParams
+from parathinker.engine.confidence import check_ungated
 from parathinker.extras import exits_for_missing_extra
 
 API_KEY_ENV = "PARATHINKER_API_KEY"
@@ -79,9 +80,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from parathinker.serve.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    serve_defaults(args)  # a bad flag fails now, before the checkpoint is read
     rope = serve_rope(args)
-    defaults = SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)
-                                 if f.name != "seed"})  # validated here, before loading
+    defaults = serve_defaults(args)  # with --max-path-tokens fitted; before the model loads
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
         logging.warning("serving on %s without --api-key: anyone who can reach it can use it",
@@ -101,6 +102,16 @@ def run_serve(args: argparse.Namespace) -> int:
                      args.read_timeout)
     _run_draining(app, args)
     return 0
+
+
+def serve_defaults(args: argparse.Namespace) -> SamplingParams:
+    """The request defaults from the flags: SamplingParams' checks, and a --layout reference
+    server refuses gating flags at startup (`check_ungated`) rather than every request."""
+    defaults = SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)
+                                 if f.name != "seed"})
+    if args.layout == "reference":
+        check_ungated(defaults)
+    return defaults
 
 
 def serve_rope(args: argparse.Namespace) -> dict[str, Any] | None:
