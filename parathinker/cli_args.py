@@ -195,8 +195,8 @@ def add_gating_args(g: Any, *, agreement_note: str, lists: bool = False) -> None
                         + ("; none: off" if lists else "") + f"{each} (default: off)")
     g.add_argument("--confidence-window", type=int, default=d.confidence_window,
                    help="each path's confidence (DeepConf's lowest group confidence) over windows "
-                        "of this many tokens, reported with each path (eval: also the confidence-weighted "
-                        "vote over paths); 0: off (default: %(default)s)")
+                        "of this many tokens, reported with each path (eval: also the "
+                        "confidence-weighted vote over paths); 0: off (default: %(default)s)")
     g.add_argument("--confidence-top-k", type=int, default=d.confidence_top_k,
                    help="log-probabilities a token's confidence averages (default: %(default)s)")
 
