@@ -9,8 +9,12 @@ and log-sum-exp (`_flash`), merged exactly by log-sum-exp (`_merge`):
   of the pool, read as a view, the G query heads of a KV head folded into its rows; a context in many short runs (a fragmented pool) is copied out
   first (only its own slots, `_gather_runs`);
 - the new tokens themselves, causal among them: one call over the step's own K/V (a fresh
-  prompt's prefill is this piece alone). A decode token (one query) sees its whole context
-  unmasked, so it is all prefix.
+  prompt's prefill is this piece alone).
+
+A decode token (one query) sees its whole context unmasked, its own K/V already written: in
+float32 it takes no flash call and no merge (`_attend_decode`): the scores of every run go into
+one row per query head (one bmm per run over a view of the pool), one softmax, then P @ V
+accumulated run by run (BENCHMARKS.md, "Decode attention over long contexts").
 
 Sequences that decode one token over a short context are batched into one SDPA call
 (`ShortBatch`, planned once per step; their slots copied with one `index_select`).
@@ -151,6 +155,8 @@ def _attend_seq(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_poo
         # a fragmented context: copied once (about one more read of it), not a call per run
         k_pool, v_pool = _gather_runs(k_pool, prefix), _gather_runs(v_pool, prefix)
         prefix = [(0, k_pool.shape[1])]
+    if t == 1 and q.dtype == torch.float32:
+        return _attend_decode(q, k_pool, v_pool, prefix)
     parts = []
     if prefix:  # unmasked: the G query heads of a KV head folded into its rows, one K/V read
         qf = _fold(q, hkv)[None]  # [1, Hkv, T*G, D]
@@ -162,6 +168,28 @@ def _attend_seq(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_poo
                         v_new.transpose(0, 1)[None], True)
         parts.append((o[0].transpose(0, 1), lse[0].transpose(0, 1)))
     return _merge(parts)[0]
+
+
+def _attend_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                   runs: list[tuple[int, int]]) -> torch.Tensor:
+    """One decode token q [1, Hq, D] over its whole context, the runs of pool [Hkv, S, D] (its
+    own K/V among them): scores [Hkv, G, C] written run by run, one softmax, P @ V summed over
+    the runs. Float32 only: low-precision scores would lose what the flash kernel keeps.
+    -> [1, Hq, D]."""
+    hkv, _, d = k_pool.shape
+    qs = _fold(q, hkv) * d ** -0.5  # [Hkv, G, D]
+    scores = q.new_empty(hkv, qs.shape[1], sum(n for _, n in runs))
+    offsets = []
+    off = 0
+    for a, n in runs:
+        torch.bmm(qs, k_pool[:, a: a + n].transpose(1, 2), out=scores[:, :, off: off + n])
+        offsets.append(off)
+        off += n
+    p = scores.softmax(-1)
+    out = torch.bmm(p[:, :, : runs[0][1]], v_pool[:, runs[0][0]: runs[0][0] + runs[0][1]])
+    for (a, n), off in zip(runs[1:], offsets[1:]):
+        out.baddbmm_(p[:, :, off: off + n], v_pool[:, a: a + n])
+    return _unfold(out, 1)
 
 
 def _fold(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
