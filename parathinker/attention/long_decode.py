@@ -51,7 +51,7 @@ class LongDecodes:
                     torch.bmm(p_view, v_run, out=out)
                 else:
                     out.baddbmm_(p_view, v_run)
-        return buf.out.view(len(self.rows), -1, d)
+        return buf.out.view(len(self.rows), -1, d).clone()  # the buffer is the next layer's
 
 
 class _Buffers:
