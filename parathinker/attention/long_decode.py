@@ -8,8 +8,8 @@ no copy of any K/V (BENCHMARKS.md, "Decode attention over long contexts").
 
 The buffers (queries, scores, probabilities, outputs) and their views per run are made by the
 first layer and reused by every layer of the step, so that a layer costs four dispatches per run
-(two pool views, two matmuls) and one softmax per sequence: at a few microseconds each, the
-Python around the matmuls would otherwise cost as much as they do.
+(two pool views, two matmuls) and one softmax per sequence, not a dozen (slices, transposes,
+allocations, the merge's arithmetic) at a few microseconds each.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class LongDecodes:
                 buf.out_views):
             for (a, n), s_view in zip(runs, s_views):  # K^T of the run: [Hkv, D, n], a view
                 torch.bmm(qs, k_pool.as_strided((hkv, d, n), (hs, ds, ss), base + a * ss), out=s_view)
-            torch.ops.aten._softmax.out(scores, -1, False, out=probs)
+            torch.softmax(scores, -1, out=probs)
             for i, ((a, n), p_view) in enumerate(zip(runs, p_views)):
                 v_run = v_pool.as_strided((hkv, n, d), (hs, ss, ds), base + a * ss)
                 if i == 0:
