@@ -7,6 +7,9 @@
   its rows (what the runs backend does);
 - flash_gqa: the same kernel with the Hq heads passed as they are (enable_gqa's layout);
 - bmm_softmax: the runs backend before issue 25 (bmm, softmax, bmm per sequence);
+- long_decode: what the runs backend does now for float32 decode tokens over long contexts
+  (`attention.long_decode`: one step's buffers reused, a bmm per run into the scores, one
+  softmax per sequence, P @ V), one layer of a step;
 - read: a plain sum over the same K/V bytes.
 
 And the short-decode batch's gather of an [8, 400] slot table: `pool[:, slots]` (advanced
@@ -25,6 +28,7 @@ import time
 import torch
 
 from common import machine, report
+from parathinker.attention.long_decode import LongDecodes
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -43,6 +47,7 @@ def main() -> None:
     q = torch.randn(b, hkv * g, d)
     starts = [i * c for i in range(b)]
     slots = torch.randint(0, b * c, (b, 400))
+    long = LongDecodes(list(range(b)), [[(a, c)] for a in starts], torch.arange(b), True)
     ways = {
         "flash_folded": lambda: [FLASH(q[i].view(1, hkv, g, d), kp[None, :, a: a + c], vp[None, :, a: a + c])
                                  for i, a in enumerate(starts)],
@@ -51,6 +56,7 @@ def main() -> None:
         "bmm_softmax": lambda: [torch.bmm(torch.bmm(q[i].view(hkv, g, d) * d ** -0.5,
                                                     kp[:, a: a + c].transpose(1, 2)).softmax(-1),
                                           vp[:, a: a + c]) for i, a in enumerate(starts)],
+        "long_decode": lambda: long.attend(q, kp, vp),
         "read": lambda: (kp[:, : b * c].sum(), vp[:, : b * c].sum()),
         "gather_index": lambda: kp[:, slots],
         "gather_index_select": lambda: kp.index_select(1, slots.view(-1)),

@@ -17,9 +17,11 @@ import json
 import sys
 import time
 
-from parathinker.cli_args import (HelpFormatter, add_model_args, add_path_budget_args,
-                                  add_sampling_args, llm_kwargs, rope_for_args)
+from parathinker.cli_args import (GATING_FIELDS, HelpFormatter, add_gating_args, add_model_args,
+                                  add_path_budget_args, add_sampling_args, llm_kwargs, rope_for_args)
 from parathinker.config import SamplingParams
+from parathinker.engine.confidence import check_ungated
+from parathinker.engine.outputs import PathOutput
 from parathinker.extras import MissingExtra, check_command
 
 
@@ -30,17 +32,24 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--paths", type=int, default=4, help="number of parallel paths P (default: %(default)s)")
     add_path_budget_args(g, max_path_tokens=16384)
     add_sampling_args(g, temperature=0.5)
+    add_gating_args(g, agreement_note="at most --paths")
     p.add_argument("--json", action="store_true",
-                   help="print the whole output (paths, summary, token ids, finish reasons) as JSON")
+                   help="print the whole output (paths with their finish reasons, confidences and "
+                        "answers, summary, token ids) as JSON")
 
 
 def generate_params(args: argparse.Namespace) -> SamplingParams:
-    """`generate`'s request from its flags; SamplingParams' own checks raise for a bad one."""
-    return SamplingParams(
+    """`generate`'s request from its flags; SamplingParams' own checks raise for a bad one, and
+    `check_ungated` for gating flags with --layout reference (SPEC §6 has no gating)."""
+    params = SamplingParams(
         num_paths=args.paths, max_path_tokens=args.max_path_tokens,
         min_path_tokens=args.min_path_tokens, max_summary_tokens=args.max_summary_tokens,
         min_finished_paths=min(args.min_finished_paths, max(args.paths, 1)), temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        **{name: getattr(args, name) for name in GATING_FIELDS})
+    if args.layout == "reference":
+        check_ungated(params)
+    return params
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -60,7 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(json.dumps(out.to_dict(), ensure_ascii=False, indent=2))
         return 0
     for p in out.paths:
-        print(f"===== path {p.index} ({len(p.token_ids)} tokens, {p.finish_reason}) =====")
+        print(f"===== path {p.index} ({path_facts(p)}) =====")
         print(p.text)
     print(f"===== summary ({len(out.summary.token_ids)} tokens, {out.summary.finish_reason}) =====")
     print(out.summary.text)
@@ -70,6 +79,16 @@ def run_generate(args: argparse.Namespace) -> int:
           f"summary {len(out.summary.token_ids)} tokens | {elapsed:.2f} s | "
           f"{generated / elapsed:.1f} tokens/s")
     return 0
+
+
+def path_facts(p: PathOutput) -> str:
+    """"12 tokens, end, confidence 1.234, answer 7": a path's confidence and answer where it has one."""
+    facts = [f"{len(p.token_ids)} tokens", p.finish_reason]
+    if p.confidence is not None:
+        facts.append(f"confidence {p.confidence:.3f}")
+    if p.answer is not None:
+        facts.append(f"answer {p.answer}")
+    return ", ".join(facts)
 
 
 COMMANDS = {  # name -> (module, add_args, run, one line)

@@ -1,7 +1,8 @@
-"""The model flags of `generate`, `serve`, `eval` and `build-data`, defined once.
+"""The flags `generate`, `serve`, `eval` and `build-data` share, defined once.
 
     g = add_model_args(parser)                        # --model --device --dtype --rope-scaling ...
     llm = LLM(args.model, **llm_kwargs(args, rope_for_args(args, args.model, max_path_tokens)))
+    add_gating_args(group)                            # --stop-on-agreement --prune-confidence ...
 
 `--rope-scaling` is resolved by `parathinker.config.resolve_rope_scaling` (one pure function);
 `--layout` picks the native (SPEC §4, default) or the reference engine's layout (SPEC §6).
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
-from parathinker.config import parse_rope_scaling, resolve_rope_scaling
+from parathinker.config import SamplingParams, parse_rope_scaling, resolve_rope_scaling
 
 LAYOUTS = ("native", "reference")  # as parathinker.engine.LAYOUTS, without importing torch here
 LINEAR_BACKENDS = ("auto", "plain", "packed", "int8")  # as parathinker.model.fast_linear
@@ -140,6 +142,63 @@ def add_path_budget_args(g: Any, *, max_path_tokens: int, min_path_tokens: int |
                    help="thinking stops once this many paths have finished; the rest are cut: 1 is "
                         "the paper's first-finish, P waits for every path; a value above the "
                         "number of paths means every path (default: %(default)s)")
+
+
+def comma_ints(text: str) -> tuple[int, ...]:
+    """A comma list of integers (eval's --paths, --stop-on-agreement ...)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def comma_thresholds(text: str) -> tuple[float | None, ...]:
+    """A comma list of finite numbers, `none` for off (eval's --prune-confidence)."""
+    values: list[float | None] = []
+    for v in (v.strip() for v in text.split(",") if v.strip()):
+        try:
+            values.append(None if v.lower() == "none" else float(v))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers or none, got {text!r}") from None
+        if values[-1] is not None and not math.isfinite(values[-1]):  # type: ignore[arg-type]
+            raise argparse.ArgumentTypeError(f"expected finite numbers, got {v!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number or none")
+    return tuple(values)
+
+
+GATING_FIELDS = ("confidence_window", "confidence_top_k", "prune_confidence", "stop_on_agreement")
+
+
+def add_gating_args(g: Any, *, agreement_note: str, lists: bool = False) -> None:
+    """Gated thinking's flags (issue 23): SamplingParams' fields of the same names, its defaults
+    (off), the rules in engine/confidence.py. `agreement_note` says what a --stop-on-agreement
+    above a request's paths does for this command; `lists` (eval): --stop-on-agreement and
+    --prune-confidence take comma lists, each value a configuration run in turn."""
+    d = SamplingParams()
+    each = "; a comma list: each value a configuration" if lists else ""
+    g.add_argument("--stop-on-agreement", type=comma_ints if lists else int,
+                   default=(d.stop_on_agreement,) if lists else d.stop_on_agreement,
+                   metavar="N[,N...]" if lists else "N",
+                   help="cut the open paths and start the summary once N finished paths give the "
+                        "same answer (their last \\boxed{}); whichever of it and "
+                        f"--min-finished-paths fires first; {agreement_note}; 0: off{each} "
+                        f"(default: {d.stop_on_agreement})")
+    g.add_argument("--prune-confidence", type=comma_thresholds if lists else float,
+                   default=(d.prune_confidence,) if lists else d.prune_confidence,
+                   metavar="C[,C...]" if lists else "C",
+                   help="close a path whose group confidence falls below C (finish reason pruned; "
+                        "never the last open path); needs --confidence-window"
+                        + ("; none: off" if lists else "") + f"{each} (default: off)")
+    g.add_argument("--confidence-window", type=int, default=d.confidence_window,
+                   help="each path's confidence (DeepConf's lowest group confidence) over windows "
+                        "of this many tokens, reported with each path (eval: also the "
+                        "confidence-weighted vote over paths); 0: off (default: %(default)s)")
+    g.add_argument("--confidence-top-k", type=int, default=d.confidence_top_k,
+                   help="log-probabilities a token's confidence averages (default: %(default)s)")
 
 
 def add_failover_args(g: Any, who: str = "server") -> None:

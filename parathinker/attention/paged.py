@@ -7,7 +7,8 @@ in `attention.pool`. The backends, each a class with `build_metadata` (once per 
 
 - "runs" (CPU default, `attention.runs`): per sequence, a flash kernel over each run of its
   prefix (a view of the pool) and causally over its new tokens, merged by log-sum-exp; no
-  queries x context tensor.
+  queries x context tensor. Decode tokens: batched over short contexts, and in float32 over
+  long ones one softmax over their runs' scores (`attention.long_decode`).
 - "flex" (GPU default; also compiles on CPU, `attention.flex_paged`): FlexAttention over the
   whole pool with a block mask built from the same runs.
 - "gathered" (`attention.gathered`): gathers each context into a new tensor and runs masked

@@ -1,16 +1,19 @@
 """The "runs" paged backend (the CPU default): reads each context's K/V in place, as views of the
-pool (`attention.pool`), with a flash kernel: no score or mask tensor of queries x context is
-ever built, so a prefill's memory grows linearly with its length.
+pool (`attention.pool`), with a flash kernel: no score or mask tensor of a prefill's queries x
+context is ever built, so a prefill's memory grows linearly with its length.
 
 Per sequence, its queries attend to two kinds of piece, each one flash call returning its output
 and log-sum-exp (`_flash`), merged exactly by log-sum-exp (`_merge`):
 
 - the prefix (the context before the new tokens), every query sees all of it: one call per run
-  of the pool, read as a view, the G query heads of a KV head folded into its rows; a context in many short runs (a fragmented pool) is copied out
-  first (only its own slots, `_gather_runs`);
+  of the pool, read as a view, the G query heads of a KV head folded into its rows; a context
+  in many short runs (a fragmented pool) is copied out first (only its own slots, `_gather_runs`);
 - the new tokens themselves, causal among them: one call over the step's own K/V (a fresh
-  prompt's prefill is this piece alone). A decode token (one query) sees its whole context
-  unmasked, so it is all prefix.
+  prompt's prefill is this piece alone).
+
+A decode token (one query) sees its whole context unmasked, so it is all prefix; in float32,
+unless its context is fragmented or short (below), the step's decode tokens are attended
+together instead, with no flash call and no merge (`attention.long_decode`).
 
 Sequences that decode one token over a short context are batched into one SDPA call
 (`ShortBatch`, planned once per step; their slots copied with one `index_select`).
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from parathinker.attention.long_decode import LongDecodes
 from parathinker.attention.pool import PagedAttention, PagedKVCache, write_kv
 
 # The runs backend copies a context out of the pool when it has more than GATHER_MIN_RUNS runs
@@ -43,25 +47,63 @@ class RunsBackend:
                        contexts: Sequence[Sequence[tuple[int, int]]],
                        device: torch.device | str) -> PagedAttention:
         meta = PagedAttention.of_runs(query_lens, contexts, device, self)
-        meta.state = _plan_short(meta, device)
+        meta.state = _plan(meta, device)
         return meta
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kv_cache: PagedKVCache, meta: PagedAttention) -> torch.Tensor:
         write_kv(kv_cache, layer, k[0], v[0], meta.slot_mapping)
         k_pool, v_pool = kv_cache.k[layer], kv_cache.v[layer]
-        short: ShortBatch | None = meta.state
-        if short is not None and not short.rest and short.in_order:  # a pure decode step
+        plan: _Plan = meta.state
+        short, long, rest = plan.short, plan.long, plan.rest
+        if long is not None and q.dtype != torch.float32:  # low precision: the flash kernel
+            long, rest = None, sorted(rest + plan.long_seqs)
+        if short is not None and short.in_order and long is None and not rest:  # pure decode steps
             return _attend_short(q[0], k_pool, v_pool, short)[None]
+        if long is not None and long.in_order and short is None and not rest:
+            return long.attend(q[0], k_pool, v_pool)[None]
         out = torch.empty_like(q[0])
-        rest: Sequence[int] = range(meta.num_seqs)
         if short is not None:  # short decoding contexts in one batched call (Python-bound alone)
             out[short.rows] = _attend_short(q[0, short.rows], k_pool, v_pool, short)
-            rest = short.rest
+        if long is not None:
+            out[long.rows_t] = long.attend(q[0], k_pool, v_pool)
         for s in rest:
             a, b = meta.qo_indptr[s], meta.qo_indptr[s + 1]
             out[a:b] = _attend_seq(q[0, a:b], k[0, a:b], v[0, a:b], k_pool, v_pool, meta.runs(s))
         return out[None]
+
+
+@dataclass
+class _Plan:
+    """How the runs backend attends in one step (built once, read by every layer)."""
+
+    short: ShortBatch | None  # decode tokens over short contexts, one batched call
+    long: LongDecodes | None  # other decode tokens over contexts read in place (float32)
+    long_seqs: list[int]  # the sequences of `long`
+    rest: list[int]  # the others, one by one (`_attend_seq`)
+
+
+def _plan(meta: PagedAttention, device: torch.device | str) -> _Plan:
+    short = _plan_short(meta, device)
+    batched = set() if short is None else set(short.seqs)
+    long_seqs, rest = [], []
+    for s in range(meta.num_seqs):
+        if s in batched:
+            continue
+        decodes = meta.qo_indptr[s + 1] - meta.qo_indptr[s] == 1
+        (long_seqs if decodes and not _fragmented(meta.runs(s)) else rest).append(s)
+    long = None
+    if long_seqs:
+        rows = [meta.qo_indptr[s] for s in long_seqs]
+        long = LongDecodes(rows, [meta.runs(s) for s in long_seqs],
+                           torch.tensor(rows, device=device), rows == list(range(len(rows))))
+    return _Plan(short, long, long_seqs, rest)
+
+
+def _fragmented(runs: list[tuple[int, int]]) -> bool:
+    """A context in many short runs: copied out first (about one more read of it), not a call
+    per run."""
+    return len(runs) > GATHER_MIN_RUNS and sum(n for _, n in runs) < GATHER_MAX_MEAN_RUN * len(runs)
 
 
 @dataclass
@@ -72,8 +114,8 @@ class ShortBatch:
     rows: torch.Tensor  # [B] their flat token
     slots: torch.Tensor  # [B, Cmax] their contexts' slots, padded with slot 0
     padding: torch.Tensor  # [B, 1, 1, Cmax] bool: True on the padding
-    rest: list[int]  # the other sequences
-    in_order: bool  # rows are 0..B-1 (every flat token is one of them when rest is empty)
+    seqs: list[int]  # their sequences
+    in_order: bool  # rows are 0..B-1
     mask: torch.Tensor | None = None  # padding as an additive mask in q's dtype, made by layer 0
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
@@ -98,11 +140,8 @@ def _plan_short(meta: PagedAttention, device: torch.device | str) -> ShortBatch 
     slots = torch.tensor(table, dtype=torch.long)
     padding = torch.arange(c_max)[None, :] >= torch.tensor([lens[s] for s in short])[:, None]
     rows = [meta.qo_indptr[s] for s in short]
-    is_short = set(short)
     return ShortBatch(torch.tensor(rows, device=device), slots.to(device),
-                      padding[:, None, None].to(device),
-                      [s for s in range(meta.num_seqs) if s not in is_short],
-                      rows == list(range(len(rows))))
+                      padding[:, None, None].to(device), short, rows == list(range(len(rows))))
 
 
 def _attend_short(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -147,8 +186,7 @@ def _attend_seq(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_poo
     t, hq, _ = q.shape
     hkv = k_pool.shape[0]
     prefix = runs if t == 1 else _head_runs(runs, t)
-    if len(prefix) > GATHER_MIN_RUNS and sum(n for _, n in prefix) < GATHER_MAX_MEAN_RUN * len(prefix):
-        # a fragmented context: copied once (about one more read of it), not a call per run
+    if _fragmented(prefix):
         k_pool, v_pool = _gather_runs(k_pool, prefix), _gather_runs(v_pool, prefix)
         prefix = [(0, k_pool.shape[1])]
     parts = []

@@ -12,7 +12,6 @@ accuracy_vs_paths.png. An interrupted run continues with --resume. See docs/EVAL
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -20,34 +19,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from parathinker.cli_args import (add_failover_args, add_model_args, add_path_budget_args,
-                                  add_sampling_args)
+from parathinker.cli_args import (add_failover_args, add_gating_args, add_model_args,
+                                  add_path_budget_args, add_sampling_args, comma_ints)
 from parathinker.extras import exits_for_missing_extra
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def _thresholds(text: str) -> tuple[float | None, ...]:
-    """--prune-confidence: comma-separated finite numbers, `none` for the unpruned run."""
-    values: list[float | None] = []
-    for v in (v.strip() for v in text.split(",") if v.strip()):
-        try:
-            values.append(None if v.lower() == "none" else float(v))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers or none, got {text!r}") from None
-        if values[-1] is not None and not math.isfinite(values[-1]):  # type: ignore[arg-type]
-            raise argparse.ArgumentTypeError(f"expected finite numbers, got {v!r}")
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number or none")
-    return tuple(values)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -71,9 +45,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="comma list of parathinker, sequential, majority (default parathinker)")
     g.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     g = p.add_argument_group("protocol")
-    g.add_argument("--paths", type=_ints, default=(2, 4, 8),
+    g.add_argument("--paths", type=comma_ints, default=(2, 4, 8),
                    help="parathinker mode: comma list of path counts P, each run in turn (default 2,4,8)")
-    g.add_argument("--majority-n", type=_ints, default=None,
+    g.add_argument("--majority-n", type=comma_ints, default=None,
                    help="majority mode: comma list of N for maj@N over N sequential traces "
                         "(default: the --paths values, i.e. the same total budget as P paths)")
     g.add_argument("--samples", type=int, default=1,
@@ -82,19 +56,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     add_path_budget_args(g, max_path_tokens=16384, min_path_tokens=None)
     g = p.add_argument_group("gated thinking (each value of a list is a configuration, run in turn "
                              "with the same seeds)")
-    g.add_argument("--stop-on-agreement", type=_ints, default=(0,), metavar="N[,N...]",
-                   help="cut the open paths and start the summary once N finished paths give the same "
-                        "answer (0: off); together with --min-finished-paths, whichever fires first; "
-                        "values above a configuration's P are not run for it (default 0)")
-    g.add_argument("--prune-confidence", type=_thresholds, default=(None,), metavar="C[,C...]",
-                   help="close a path whose group confidence falls below C (finish reason pruned; "
-                        "never the last open path); needs --confidence-window; none: off (default none)")
-    g.add_argument("--confidence-window", type=int, default=0,
-                   help="each path's confidence (DeepConf's lowest group confidence) over windows of "
-                        "this many tokens, stored per path with the confidence-weighted vote over "
-                        "paths; 0: off (default 0)")
-    g.add_argument("--confidence-top-k", type=int, default=20,
-                   help="log-probabilities a token's confidence averages (default 20)")
+    add_gating_args(g, lists=True,
+                    agreement_note="values above a configuration's P are not run for it")
     g.add_argument("--max-tokens", type=int, default=None,
                    help="sequential mode: budget of the trace (default 2 x --max-path-tokens = 32768)")
     g.add_argument("--majority-max-tokens", type=int, default=None,

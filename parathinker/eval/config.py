@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from parathinker.config import PlainParams, parse_rope_scaling, resolve_rope_scaling
+from parathinker.config import PlainParams, SamplingParams, parse_rope_scaling, resolve_rope_scaling
+from parathinker.engine.confidence import check_ungated
 
 MODES = ("parathinker", "sequential", "majority")
 LAYOUTS = ("native", "reference")
@@ -141,6 +142,18 @@ class EvalConfig:
                                  ("--confidence-top-k", self.confidence_top_k, 1)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
+        if "reference" in self.layouts and "parathinker" in self.modes:  # refused now, not midway
+            p = max(self.paths)
+            for gate in self.gates(p):
+                try:
+                    check_ungated(SamplingParams(
+                        num_paths=p, confidence_window=self.confidence_window,
+                        confidence_top_k=self.confidence_top_k,
+                        stop_on_agreement=gate.stop_on_agreement,
+                        prune_confidence=gate.prune_confidence))
+                except ValueError as e:
+                    raise ValueError(f"--layout reference with --confidence-window, "
+                                     f"--prune-confidence or --stop-on-agreement: {e}") from None
 
     def gates(self, num_paths: int) -> list[Gate]:
         """The gates a parathinker configuration with `num_paths` paths runs under: every

@@ -7,13 +7,20 @@ free. int8 dynamic quantization (`torch.ao.quantization.quantize_dynamic`) quart
 streamed, at some accuracy cost. `LLM(..., linear="auto")` picks "packed" for float32 on CPU.
 
 oneDNN builds (JIT-compiles) and caches one primitive per input shape, in two caches of 1,024
-entries each (oneDNN's own and ideep's), about 0.6 MB apiece for a few hundred rows and several MB
-for thousands. The engine's row count changes every step (1 to `max_num_batched_tokens`), so a
-server's memory grew by hundreds of MB, round after round, as new counts kept coming (issue 22).
-`PackedLinear` therefore computes at most CHUNK_ROWS rows per call and pads them up to one of a
-few sizes (`padded_rows`: exact up to 16, then 8 sizes per power of two, at most 1/8 extra rows):
-48 shapes per layer shape, every one built once and kept. A chunk of 256 rows is compute-bound
-already, so splitting larger counts costs little (`bench/linear_rows.py`).
+entries each (oneDNN's own and ideep's), about 0.6 MB apiece whatever the row count (measured
+for 300 to 9,000 rows, glibc's mmap threshold fixed). The engine's row count changes every step
+(1 to `max_num_batched_tokens`), so a server's memory grew by hundreds of MB, round after round,
+as new counts kept coming (issue 22). `PackedLinear` therefore pads rows up to one of a few
+sizes (`padded_rows`: exact up to 16, then 8 sizes per power of two, at most 1/8 extra rows) and
+computes at most CHUNK_ROWS rows per call: 88 shapes per layer shape and op (40 of them over 256
+rows, which only long steps reach), each built once and kept: memory bounded by the sizes, not
+growing with the counts seen.
+
+CHUNK_ROWS is the engine's default step budget (8,192 tokens), so an engine step's linear is one
+oneDNN call, as fast as MKL's `F.linear` on many rows. Many small calls are not: chunks of 256
+rows and the `cat` of their outputs made a 4K prefill about 2x transformers' on a loaded 2-core
+machine (a parallel region per call, and a copy of every output), where one call is not slower
+than transformers' (BENCHMARKS.md, "Prefill with packed linears (issue 25)").
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ LINEAR_BACKENDS = ("auto", "plain", "packed", "int8")
 
 
 EXACT_ROWS = 16  # row counts up to this are used as they are (decode of a few sequences)
-CHUNK_ROWS = 256  # larger row counts are computed in chunks of this many rows
+CHUNK_ROWS = 8192  # larger row counts are computed in chunks of this many rows
 
 
 def padded_rows(rows: int) -> int:

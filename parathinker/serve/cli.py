@@ -18,9 +18,10 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from parathinker.cli_args import (add_model_args, add_path_budget_args, add_sampling_args, llm_kwargs,
-                                  rope_for_args)
+from parathinker.cli_args import (add_gating_args, add_model_args, add_path_budget_args,
+                                  add_sampling_args, llm_kwargs, rope_for_args)
 from parathinker.config import SamplingParams
+from parathinker.engine.confidence import check_ungated
 from parathinker.extras import exits_for_missing_extra
 
 API_KEY_ENV = "PARATHINKER_API_KEY"
@@ -69,17 +70,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                               "the YaRN factor from the startup value")
     add_sampling_args(g, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, seed_help="")
     # gated thinking (docs/SERVE.md "Gated thinking"): off unless a flag or the request says so
-    g.add_argument("--confidence-window", type=int, default=d.confidence_window,
-                   help="each path's confidence over windows of this many tokens; 0: off "
-                        "(default: %(default)s)")
-    g.add_argument("--confidence-top-k", type=int, default=d.confidence_top_k,
-                   help="log-probabilities a token's confidence averages (default: %(default)s)")
-    g.add_argument("--prune-confidence", type=float, default=d.prune_confidence,
-                   help="close a path whose group confidence falls below this; needs "
-                        "--confidence-window (default: off)")
-    g.add_argument("--stop-on-agreement", type=int, default=d.stop_on_agreement,
-                   help="end thinking once this many finished paths give the same answer (at most "
-                        "a request's paths); 0: off (default: %(default)s)")
+    add_gating_args(g, agreement_note="a default above a request's paths becomes its number of paths")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log verbosity")
 
@@ -89,9 +80,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from parathinker.serve.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    serve_defaults(args)  # a bad flag fails now, before the checkpoint is read
     rope = serve_rope(args)
-    defaults = SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)
-                                 if f.name != "seed"})  # validated here, before loading
+    defaults = serve_defaults(args)  # with --max-path-tokens fitted; before the model loads
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
         logging.warning("serving on %s without --api-key: anyone who can reach it can use it",
@@ -111,6 +102,16 @@ def run_serve(args: argparse.Namespace) -> int:
                      args.read_timeout)
     _run_draining(app, args)
     return 0
+
+
+def serve_defaults(args: argparse.Namespace) -> SamplingParams:
+    """The request defaults from the flags: SamplingParams' checks, and a --layout reference
+    server refuses gating flags at startup (`check_ungated`) rather than every request."""
+    defaults = SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)
+                                 if f.name != "seed"})
+    if args.layout == "reference":
+        check_ungated(defaults)
+    return defaults
 
 
 def serve_rope(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -28,15 +28,17 @@ def test_runs_of():
     assert runs_of([]) == []
 
 
-@pytest.mark.parametrize("backend,gather", [("runs", "never"), ("runs", "always"),
+@pytest.mark.parametrize("backend,gather", [("runs", "never"), ("runs", "always"), ("runs", "mixed"),
                                             ("runs", "default"), ("gathered", "default")])
 def test_paged_attention_matches_naive(backend, gather, monkeypatch):
     import parathinker.attention.runs as runs
 
     if gather != "default":  # runs read in place, or every context copied out first
-        monkeypatch.setattr(runs, "GATHER_MIN_RUNS", 10**9 if gather == "never" else 0)
+        monkeypatch.setattr(runs, "GATHER_MIN_RUNS", 10**9 if gather != "always" else 0)
         monkeypatch.setattr(runs, "GATHER_MAX_MEAN_RUN", 10**9)
-        monkeypatch.setattr(runs, "BATCH_MAX_CONTEXT", 0 if gather == "never" else 10**9)
+        # mixed: the two short decodes batched, the long one (200 slots) on its own path
+        batch = {"never": 0, "always": 10**9, "mixed": 30}[gather]
+        monkeypatch.setattr(runs, "BATCH_MAX_CONTEXT", batch)
     rng = random.Random(0)
     torch.manual_seed(0)
     hq, hkv, d, num_slots = 6, 2, 8, 600

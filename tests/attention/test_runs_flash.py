@@ -1,6 +1,7 @@
 """The runs backend's flash path (prefix pieces in place + the new tokens causally, merged by
 log-sum-exp) against a float64 oracle written from the definition, at sizes past the flash
-kernel's tiles, in float32 and bfloat16; and that a prefill builds no queries x context tensor."""
+kernel's tiles, in float32 and bfloat16; that a prefill builds no queries x context tensor; and that a
+float32 decode token attends over its runs with one softmax (no flash call, no merge)."""
 
 import pytest
 import torch
@@ -76,3 +77,23 @@ def test_off_cpu_pieces_equal_the_cpu_flash_kernel(causal):
     out, lse = _plain(q, k, v, causal)
     ref_out, ref_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
     assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
+
+
+def test_float32_decode_over_runs_takes_no_flash_call_and_no_merge():
+    """A decode token over a context of several runs (past the short batch's size): its scores
+    of every run into one softmax (no flash call per run, no log-sum-exp merge), equal to the
+    definition."""
+    torch.manual_seed(0)
+    hq, hkv, d = 6, 2, 16
+    runs = [(0, 40), (700, 300), (100, 250), (1200, 1)]  # 591 slots, the last one its own
+    cache = PagedKVCache.allocate(1, 1300, hkv, d, torch.float32, "cpu")
+    cache.k.normal_()
+    cache.v.normal_()
+    meta = backend_for("runs", "cpu").build_metadata([1], [runs], "cpu")
+    q, k, v = torch.randn(1, 1, hq, d), torch.randn(1, 1, hkv, d), torch.randn(1, 1, hkv, d)
+    with profile() as prof:
+        out = meta.attend(0, q, k, v, cache)[0]
+    ops = {e.key for e in prof.events()}
+    assert not {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::logsumexp"} & ops
+    ctx = [a + i for a, n in runs for i in range(n)]
+    assert torch.allclose(out, naive(q[0], cache.k[0], cache.v[0], ctx, 1), atol=1e-5)

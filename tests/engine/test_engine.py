@@ -177,3 +177,19 @@ def test_never_written_pool_memory_cannot_leak_into_outputs(ckpt_dir, monkeypatc
     p = params(num_paths=3)
     for a, b in zip(llm.generate(QUESTIONS[:2], p), llm.generate_slow_twin(QUESTIONS[:2], p)):
         same(a, b)
+
+
+@pytest.mark.parametrize("gather", ["never", "always"])
+def test_runs_long_decode_path_matches_reference(ckpt_dir, monkeypatch, gather):
+    """Every decode token through the runs backend's long-context path (no short batch): its
+    scores over the context's runs read in place, or over a copy of them, then one softmax."""
+    import parathinker.attention.runs as runs
+
+    monkeypatch.setattr(runs, "BATCH_MAX_CONTEXT", 0)
+    monkeypatch.setattr(runs, "GATHER_MIN_RUNS", 10**9 if gather == "never" else 0)
+    monkeypatch.setattr(runs, "GATHER_MAX_MEAN_RUN", 10**9)
+    llm = LLM(str(ckpt_dir), device="cpu", dtype="float32", block_size=4, num_kv_blocks=96,
+              attention="runs")
+    p = params(num_paths=4, min_finished_paths=3)
+    for a, b in zip(llm.generate(QUESTIONS[:3], p), llm.generate_slow_twin(QUESTIONS[:3], p)):
+        same(a, b)

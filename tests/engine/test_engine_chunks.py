@@ -142,3 +142,19 @@ def test_llama_checkpoint_runs_chunked(tmp_path):
               device="cpu", dtype="float32", max_num_batched_tokens=5)
     p = params(num_paths=2)
     same(llm.generate(["What is 2+3?"], p)[0], llm.generate_slow_twin(["What is 2+3?"], p)[0])
+
+
+def test_long_prompt_packed_linears_equal_plain(ckpt_dir, monkeypatch):
+    """A prompt of ~840 tokens in one step: every prepacked linear computes its rows in one padded
+    oneDNN call (over the 256-row chunks of before; fast_linear.CHUNK_ROWS); greedy tokens equal
+    those of plain F.linear, token for token (float32), and the slow twin's."""
+    plain = LLM(str(ckpt_dir), device="cpu", dtype="float32", linear="plain")
+    packed = LLM(str(ckpt_dir), device="cpu", dtype="float32", linear="packed")
+    assert (plain.linear_backend, packed.linear_backend) == ("plain", "packed")
+    sizes = count_forward_tokens(packed, monkeypatch)
+    question = "Let x be a number. Then 2x + 3 = 11, so x = 4. Check: 2*4+3 = 11. " * 12
+    p = params(num_paths=4, max_path_tokens=12, max_summary_tokens=90)
+    (a,), (b,) = plain.generate([question], p), packed.generate([question], p)
+    assert max(sizes) >= len(packed.encode_prompts([question], None)[0]) > 600
+    same(a, b)
+    same(b, packed.generate_slow_twin([question], p)[0])

@@ -61,6 +61,20 @@ def test_gating_flags_parse_and_bad_values_are_clear_errors() -> None:
         _cfg(confidence_top_k=0)
 
 
+def test_the_reference_layout_refuses_gating_before_any_sample_runs() -> None:
+    """SPEC §6 has no gating: refused with the flags, not after the native half has run."""
+    for gating in ({"stop_on_agreement": (0, 2)}, {"confidence_window": 8},
+                   {"confidence_window": 8, "prune_confidence": (None, 1.5)}):
+        with pytest.raises(ValueError, match="--layout reference with .*not supported in the "
+                                             "reference layout"):
+            _cfg(paths=(2, 4), layouts=("native", "reference"), **gating)
+        _cfg(paths=(2, 4), layouts=("native",), **gating)  # the native layout gates
+    _cfg(paths=(2, 4), layouts=("native", "reference"))  # ungated: both layouts run
+    # a --stop-on-agreement no configuration runs (above every P) is an error of its own
+    with pytest.raises(ValueError, match="needs that many paths"):
+        _cfg(paths=(2,), layouts=("reference",), stop_on_agreement=(3,))
+
+
 def test_settings_name_the_gate_only_when_gating_is_on() -> None:
     cfg = _cfg(paths=(4,))
     assert "stop_on_agreement" not in cfg.settings("parathinker", 4)  # an old run resumes as before

@@ -120,3 +120,17 @@ def test_models_card_lists_the_parallel_fields(demo):
         {"confidence_window": "integer", "confidence_top_k": "integer", "prune_confidence": "number",
          "stop_on_agreement": "integer"}
     assert card["parallel_fields"]["num_paths"] == "integer"
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--layout", "reference", "--stop-on-agreement", "2"], "not supported in the reference layout"),
+    (["--prune-confidence", "1.5"], "prune_confidence needs confidence_window > 0"),
+])
+def test_bad_gating_defaults_refuse_to_start_before_anything_loads(flags, says, tmp_path, capsys):
+    """A --layout reference server with gating defaults would refuse every request: it refuses to
+    start instead. The model does not exist: an error naming it would mean a check came too late."""
+    from parathinker.serve.cli import main
+
+    assert main(["--model", str(tmp_path / "no-such-model"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "no-such-model" not in err, err
