@@ -14,6 +14,9 @@ class DemoConfig:
     num_train: int = 24000
     num_held_out: int = 99  # of the 1716 problems, never trained on
     max_train_paths: int = 8
+    # of the training samples, written as stop_on_agreement = 2 or 3 leaves them (paths cut
+    # mid-step and marked so), for a summary that reads cut paths (docs/demo/GATING.md)
+    agreement_share: float = 0.5
     # the model: a tiny Qwen2 decoder trained from scratch, a BPE tokenizer trained on the task
     vocab_size: int = 1024  # above what the BPE can merge on this corpus: every number is one token
     hidden_size: int = 128

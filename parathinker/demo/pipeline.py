@@ -149,7 +149,8 @@ def _run_demo(cfg: DemoConfig, output: Path, log: Any) -> list[dict[str, Any]]:
     work = output / "work"
     data = work / "data"
     if not (data / "eval.jsonl").exists():
-        files = build(data, cfg.seed, cfg.num_train, cfg.tries, cfg.num_held_out, cfg.max_train_paths)
+        files = build(data, cfg.seed, cfg.num_train, cfg.tries, cfg.num_held_out, cfg.max_train_paths,
+                      cfg.agreement_share)
         log(f"wrote {cfg.num_train} teacher samples to {files['train']} and the held-out problems "
             f"to {files['eval']}")
     init, trained = work / "init", work / "train"
