@@ -6,9 +6,9 @@ One training sample per line:
 
 Path texts come without their `<think{k}>` tags (the index k is chosen when packing: paths are
 shuffled); the summary comes without `<summary>`/`</summary>`. An optional `"cut"`, a list of
-booleans parallel to `"paths"` (an extension of SPEC, docs/TRAINING.md), marks the paths an
-inference policy closed early (finish reason "cut" or "pruned", SPEC §5.4): such a path keeps its
-text and its `</think{k}>` in the row, but that end tag is not a training target. The prompt template (SPEC §3) is
+booleans parallel to `"paths"` (an extension of SPEC, docs/TRAINING.md), marks the paths that
+did not end by themselves (closed by the engine: finish reason "cut", "pruned" or "budget"): such
+a path keeps its text and its `</think{k}>` in the row, but that end tag is not a training target. The prompt template (SPEC §3) is
 applied to the question; a summary that does not start with the summary template's text gets it
 prepended (`TextFormat.prepend_summary_template`), so training matches what inference forces.
 
@@ -137,7 +137,7 @@ def parse_cut(cut: Any, num_paths: int, where: str) -> tuple[bool, ...]:
     if (not isinstance(cut, list) or len(cut) != num_paths
             or not all(isinstance(c, bool) for c in cut)):
         raise SampleError(f"{where}: 'cut' must be a list of {num_paths} booleans, one per path "
-                          f"(true: the path was closed early by policy), got {json.dumps(cut)[:80]}")
+                          f"(true: the engine closed the path, it did not end by itself), got {json.dumps(cut)[:80]}")
     return tuple(cut)
 
 
