@@ -11,9 +11,10 @@ import torch
 
 from parathinker.demo.pipeline import PRESETS, DemoConfig, run_demo
 from parathinker.demo.report import check_claims, teacher_accuracy
-from parathinker.demo.task import (MODULUS, all_problems, build, make_problem, split_problems, teacher_path,
-                                   teacher_sample)
+from parathinker.demo.task import (AGREEMENTS, MODULUS, agreement_cut, all_problems, build, make_problem,
+                                   pieces, split_problems, teacher_path, teacher_sample)
 from parathinker.spec.tokens import last_boxed
+from tests import ROOT
 
 STEP = re.compile(r"(\d+)\*(\d+) (\d+) \+ (\d+) (\d+), (\d+) (yes|no) (\d+)\.")
 PROBLEMS = all_problems()
@@ -82,6 +83,80 @@ def test_build_holds_problems_out_of_training(tmp_path):
     assert all(set(s) == {"question", "paths", "summary"} and 1 <= len(s["paths"]) <= 8 for s in train)
     assert {s["question"] for s in train}.isdisjoint(p["problem"] for p in held_out)
     assert all({"id", "problem", "answer"} <= set(p) for p in held_out)
+
+
+def lockstep(paths, found, agree):
+    """stop_on_agreement run step by step (SPEC §5.3-4): each running path draws its next piece,
+    or its end tag once it has none left; after a step in which `agree` answering paths have
+    ended, the paths still running keep what they drew and are cut."""
+    todo, out = [pieces(p) for p in paths], [[] for _ in paths]
+    running, answers = set(range(len(paths))), 0
+    while running:
+        for i in sorted(running):
+            if len(out[i]) < len(todo[i]):
+                out[i].append(todo[i][len(out[i])])
+            else:
+                running.discard(i)
+                answers += found[i]
+        if answers >= agree and running:
+            return ["".join(o) for o in out], [i in running for i in range(len(paths))]
+    return list(paths), [False] * len(paths)
+
+
+def test_agreement_cut_closes_the_running_paths_where_the_engine_would():
+    found = " 2*7 1 + 0 1, 1 yes 7. \\boxed{7}"  # 17 pieces
+    missed = " 2*8 3 + 0 3, 1 no 8. 2*6 12 + 0 12, 1 no 6. not found."
+    assert len(pieces(found)) == 17 and "".join(pieces(missed)) == missed
+    # the second answer ends at step 18 (its end tag); the other path has drawn its 18th piece
+    assert agreement_cut([found, missed, found], [True, False, True], 2) == (
+        [found, " 2*8 3 + 0 3, 1 no 8. 2*6 12 + 0", found], [False, True, False])
+    assert agreement_cut([found, missed, found], [True, False, True], 3) == (
+        [found, missed, found], [False, False, False])  # two answers: never three
+    rng = random.Random(5)
+    for _ in range(400):
+        problem, n = random_problem(rng), rng.randint(1, 8)
+        drawn = [teacher_path(problem, rng, 7) for _ in range(n)]
+        paths, ok = [d[0] for d in drawn], [d[2] for d in drawn]
+        for agree in (1, 2, 3):
+            assert agreement_cut(paths, ok, agree) == lockstep(paths, ok, agree)
+
+
+def test_the_demo_tokenizer_makes_one_token_of_each_piece(tmp_path):
+    """agreement_cut counts the demo tokenizer's tokens as pieces: the committed model's tokenizer
+    (trained on the teacher's text) splits every teacher path, whole or cut, exactly so."""
+    from parathinker.model import load_tokenizer
+
+    tok = load_tokenizer(ROOT / "docs" / "demo" / "model")
+    files = build(tmp_path, seed=3, num_train=1500, tries=7, agreement_share=0.5)
+    samples = [json.loads(line) for line in files["train"].read_text().splitlines()]
+    paths = [p for s in samples for p in s["paths"]]
+    assert any("cut" in s for s in samples) and len(paths) > 5000
+    for p in paths:
+        assert [tok.decode([t]) for t in tok.encode(p, add_special_tokens=False)] == pieces(p)
+
+
+def test_build_writes_a_share_of_samples_as_agreement_leaves_them(tmp_path):
+    whole = build(tmp_path / "whole", seed=0, num_train=2000, tries=7)["train"].read_text().splitlines()
+    gated = build(tmp_path / "gated", seed=0, num_train=2000, tries=7,
+                  agreement_share=0.5)["train"].read_text().splitlines()
+    num_cut = 0
+    for w, g in zip(map(json.loads, whole), map(json.loads, gated)):
+        assert (g["question"], g["summary"], len(g["paths"])) == (w["question"], w["summary"], len(w["paths"]))
+        if "cut" not in g:
+            assert g == w
+            continue
+        num_cut += 1
+        cut, answer = g["cut"], last_boxed(g["summary"])
+        assert len(cut) == len(g["paths"]) and any(cut)
+        agreed = [len(pieces(p)) for p, c in zip(g["paths"], cut) if not c and last_boxed(p) == answer]
+        stop = max(agreed)  # the last agreeing path to end: the step after it, the rest were cut
+        assert len(agreed) >= min(AGREEMENTS) and sum(n < stop for n in agreed) < max(AGREEMENTS)
+        for p, q, c in zip(g["paths"], w["paths"], cut):
+            assert (p == q) if not c else (q.startswith(p) and last_boxed(p) is None)
+        # every cut path holds one piece more than the agreeing path that ended last
+        assert all(len(pieces(p)) == stop + 1 for p, c in zip(g["paths"], cut) if c)
+    # half the samples draw an agreement of 2 or 3; it fires where enough paths find x
+    assert 0.15 * 2000 < num_cut < 0.4 * 2000
 
 
 def test_claims_flag_a_flat_curve():
