@@ -22,6 +22,7 @@ import argparse
 import json
 import random
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from parathinker.demo.pipeline import _run, float_environment, token_counter, to
 from parathinker.demo.report import teacher_agreement_saving
 from parathinker.demo.task import MODULUS, split_problems, write_jsonl
 from parathinker.eval.report import mean_se_text, pareto_front, tokens_figure
+from parathinker.spec.answers import normalize_answer
 
 WAIT, FIRST = "wait-for-all", "first-finish"
 
@@ -86,16 +88,19 @@ def path_outcomes(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def agreement_cuts(records: list[dict[str, Any]], agree: int) -> dict[str, float]:
     """Over the records run with stop_on_agreement = `agree`: how many there are, how many stopped
     early (a path was cut), the median token at which they stopped (a cut path's length), and of
-    those that stopped early, how many summaries were wrong, and how many of those had `agree`
-    ended paths boxing the gold answer."""
+    those that stopped early, how many had `agree` ended paths with the same answer (the rule's
+    reason to stop), how many summaries were wrong, and how many of those had `agree` ended paths
+    boxing the gold answer."""
     runs = [r for r in records if r.get("stop_on_agreement") == agree and r.get("prune_confidence") is None]
     early = [r for r in runs if "cut" in r["path_finish"]]
     cuts = [max(t for t, f in zip(r["path_tokens"], r["path_finish"]) if f == "cut") for r in early]
     wrong = [r for r in early if not r["correct"]]
     gold = [r for r in wrong if sum(a == r["gold"] and f != "cut"
                                     for a, f in zip(r["path_answers"], r["path_finish"])) >= agree]
+    agreed = [r for r in early if max(Counter(normalize_answer(a) for a, f in zip(r["path_answers"], r["path_finish"])
+                                              if a is not None and f != "cut").values(), default=0) >= agree]
     return {"requests": len(runs), "early": len(early), "median_cut": float(np.median(cuts)) if cuts else 0.0,
-            "early_wrong": len(wrong), "early_wrong_paths_agreed_on_gold": len(gold)}
+            "early_agreed": len(agreed), "early_wrong": len(wrong), "early_wrong_paths_agreed_on_gold": len(gold)}
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -201,10 +206,14 @@ def render(study: GatingStudy, demo: DemoConfig, table: list[dict[str, Any]], cu
             "the first answer (`agree=1`) then behaves like first-finish, and stopping on two "
             f"(`agree=2`) cuts the paths still thinking when a second path has verified x ({cut['early']} "
             f"of {cut['requests']} requests stopped early, at token {cut['median_cut']:.0f} at the median, "
-            f"of a {demo.max_path_tokens}-token budget). Of those, {cut['early_wrong']} summaries were "
+            f"of a {demo.max_path_tokens}-token budget; {cut['early_agreed']} of them with two ended paths "
+            f"giving the same answer). Of those, {cut['early_wrong']} summaries were "
             f"wrong, {cut['early_wrong_paths_agreed_on_gold']} of them after two ended paths had boxed "
-            "the right answer (the path majority column counts those as right): the summary was "
-            "trained on whole paths only, and paths cut mid-step are text it has not seen. The "
+            "the right answer (the path majority column counts those as right). The summary reads "
+            f"paths cut mid-step: {100 * demo.agreement_share:.0f}% of its training samples were written "
+            "as stopping on 2 or 3 agreeing answers leaves them (`parathinker.demo.task.agreement_cut`; "
+            "trained on whole paths only, it had lost 28 of 99 samples here: README.md, \"What did not "
+            "work first\", 6.). The "
             f"scripted teacher's own paths, cut the same way, save {100 * teacher:.1f} % of their path tokens (what a perfect imitation would save, "
             "`parathinker.demo.report.teacher_agreement_saving`); the model's paths boxed an answer in "
             f"{100 * answered:.0f} % of cases, where the teacher's find x in "

@@ -8,9 +8,10 @@ Path texts come without their `<think{k}>` tags (the index k is chosen when pack
 shuffled); the summary comes without `<summary>`/`</summary>`. An optional `"cut"`, a list of
 booleans parallel to `"paths"` (an extension of SPEC, docs/TRAINING.md), marks the paths that
 did not end by themselves (closed by the engine: finish reason "cut", "pruned" or "budget"): such
-a path keeps its text and its `</think{k}>` in the row, but that end tag is not a training target. The prompt template (SPEC §3) is
-applied to the question; a summary that does not start with the summary template's text gets it
-prepended (`TextFormat.prepend_summary_template`), so training matches what inference forces.
+a path keeps its text and its `</think{k}>` in the row, but that end tag is not a training target.
+The prompt template (SPEC §3) is applied to the question; a summary that does not start with the
+summary template's text gets it prepended (`TextFormat.prepend_summary_template`), so training
+matches what inference forces.
 
 A line may instead hold a row of the reference dataset (pre-tokenized): `input_ids`, an
 `attention_mask` of segment indices (1 prompt, 2..P+1 path 1..P, 10 summary, 0 padding) and
@@ -263,7 +264,7 @@ def split_reference_row(input_ids: Sequence[int], attention_mask: Sequence[int],
     """A reference row -> TokenSample. Padding (mask 0) is dropped; the prompt (1), the paths
     (2..P+1, each opening with some <think{j}> and closing with its </think{j}>) and the summary
     (10, opening with <summary>; a trailing EOS after </summary> is dropped) must come in that
-    order, each contiguous."""
+    order, each contiguous. A row does not say how a path ended: none is marked cut."""
     if len(input_ids) != len(attention_mask):
         raise SampleError(f"{where}: input_ids ({len(input_ids)}) and attention_mask "
                           f"({len(attention_mask)}) differ in length")

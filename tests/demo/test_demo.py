@@ -314,5 +314,5 @@ def test_agreement_cuts_read_where_requests_stopped():
                rec(2, [15, 51], ["end", "cut"], ["5", None], True),
                rec(1, [9, 10], ["end", "cut"], ["5", None], False),
                rec(2, [9, 10], ["end", "cut"], ["5", None], False, prune_confidence=1.0)]
-    assert agreement_cuts(records, 2) == {"requests": 4, "early": 3, "median_cut": 51.0, "early_wrong": 2,
-                                          "early_wrong_paths_agreed_on_gold": 1}
+    assert agreement_cuts(records, 2) == {"requests": 4, "early": 3, "median_cut": 51.0, "early_agreed": 1,
+                                          "early_wrong": 2, "early_wrong_paths_agreed_on_gold": 1}
