@@ -176,8 +176,9 @@ def _run_demo(cfg: DemoConfig, output: Path, log: Any) -> list[dict[str, Any]]:
     breakdown = {p: summary_breakdown(records, p) for p in cfg.paths}
     env = float_environment()
     savings = {t: teacher_agreement_saving(problems, t, token_counter(model)) for t in HISTORY_TRIES}
+    num_cut = sum(any(s.cut) for s in read_samples(data / "train.jsonl")[0])  # cut by agreement
     page = render(cfg, summary, claims, records, teacher, metrics, vocab, breakdown, floor, output, env,
-                  savings)
+                  savings, num_cut)
     (output / "README.md").write_text(page)
     (output / "demo_config.json").write_text(json.dumps({**asdict(cfg), "environment": env}, indent=1) + "\n")
     return claims

@@ -184,7 +184,7 @@ def _slips_by_agreement(verifying: dict[int, tuple[int, int]]) -> str:
 def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]],
            records: list[dict[str, Any]], teacher: dict[int, float], metrics: list[dict[str, Any]],
            vocab_size: int, breakdown: dict[int, dict[str, int]], floor: float, output: Path,
-           env: dict[str, Any], savings: dict[int, float]) -> str:
+           env: dict[str, Any], savings: dict[int, float], num_cut: int) -> str:
     def pct(s: dict[str, Any], name: str) -> str:
         return f"{100 * s[name]:.1f} ± {100 * s[name + '_se']:.1f}"
 
@@ -211,8 +211,9 @@ def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]
         "stops at a match or after its last miss with `not found.` The scripted teacher (`parathinker/demo/task.py`) writes "
         f"training samples of 1 to {cfg.max_train_paths} such paths and a summary that states the "
         "answer of a path that verified it (or, if none did, a guess among the candidates no path "
-        f"ruled out); {100 * cfg.agreement_share:.0f}% of the samples are written as stopping on "
-        "2 or 3 agreeing answers would leave them (paths cut mid-step, see 6. below). "
+        f"ruled out). {100 * cfg.agreement_share:.0f}% of the samples are written as stopping on "
+        "2 or 3 agreeing answers would leave them: where that many paths verify x, the others are cut "
+        f"mid-step ({num_cut} of the {cfg.num_train} samples; see 6. below). "
         f"{cfg.num_held_out} of the 1716 problems are held out of training.", "",
         f"**Model.** A Qwen2 decoder trained from scratch: hidden {cfg.hidden_size}, {cfg.num_layers} "
         f"layers, {cfg.num_heads} heads, a {vocab_size}-token byte-level BPE trained on the task's "
@@ -315,7 +316,8 @@ def render(cfg: DemoConfig, summary: dict[str, Any], claims: list[dict[str, Any]
               "answer; it stated `7` in 18 of its 30 misses, and sometimes path text, inside the box: "
               "paths cut mid-step were text it had never read. Now "
               f"{100 * cfg.agreement_share:.0f}% of the training samples are written as "
-              "stop_on_agreement = 2 or 3 would leave them (`task.agreement_cut`: the paths still "
+              f"stop_on_agreement = 2 or 3 would leave them, {num_cut} of them cut "
+              "(`task.agreement_cut`: the paths still "
               "running when the agreeing ones end are cut where the engine cuts them and marked `cut`, "
               "so their end tag is not trained: [TRAINING.md](../TRAINING.md)). What agreement saves "
               "and costs now: [GATING.md](GATING.md).", "",
