@@ -202,6 +202,9 @@ class Engine:
         scheduled, failed = self.scheduler.schedule()
         ended += failed
         if scheduled:
+            # moved blocks (BlockManager.move) copied once, before any forward writes: a re-run
+            # below must not copy again (the old blocks may hold another sequence's K/V by then)
+            self.runner.copy_blocks(self.block_manager.take_copies(), self.block_size)
             try:
                 self._run(scheduled)
             except Exception:  # noqa: BLE001 - find the request that broke the step

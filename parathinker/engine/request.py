@@ -55,12 +55,18 @@ class Seq:
         return [s for a, n in self.runs for s in range(a, a + n)]
 
     def place(self, bm: BlockManager) -> None:
-        """Give every token a slot: fill the last block, then new blocks, block by block."""
+        """Give every token a slot: fill the last block, then new blocks, block by block. A
+        sequence whose next block is taken moves its blocks to one extent when it can
+        (`BlockManager.move`: its slots become one run)."""
         bs = bm.block_size
         while self.num_placed < len(self.tokens):
             offset = self.num_placed % bs
             if offset == 0:
                 want = -(-(len(self.tokens) - self.num_placed) // bs)
+                if self.blocks and bm.is_taken(self.blocks[-1]):
+                    moved = bm.move(self.blocks, want)
+                    if moved is not None:  # every block full (offset 0): one run of num_placed
+                        self.blocks, self.runs = moved, [[moved[0] * bs, self.num_placed]]
                 self.blocks.append(bm.allocate_next(self.blocks[-1] if self.blocks else None, want))
             n = min(bs - offset, len(self.tokens) - self.num_placed)
             start = self.blocks[-1] * bs + offset
