@@ -17,7 +17,7 @@ measured `--runs` times (a fresh request each time, the median of `--steps` step
 spread (min / median / max over runs) is reported, with the page faults per step (minor, major)
 and the process's RSS against weights + pool. Also reported: the host time per step to build
 the attention metadata (request work + runner metadata), and how many runs of the pool each
-context of the last run's step is in (`runs_per_context`: the attention costs matmuls per run).
+context is in, per run (`runs_per_context`: the attention costs two matmuls per run and layer).
 
 --cpu-time: one torch thread, and every time (steps, the floor's read) is the main thread's CPU
 time (time.thread_time): what the work costs while it holds a core, which other processes on a
@@ -212,7 +212,7 @@ def main() -> None:
                        "summary": prompt_len + args.paths * path_len + len(template),
                        "separate": args.paths * size}[kind]
             floor = (weights + context * kv_per_token) / bandwidth
-            runs, metas, flts = [], [], []
+            runs, metas, flts, runs_per_context = [], [], [], []
             for r in range(args.runs):
                 reqs = filled_requests(engine, f"{kind}-{size}-{r}", prompt_len, path_len,
                                        args.paths, kind)
@@ -220,6 +220,7 @@ def main() -> None:
                 runs.append(seconds)
                 metas.append(meta)
                 flts.append(flt)
+                runs_per_context.append(pieces)
                 top = profile_step(engine) if args.profile and r == 0 else None
                 for req in reqs:
                     engine.abort(req.request_id)
@@ -229,14 +230,14 @@ def main() -> None:
                          "x_floor": med / floor, "x_floor_min_max": [min(runs) / floor, max(runs) / floor],
                          "metadata_ms": statistics.median(metas) * 1e3, "context_tokens": context,
                          "faults_per_step_minor_major": flts[-1], "rss_GB": rss_bytes() / 1e9,
-                         "runs_per_context": pieces}
+                         "runs_per_context": runs_per_context}
             if top:
                 row[kind]["profile_ms"] = top
             print(f"C={size:6d} {kind:8s} step {med:.3f} s (runs {min(runs):.3f}-{max(runs):.3f})  "
                   f"floor {floor:.3f} s  {med / floor:.2f}x ({min(runs) / floor:.2f}-"
                   f"{max(runs) / floor:.2f})  metadata {statistics.median(metas) * 1e3:.2f} ms  "
                   f"faults/step {flts[-1][0]:.0f}/{flts[-1][1]:.0f}  runs/context "
-                  f"{min(pieces)}-{max(pieces)}  (context {context}, "
+                  f"{'/'.join(f'{min(r)}-{max(r)}' for r in runs_per_context)}  (context {context}, "
                   f"{bandwidth / 1e9:.1f} GB/s)")
         results[size] = row
     report("long_context", config, {"weights_GB": weights / 1e9, "pool_GB": pool / 1e9,

@@ -201,10 +201,11 @@ class Engine:
         self._aborted = []
         scheduled, failed = self.scheduler.schedule()
         ended += failed
+        # blocks moved (BlockManager.move) since the last step, also outside one, are copied
+        # now, before any forward writes, and once: a re-run below must not copy again (an old
+        # block may hold another sequence's K/V by then)
+        self.runner.copy_blocks(self.block_manager.take_copies(), self.block_size)
         if scheduled:
-            # moved blocks (BlockManager.move) copied once, before any forward writes: a re-run
-            # below must not copy again (the old blocks may hold another sequence's K/V by then)
-            self.runner.copy_blocks(self.block_manager.take_copies(), self.block_size)
             try:
                 self._run(scheduled)
             except Exception:  # noqa: BLE001 - find the request that broke the step
