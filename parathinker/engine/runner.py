@@ -56,12 +56,14 @@ class ModelRunner:
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]], block_size: int) -> None:
         """Copy the K/V of every layer from block a to block b, for each (a, b) in order (the
-        block manager's moves): one copy per stretch of consecutive blocks on both sides."""
+        block manager's moves): one copy per stretch of consecutive blocks on both sides whose
+        source and destination do not overlap (a later move may write where an earlier one
+        read; in order, each copy reads before any later one writes)."""
         i = 0
         while i < len(copies):
             a, b = copies[i]
             n = 1
-            while i + n < len(copies) and copies[i + n] == (a + n, b + n):
+            while i + n < len(copies) and copies[i + n] == (a + n, b + n) and abs(a - b) > n:
                 n += 1
             src, dst = slice(a * block_size, (a + n) * block_size), slice(b * block_size, (b + n) * block_size)
             for pool in (self.kv_cache.k, self.kv_cache.v):

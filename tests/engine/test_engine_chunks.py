@@ -2,6 +2,7 @@
 seeded sampling independent of the batch, failure isolation, validation at the boundary."""
 
 import pytest
+import torch
 from parathinker.testing.checkpoints import make_checkpoint
 
 from parathinker import LLM, SamplingParams
@@ -217,3 +218,20 @@ def test_separate_requests_decoding_side_by_side_read_one_run_each():
         for req in reqs:
             req.free(bm)
     assert [len(c) for c in contexts] == [1] * 8
+
+
+def test_block_copies_are_made_in_order(llm):
+    """ModelRunner.copy_blocks equals copying block by block in the order given, also when a
+    later copy writes a block an earlier one read (5 -> 3, then 7 -> 5) or reads a block an
+    earlier one wrote (10 -> 11, then 11 -> 12)."""
+    runner, bs = llm.engine.runner, llm.engine.block_size
+    cache = runner.kv_cache
+    cache.k.normal_()
+    cache.v.normal_()
+    copies = [(5, 3), (6, 4), (7, 5), (10, 11), (11, 12), (0, 20), (1, 21)]
+    expected = [cache.k.clone(), cache.v.clone()]
+    for pool in expected:
+        for a, b in copies:
+            pool[:, :, b * bs:(b + 1) * bs] = pool[:, :, a * bs:(a + 1) * bs].clone()
+    runner.copy_blocks(copies, bs)
+    assert torch.equal(cache.k, expected[0]) and torch.equal(cache.v, expected[1])
