@@ -1,13 +1,13 @@
 """Stopping on agreement on the demo model (issue 23): path tokens saved and accuracy kept.
 
 The first 24 held-out problems of the demo (docs/demo/, `parathinker.demo.task`: the split the
-demo's eval reads, seed 0), P = 8 paths of at most 48 tokens, temperature 1, every path waited
-for (min_finished_paths = 8), one seed per problem; run once in one batch through LLM.generate
-without the rule and once with stop_on_agreement = 2, the same seeds. Reports the path tokens of
-each run, the saving, the accuracy of each (the summary's answer, graded by the eval grader), and
-checks that every request that stopped early holds >= 2 ended paths with the same answer. Not a
-timing benchmark: the numbers are counts, deterministic for a given torch and CPU kernel set (1
-thread, as the demo pins).
+demo's eval reads, seed 0), P = 8 paths with the demo's budgets (`DemoConfig`), temperature 1, every
+path waited for (min_finished_paths = 8), one seed per problem; run once in one batch through
+LLM.generate without the rule and once with stop_on_agreement = 2, the same seeds. Reports the path
+tokens of each run, the saving, the accuracy of each (the summary's answer, graded by the eval
+grader), and checks that every request that stopped early holds >= 2 ended paths with the same
+answer. Not a timing benchmark: the numbers are counts, deterministic for a given torch and CPU
+kernel set (1 thread, as the demo pins).
 
     python bench/agreement.py
 """

@@ -4,8 +4,8 @@ first-finish, wait-for-all, stopping on agreement and confidence pruning.
     python -m parathinker.demo.gating --output docs/demo      # the committed study (GATING.md)
 
 Every step is `parathinker eval` (printed before it runs; finished samples are kept, so a rerun
-resumes) on the demo's held-out problems with the demo's eval settings (paths of at most 48
-tokens, summaries of 32, temperature 1, seed 0: every configuration draws each problem's sample
+resumes) on the demo's held-out problems with the demo's eval settings (`DemoConfig`: its path
+and summary budgets, temperature 1, seed 0: every configuration draws each problem's sample
 from the same seed), path confidences over windows of `GatingStudy.window` tokens, one CPU thread:
 1. wait-for-all (min_finished_paths = 8), and beside it stop_on_agreement = 1, 2, 3;
 2. pruning at thresholds read off step 1: the `quantiles` of the ungated run's path confidences
@@ -22,6 +22,7 @@ import argparse
 import json
 import random
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ from typing import Any
 import numpy as np
 
 from parathinker.demo.config import DemoConfig
-from parathinker.demo.pipeline import _run, float_environment, torch_threads
-from parathinker.demo.task import split_problems, write_jsonl
+from parathinker.demo.pipeline import _run, float_environment, token_counter, torch_threads
+from parathinker.demo.report import teacher_agreement_saving
+from parathinker.demo.task import MODULUS, split_problems, write_jsonl
 from parathinker.eval.report import mean_se_text, pareto_front, tokens_figure
+from parathinker.spec.answers import normalize_answer
 
 WAIT, FIRST = "wait-for-all", "first-finish"
 
@@ -39,7 +42,7 @@ WAIT, FIRST = "wait-for-all", "first-finish"
 @dataclass(frozen=True)
 class GatingStudy:
     paths: int = 8
-    window: int = 8  # tokens per group confidence (the demo's paths hold 14 to 48)
+    window: int = 8  # tokens per group confidence (a demo path holds 14 to 90)
     top_k: int = 20
     agreements: tuple[int, ...] = (1, 2, 3)
     quantiles: tuple[float, ...] = (0.1, 0.25, 0.5)
@@ -80,6 +83,24 @@ def path_outcomes(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         out[name] = {"paths": len(paths), "median_tokens": float(np.median([t for t, _ in paths])),
                      "mean_confidence": float(np.mean([c for _, c in paths]))}
     return out
+
+
+def agreement_cuts(records: list[dict[str, Any]], agree: int) -> dict[str, float]:
+    """Over the records run with stop_on_agreement = `agree`: how many there are, how many stopped
+    early (a path was cut), the median token at which they stopped (a cut path's length), and of
+    those that stopped early, how many had `agree` ended paths with the same answer (the rule's
+    reason to stop), how many summaries were wrong, and how many of those had `agree` ended paths
+    boxing the gold answer."""
+    runs = [r for r in records if r.get("stop_on_agreement") == agree and r.get("prune_confidence") is None]
+    early = [r for r in runs if "cut" in r["path_finish"]]
+    cuts = [max(t for t, f in zip(r["path_tokens"], r["path_finish"]) if f == "cut") for r in early]
+    wrong = [r for r in early if not r["correct"]]
+    gold = [r for r in wrong if sum(a == r["gold"] and f != "cut"
+                                    for a, f in zip(r["path_answers"], r["path_finish"])) >= agree]
+    agreed = [r for r in early if max(Counter(normalize_answer(a) for a, f in zip(r["path_answers"], r["path_finish"])
+                                              if a is not None and f != "cut").values(), default=0) >= agree]
+    return {"requests": len(runs), "early": len(early), "median_cut": float(np.median(cuts)) if cuts else 0.0,
+            "early_agreed": len(agreed), "early_wrong": len(wrong), "early_wrong_paths_agreed_on_gold": len(gold)}
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -149,16 +170,19 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def render(study: GatingStudy, table: list[dict[str, Any]], cuts: list[float], lines: list[str],
-           env: dict[str, Any], num_problems: int, outcomes: dict[str, dict[str, float]]) -> str:
+def render(study: GatingStudy, demo: DemoConfig, table: list[dict[str, Any]], cuts: list[float],
+           lines: list[str], env: dict[str, Any], num_problems: int,
+           outcomes: dict[str, dict[str, float]], cut: dict[str, float], teacher: float) -> str:
     a, u = outcomes["answered"], outcomes["unanswered"]
+    answered = a["paths"] / (a["paths"] + u["paths"])
     cmd = "python -m parathinker.demo.gating --output docs/demo"
     head = ["# Gated thinking on the demo model: accuracy against generated tokens", "",
             "Regenerate (the demo's model/ must be there; resumes from docs/demo/work/gating):", "",
             "```bash", cmd, "```", "",
             f"`parathinker eval` at P = {study.paths} on the demo's {num_problems} held-out problems, "
             f"{study.samples} sample(s) each from the same seeds in every configuration (the demo's settings: "
-            "paths of at most 48 tokens, summaries of 32, temperature 1), path confidences over windows of "
+            f"paths of at most {demo.max_path_tokens} tokens, summaries of {demo.max_summary_tokens}, "
+            f"temperature {demo.temperature:g}), path confidences over windows of "
             f"{study.window} tokens (top-{study.top_k} log-probabilities), one CPU thread "
             f"(torch {env['torch']}, {env['cpu_capability']} kernels). Wait-for-all waits for every path "
             "(min_finished_paths = 8), first-finish for one; `agree=k` is wait-for-all with "
@@ -176,16 +200,31 @@ def render(study: GatingStudy, table: list[dict[str, Any]], cuts: list[float], l
             *(f"- {line}" for line in lines), "",
             "How the task shapes these numbers: a path of the demo task stops as soon as it verifies a "
             f"candidate ({a['paths']} of the wait-for-all run's paths boxed an answer, after "
-            f"{a['median_tokens']:.0f} tokens at the median) and otherwise runs through its 3 tries to "
-            f"`not found.` ({u['paths']} paths, {u['median_tokens']:.0f} tokens at the median, no "
+            f"{a['median_tokens']:.0f} tokens at the median) and otherwise runs through its {demo.tries} "
+            f"tries to `not found.` ({u['paths']} paths, {u['median_tokens']:.0f} tokens at the median, no "
             "answer), so a path that ends early nearly always carries a verified answer: stopping on "
-            "the first answer (`agree=1`) then behaves like first-finish, and a second agreeing answer "
-            "(`agree=2`) tends to come late in the 48-token budget, when the paths it cuts are nearly "
-            "done. Confidence does not separate the paths that verified the answer from those that "
+            "the first answer (`agree=1`) then behaves like first-finish, and stopping on two "
+            f"(`agree=2`) cuts the paths still thinking when a second path has verified x ({cut['early']} "
+            f"of {cut['requests']} requests stopped early, at token {cut['median_cut']:.0f} at the median, "
+            f"of a {demo.max_path_tokens}-token budget; {cut['early_agreed']} of them with two ended paths "
+            "giving the same answer). "
+            + (f"Of those, {cut['early_wrong']} summaries were wrong, {cut['early_wrong_paths_agreed_on_gold']} "
+               "of them after two ended paths had boxed the right answer (the path majority column counts "
+               "those as right). " if cut["early_wrong"] else "None of their summaries was wrong. ")
+            + "The summary reads paths cut mid-step: the teacher writes "
+            f"{100 * demo.agreement_share:.0f}% of its samples as stopping on 2 or 3 agreeing answers "
+            "would leave them (`parathinker.demo.task.agreement_cut`; "
+            "trained on whole paths only, it had lost 28 of 99 samples here: README.md, \"What did not "
+            "work first\", 6.). The "
+            f"scripted teacher's own paths, cut the same way, save {100 * teacher:.1f} % of their path tokens (what a perfect imitation would save, "
+            "`parathinker.demo.report.teacher_agreement_saving`); the model's paths boxed an answer in "
+            f"{100 * answered:.0f} % of cases, where the teacher's find x in "
+            f"{100 * demo.tries / (MODULUS - 1):.0f} % ({demo.tries} tries of {MODULUS - 1} candidates). "
+            "Confidence hardly separates the paths that verified the answer from those that "
             f"did not (mean {a['mean_confidence']:.3f} and {u['mean_confidence']:.3f}): the candidates "
             "a path tries are drawn at random (the teacher picks them so, and the model learned to), "
             "so their tokens are uncertain in every path, and pruning the least confident paths "
-            "removes paths that would have verified the answer as readily as paths that would not. "
+            "removes paths that would have verified the answer too (see the path majority column). "
             "DeepConf's premise (low confidence flags a wrong trace) needs reasoning whose uncertain "
             "steps are its mistakes; on this task they are its search.", "",
             "Accuracy is the summary's answer; the majority columns vote over the paths' own answers "
@@ -221,13 +260,17 @@ def _run_study(study: GatingStudy, output: Path, demo: DemoConfig, log: Any) -> 
     table = rows(configs, _jsonl(wait / "samples.jsonl"), _jsonl(first / "samples.jsonl"))
     lines = verdict(table)
     outcomes = path_outcomes(_jsonl(wait / "samples.jsonl"))
+    cut = agreement_cuts(_jsonl(wait / "samples.jsonl"), 2)
+    problems = _jsonl(data)[:study.limit]
+    teacher = teacher_agreement_saving(problems, demo.tries, token_counter(model), num_paths=study.paths)
     env = float_environment()
     num_problems = configs[f"P={study.paths} {WAIT}"]["num_problems"]
-    (output / "GATING.md").write_text(render(study, table, cuts, lines, env, num_problems, outcomes))
+    page = render(study, demo, table, cuts, lines, env, num_problems, outcomes, cut, teacher)
+    (output / "GATING.md").write_text(page)
     tokens_figure({"modeq": configs}).savefig(output / "gating_pareto.png", dpi=120, bbox_inches="tight")
     (output / "gating_summary.json").write_text(json.dumps(
         {"study": asdict(study), "thresholds": cuts, "table": table, "verdict": lines, "paths": outcomes,
-         "environment": env}, indent=1) + "\n")
+         "agreement_cuts": cut, "teacher_agreement_saving": teacher, "environment": env}, indent=1) + "\n")
     return lines
 
 

@@ -1,7 +1,7 @@
 """The CPU demo end to end: scripted teacher -> `parathinker train` -> `parathinker eval` -> report.
 
     python -m parathinker.demo --output docs/demo            # the committed run
-    python -m parathinker.demo --output /tmp/d --preset quick  # same training, half the eval (~10-15 min; the slow test)
+    python -m parathinker.demo --output /tmp/d --preset quick  # same training, half the eval (~30 min; the slow test)
 
 Every step is one of the project's own commands, printed before it runs, so the run can be
 repeated by hand. Work files (data, the untrained checkpoint, training checkpoints, eval samples)
@@ -15,7 +15,7 @@ import filecmp
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 
 from parathinker.demo.config import DemoConfig
 from parathinker.demo.report import (check_claims, entropy_floor, render, summary_breakdown,
-                                     teacher_accuracy)
+                                     teacher_accuracy, teacher_agreement_saving)
 from parathinker.demo.task import build
 from parathinker.eval.data import read_jsonl
 from parathinker.train.data import read_samples
@@ -84,6 +84,17 @@ def eval_argv(cfg: DemoConfig, model_dir: Path, eval_file: Path, out_dir: Path) 
             "--device", "cpu", "--dtype", "float32", "--output", str(out_dir), "--resume"]
 
 
+HISTORY_TRIES = range(3, 8)  # the page's "what did not work first": the saving of each per-path budget
+
+
+def token_counter(model_dir: Path) -> Callable[[str], int]:
+    """The number of tokens the model's tokenizer makes of a text (no special tokens)."""
+    from parathinker.model import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    return lambda text: len(tok.encode(text, add_special_tokens=False))
+
+
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run with `n` intra-op threads, whatever the machine's core count; restored afterwards."""
@@ -138,7 +149,8 @@ def _run_demo(cfg: DemoConfig, output: Path, log: Any) -> list[dict[str, Any]]:
     work = output / "work"
     data = work / "data"
     if not (data / "eval.jsonl").exists():
-        files = build(data, cfg.seed, cfg.num_train, cfg.tries, cfg.num_held_out, cfg.max_train_paths)
+        files = build(data, cfg.seed, cfg.num_train, cfg.tries, cfg.num_held_out, cfg.max_train_paths,
+                      cfg.agreement_share)
         log(f"wrote {cfg.num_train} teacher samples to {files['train']} and the held-out problems "
             f"to {files['eval']}")
     init, trained = work / "init", work / "train"
@@ -163,7 +175,10 @@ def _run_demo(cfg: DemoConfig, output: Path, log: Any) -> list[dict[str, Any]]:
     floor = entropy_floor(data / "train.jsonl", model)
     breakdown = {p: summary_breakdown(records, p) for p in cfg.paths}
     env = float_environment()
-    page = render(cfg, summary, claims, records, teacher, metrics, vocab, breakdown, floor, output, env)
+    savings = {t: teacher_agreement_saving(problems, t, token_counter(model)) for t in HISTORY_TRIES}
+    num_cut = sum(any(s.cut) for s in read_samples(data / "train.jsonl")[0])  # cut by agreement
+    page = render(cfg, summary, claims, records, teacher, metrics, vocab, breakdown, floor, output, env,
+                  savings, num_cut)
     (output / "README.md").write_text(page)
     (output / "demo_config.json").write_text(json.dumps({**asdict(cfg), "environment": env}, indent=1) + "\n")
     return claims

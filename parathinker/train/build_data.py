@@ -25,7 +25,8 @@ Selection (`--select`), per sample of P paths (P fixed or drawn from a range per
 - `all-correct`: P correct traces; `all`: any P traces.
 The summary states the problem's (verified) answer: `--summary-format`, default
 " \\boxed{{{answer}}}." after the summary template that training prepends. Traces cut by the
-token budget are left out unless `--include-truncated`. Paths are shuffled again at training.
+token budget are left out unless `--include-truncated` (then marked "cut": their end tag is not
+trained, `parathinker.train.data`). Paths are shuffled again at training.
 
 Resumable like the eval harness: every graded trace is appended at once to
 `<output>.traces/samples.jsonl` (an `eval.results.SampleStore`); a rerun samples only missing
@@ -412,7 +413,9 @@ def select_samples(problem: dict[str, Any], traces: Sequence[dict[str, Any]],
         seen.add(key)
         rng.shuffle(chosen)
         summary = cfg.summary_format.format(answer=problem["answer"])
-        out.append(Sample(problem["problem"], tuple(t["path"] for t in chosen), summary))
+        cut = tuple(t["finish_reason"] != "end" for t in chosen)  # closed by the budget: "cut"
+        out.append(Sample(problem["problem"], tuple(t["path"] for t in chosen), summary,
+                          cut if any(cut) else ()))
     return out
 
 

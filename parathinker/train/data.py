@@ -5,9 +5,13 @@ One training sample per line:
     {"question": "What is 2+3?", "paths": ["First path ...", "Second path ..."], "summary": " \\boxed{5}."}
 
 Path texts come without their `<think{k}>` tags (the index k is chosen when packing: paths are
-shuffled); the summary comes without `<summary>`/`</summary>`. The prompt template (SPEC §3) is
-applied to the question; a summary that does not start with the summary template's text gets it
-prepended (`TextFormat.prepend_summary_template`), so training matches what inference forces.
+shuffled); the summary comes without `<summary>`/`</summary>`. An optional `"cut"`, a list of
+booleans parallel to `"paths"` (an extension of SPEC, docs/TRAINING.md), marks the paths that
+did not end by themselves (closed by the engine: finish reason "cut", "pruned" or "budget"): such
+a path keeps its text and its `</think{k}>` in the row, but that end tag is not a training target.
+The prompt template (SPEC §3) is applied to the question; a summary that does not start with the
+summary template's text gets it prepended (`TextFormat.prepend_summary_template`), so training
+matches what inference forces.
 
 A line may instead hold a row of the reference dataset (pre-tokenized): `input_ids`, an
 `attention_mask` of segment indices (1 prompt, 2..P+1 path 1..P, 10 summary, 0 padding) and
@@ -39,9 +43,14 @@ class Sample:
     question: str
     paths: tuple[str, ...]
     summary: str
+    cut: tuple[bool, ...] = ()  # per path: closed by policy (empty: none)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"question": self.question, "paths": list(self.paths), "summary": self.summary}
+        out: dict[str, Any] = {"question": self.question, "paths": list(self.paths),
+                               "summary": self.summary}
+        if any(self.cut):
+            out["cut"] = list(self.cut)
+        return out
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class TokenSample:
     path_ids: tuple[Sequence[int], ...]
     summary_ids: Sequence[int]  # <summary> template ... </summary>
     where: str = ""  # "file:line", for messages
+    path_cut: tuple[bool, ...] = ()  # per path: closed by policy, its end tag untrained (empty: none)
 
     @property
     def num_tokens(self) -> int:
@@ -61,9 +71,10 @@ class TokenSample:
 
     @property
     def num_targets(self) -> int:
-        """Trained positions: each path's tokens after <think{k}> (its </think{k}> included) and
-        the summary's tokens after <summary>."""
-        return sum(len(p) + 1 for p in self.path_ids) + len(self.summary_ids) - 1
+        """Trained positions: each path's tokens after <think{k}> (its </think{k}> included unless
+        the path is cut) and the summary's tokens after <summary>."""
+        return (sum(len(p) + 1 for p in self.path_ids) - sum(self.path_cut)
+                + len(self.summary_ids) - 1)
 
 
 def ids(tokens: Sequence[int]) -> array:
@@ -117,7 +128,18 @@ def parse_sample(record: Any, where: str) -> Sample:
             raise SampleError(f"{where}: path {k} must be a non-empty string")
     if not isinstance(summary, str) or not summary.strip():
         raise SampleError(f"{where}: 'summary' must be a non-empty string")
-    return Sample(question, tuple(paths), summary)
+    return Sample(question, tuple(paths), summary, parse_cut(record.get("cut"), len(paths), where))
+
+
+def parse_cut(cut: Any, num_paths: int, where: str) -> tuple[bool, ...]:
+    """A sample's optional "cut" list: one boolean per path (absent or null: none cut)."""
+    if cut is None:
+        return ()
+    if (not isinstance(cut, list) or len(cut) != num_paths
+            or not all(isinstance(c, bool) for c in cut)):
+        raise SampleError(f"{where}: 'cut' must be a list of {num_paths} booleans, one per path "
+                          f"(true: the engine closed the path, it did not end by itself), got {json.dumps(cut)[:80]}")
+    return tuple(cut)
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
@@ -193,7 +215,8 @@ class SampleEncoder:
     def encode(self, sample: Sample, where: str = "") -> TokenSample:
         prompt = ids(self.tokenizer.encode(self.fmt.prompt(sample.question)))  # with BOS, as LLM
         paths = tuple(ids(self.encode_text(p)) for p in sample.paths)
-        return self.check(TokenSample(prompt, paths, self.summary_ids(sample.summary), where))
+        return self.check(TokenSample(prompt, paths, self.summary_ids(sample.summary), where,
+                                      sample.cut))
 
     def check(self, ts: TokenSample) -> TokenSample:
         """Path count, lengths and stray control tokens; raises SampleError naming ts.where."""
@@ -205,6 +228,8 @@ class SampleEncoder:
                               f"tokenizer's {self.num_ids} ids (rows made with another tokenizer?)")
         if not ts.path_ids:
             raise SampleError(f"{where}: sample has no paths")
+        if ts.path_cut and len(ts.path_cut) != len(ts.path_ids):
+            raise SampleError(f"{where}: {len(ts.path_cut)} cut flags for {len(ts.path_ids)} paths")
         if len(ts.path_ids) > lim.max_paths:
             raise SampleError(
                 f"{where}: sample has {len(ts.path_ids)} paths but the model has only "
@@ -239,7 +264,7 @@ def split_reference_row(input_ids: Sequence[int], attention_mask: Sequence[int],
     """A reference row -> TokenSample. Padding (mask 0) is dropped; the prompt (1), the paths
     (2..P+1, each opening with some <think{j}> and closing with its </think{j}>) and the summary
     (10, opening with <summary>; a trailing EOS after </summary> is dropped) must come in that
-    order, each contiguous."""
+    order, each contiguous. A row does not say how a path ended: none is marked cut."""
     if len(input_ids) != len(attention_mask):
         raise SampleError(f"{where}: input_ids ({len(input_ids)}) and attention_mask "
                           f"({len(attention_mask)}) differ in length")
@@ -288,7 +313,7 @@ def token_sample_to_text(ts: TokenSample, tokenizer: Any, fmt: TextFormat) -> Sa
                           f"({prompt[:80]!r}...); pass the template the data was made with")
     question = prompt[len(before):len(prompt) - len(after)]
     summary = decode(ts.summary_ids[1:-1])
-    return Sample(question, tuple(decode(p) for p in ts.path_ids), summary)
+    return Sample(question, tuple(decode(p) for p in ts.path_ids), summary, ts.path_cut)
 
 
 def load_token_samples(path: str | Path, encoder: SampleEncoder, skip_invalid: bool = False

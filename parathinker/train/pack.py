@@ -6,7 +6,9 @@ never see each other). The target of position i is the token the generator would
 *in the same sequence*: path token j+1 for path token j, summary token j+1 for summary token j.
 The last token of every region, and every prompt token, predicts nothing that is trained
 (target -100): in packed order the last token of path 1 is followed by path 2's `<think2>`,
-which no path ever generates.
+which no path ever generates. A path the sample marks cut (closed early by an inference policy,
+`TokenSample.path_cut`) keeps its `</think{k}>` in the row, but its last token's target is -100:
+the summary reads the cut path as at inference, and no path learns to end mid-step.
 
 Per row, paths are shuffled over their indices 1..P, and with probability `extend_prob` two
 of them are relabelled to the two highest path indices the model has (the paper's
@@ -73,7 +75,10 @@ def path_indices(num_paths: int, opts: PackOptions, rng: random.Random) -> list[
 def pack_sample(ts: TokenSample, ctrl: ControlTokens, opts: PackOptions,
                 rng: random.Random) -> PackedRow:
     """One sample as a packed request; path k sits at its index (unused indices are empty)."""
-    ks = path_indices(len(ts.path_ids), opts, rng)
+    return _pack(ts, path_indices(len(ts.path_ids), opts, rng), ctrl)
+
+
+def _pack(ts: TokenSample, ks: Sequence[int], ctrl: ControlTokens) -> PackedRow:
     slots: list[list[int]] = [[] for _ in range(max(ks))]
     for k, content in zip(ks, ts.path_ids):
         slots[k - 1] = [ctrl.think_open[k - 1], *content, ctrl.think_close[k - 1]]
@@ -98,8 +103,14 @@ def plan_rows(lengths: Sequence[int], max_row_tokens: int, pack: bool = True) ->
 
 def build_row(samples: Sequence[TokenSample], ctrl: ControlTokens, opts: PackOptions,
               rng: random.Random) -> TrainRow:
-    row = concat_rows([pack_sample(ts, ctrl, opts, rng) for ts in samples])
-    return TrainRow(row, row_targets(row))
+    ks = [path_indices(len(ts.path_ids), opts, rng) for ts in samples]
+    row = concat_rows([_pack(ts, k, ctrl) for ts, k in zip(samples, ks)])
+    targets = row_targets(row)
+    for doc, (ts, doc_ks) in enumerate(zip(samples, ks)):
+        for k, content, cut in zip(doc_ks, ts.path_ids, ts.path_cut):
+            if cut:  # the last path token's target is the policy's </think{k}>: not trained
+                targets[row.starts[(doc, k)] + len(content)] = IGNORE
+    return TrainRow(row, targets)
 
 
 def collate(rows: Sequence[TrainRow], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:

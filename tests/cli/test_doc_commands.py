@@ -43,7 +43,7 @@ RULES: list[tuple[str, str | None]] = [
     (r"^pip install", "installation: CI's own install step runs it"),
     (r"python -m pytest", "the test suite itself"),
     (r"^python -m parathinker\.demo --output docs/demo$",
-     "the 15-minute demo run; `pytest -m slow tests/demo/test_demo.py` runs it"),
+     "the 30-minute demo run; `pytest -m slow tests/demo/test_demo.py` runs it"),
     (r"(^| )\.\.\.( |$)|\[options\]", "a placeholder, not a command"),
     (r"^accelerate launch --config_file ddp4\.yaml|--multi_gpu --num_processes 4 (?!.*--cpu)",
      "needs 4 GPUs"),

@@ -16,7 +16,8 @@ from tests import ROOT
 
 DEMO = str(ROOT / "docs" / "demo" / "model")
 QUESTION = "Solve 5x + 4 = 7 modulo 13."  # the demo task: paths end with \boxed{x} when they find x
-# 8 paths at temperature 1 and this seed: several find an answer (each path does with p ~ 1/4)
+# 8 paths at temperature 1 and this seed: several find an answer within 48 tokens (each path checks
+# its random candidates in turn, ~12 tokens each; the tests below assert that some box one)
 GATED = ["--device", "cpu", "--paths", "8", "--max-path-tokens", "48", "--max-summary-tokens", "32",
          "--temperature", "1", "--seed", "4", "--min-finished-paths", "8",
          "--stop-on-agreement", "2", "--confidence-window", "4", "--confidence-top-k", "5",

@@ -11,9 +11,10 @@ import torch
 
 from parathinker.demo.pipeline import PRESETS, DemoConfig, run_demo
 from parathinker.demo.report import check_claims, teacher_accuracy
-from parathinker.demo.task import (MODULUS, all_problems, build, make_problem, split_problems, teacher_path,
-                                   teacher_sample)
+from parathinker.demo.task import (AGREEMENTS, MODULUS, agreement_cut, all_problems, build, make_problem,
+                                   pieces, split_problems, teacher_path, teacher_sample)
 from parathinker.spec.tokens import last_boxed
+from tests import ROOT
 
 STEP = re.compile(r"(\d+)\*(\d+) (\d+) \+ (\d+) (\d+), (\d+) (yes|no) (\d+)\.")
 PROBLEMS = all_problems()
@@ -82,6 +83,80 @@ def test_build_holds_problems_out_of_training(tmp_path):
     assert all(set(s) == {"question", "paths", "summary"} and 1 <= len(s["paths"]) <= 8 for s in train)
     assert {s["question"] for s in train}.isdisjoint(p["problem"] for p in held_out)
     assert all({"id", "problem", "answer"} <= set(p) for p in held_out)
+
+
+def lockstep(paths, found, agree):
+    """stop_on_agreement run step by step (SPEC §5.3-4): each running path draws its next piece,
+    or its end tag once it has none left; after a step in which `agree` answering paths have
+    ended, the paths still running keep what they drew and are cut."""
+    todo, out = [pieces(p) for p in paths], [[] for _ in paths]
+    running, answers = set(range(len(paths))), 0
+    while running:
+        for i in sorted(running):
+            if len(out[i]) < len(todo[i]):
+                out[i].append(todo[i][len(out[i])])
+            else:
+                running.discard(i)
+                answers += found[i]
+        if answers >= agree and running:
+            return ["".join(o) for o in out], [i in running for i in range(len(paths))]
+    return list(paths), [False] * len(paths)
+
+
+def test_agreement_cut_closes_the_running_paths_where_the_engine_would():
+    found = " 2*7 1 + 0 1, 1 yes 7. \\boxed{7}"  # 17 pieces
+    missed = " 2*8 3 + 0 3, 1 no 8. 2*6 12 + 0 12, 1 no 6. not found."
+    assert len(pieces(found)) == 17 and "".join(pieces(missed)) == missed
+    # the second answer ends at step 18 (its end tag); the other path has drawn its 18th piece
+    assert agreement_cut([found, missed, found], [True, False, True], 2) == (
+        [found, " 2*8 3 + 0 3, 1 no 8. 2*6 12 + 0", found], [False, True, False])
+    assert agreement_cut([found, missed, found], [True, False, True], 3) == (
+        [found, missed, found], [False, False, False])  # two answers: never three
+    rng = random.Random(5)
+    for _ in range(400):
+        problem, n = random_problem(rng), rng.randint(1, 8)
+        drawn = [teacher_path(problem, rng, 7) for _ in range(n)]
+        paths, ok = [d[0] for d in drawn], [d[2] for d in drawn]
+        for agree in (1, 2, 3):
+            assert agreement_cut(paths, ok, agree) == lockstep(paths, ok, agree)
+
+
+def test_the_demo_tokenizer_makes_one_token_of_each_piece(tmp_path):
+    """agreement_cut counts the demo tokenizer's tokens as pieces: the committed model's tokenizer
+    (trained on the teacher's text) splits every teacher path, whole or cut, exactly so."""
+    from parathinker.model import load_tokenizer
+
+    tok = load_tokenizer(ROOT / "docs" / "demo" / "model")
+    files = build(tmp_path, seed=3, num_train=1500, tries=7, agreement_share=0.5)
+    samples = [json.loads(line) for line in files["train"].read_text().splitlines()]
+    paths = [p for s in samples for p in s["paths"]]
+    assert any("cut" in s for s in samples) and len(paths) > 5000
+    for p in paths:
+        assert [tok.decode([t]) for t in tok.encode(p, add_special_tokens=False)] == pieces(p)
+
+
+def test_build_writes_a_share_of_samples_as_agreement_leaves_them(tmp_path):
+    whole = build(tmp_path / "whole", seed=0, num_train=2000, tries=7)["train"].read_text().splitlines()
+    gated = build(tmp_path / "gated", seed=0, num_train=2000, tries=7,
+                  agreement_share=0.5)["train"].read_text().splitlines()
+    num_cut = 0
+    for w, g in zip(map(json.loads, whole), map(json.loads, gated)):
+        assert (g["question"], g["summary"], len(g["paths"])) == (w["question"], w["summary"], len(w["paths"]))
+        if "cut" not in g:
+            assert g == w
+            continue
+        num_cut += 1
+        cut, answer = g["cut"], last_boxed(g["summary"])
+        assert len(cut) == len(g["paths"]) and any(cut)
+        agreed = [len(pieces(p)) for p, c in zip(g["paths"], cut) if not c and last_boxed(p) == answer]
+        stop = max(agreed)  # the last agreeing path to end: the step after it, the rest were cut
+        assert len(agreed) >= min(AGREEMENTS) and sum(n < stop for n in agreed) < max(AGREEMENTS)
+        for p, q, c in zip(g["paths"], w["paths"], cut):
+            assert (p == q) if not c else (q.startswith(p) and last_boxed(p) is None)
+        # every cut path holds one piece more than the agreeing path that ended last
+        assert all(len(pieces(p)) == stop + 1 for p, c in zip(g["paths"], cut) if c)
+    # half the samples draw an agreement of 2 or 3; it fires where enough paths find x
+    assert 0.15 * 2000 < num_cut < 0.4 * 2000
 
 
 def test_claims_flag_a_flat_curve():
@@ -200,3 +275,44 @@ def test_gating_study_thresholds_and_verdict():
         in lines[-1] and "net -1 of 48" in lines[-1]
     table[2] = row("P=8 agree=2", 0.6, 200.0, 0.3, 0, 3)  # 3 lost of 48: more than 2 (1 in 24)
     assert "does not hold" in verdict(table)[-1]
+
+
+def test_teacher_agreement_saving_stops_every_path_where_the_second_answer_ends():
+    """Against a step-by-step run of the rule (paths write a token each per step; the request
+    stops at the step where the second answering path ends), on the same draws of the teacher."""
+    from parathinker.demo.report import teacher_agreement_saving
+
+    _, held_out = split_problems(random.Random(0), 99)
+    problems, words = held_out[:10], (lambda text: len(text.split()))
+    for tries, paths in ((3, 8), (12, 3), (5, 4)):
+        rng, full, kept = random.Random(1), 0, 0
+        for pr in problems:
+            for _ in range(20):
+                drawn = [teacher_path(pr, rng, tries) for _ in range(paths)]
+                lengths = [words(text) + 1 for text, _, _ in drawn]  # the end tag is a token
+                answers, step = 0, 0
+                while step < max(lengths) and answers < 2:
+                    step += 1
+                    answers += sum(n == step and found for n, (_, _, found) in zip(lengths, drawn))
+                full += sum(lengths)
+                kept += sum(min(n, step) for n in lengths)
+        assert teacher_agreement_saving(problems, tries, words, num_paths=paths) == pytest.approx(1 - kept / full)
+    assert teacher_agreement_saving(problems, 7, words, num_paths=2) == 0.0  # the second answer ends the last path
+    assert 0 < teacher_agreement_saving(problems, 3, words) < teacher_agreement_saving(problems, 7, words)
+
+
+def test_agreement_cuts_read_where_requests_stopped():
+    from parathinker.demo.gating import agreement_cuts
+
+    def rec(agree, tokens, finish, answers, correct, **kw):
+        return {"stop_on_agreement": agree, "path_tokens": tokens, "path_finish": finish, "gold": "5",
+                "path_answers": answers, "correct": correct, **kw}
+
+    records = [rec(2, [20, 31, 31, 30], ["end", "end", "cut", "cut"], ["5", "5", None, None], False),
+               rec(2, [40, 41], ["end", "end"], ["5", "3"], False),
+               rec(2, [15, 51, 51], ["end", "cut", "end"], ["5", "5", "3"], False),  # the cut 5 counts for none
+               rec(2, [15, 51], ["end", "cut"], ["5", None], True),
+               rec(1, [9, 10], ["end", "cut"], ["5", None], False),
+               rec(2, [9, 10], ["end", "cut"], ["5", None], False, prune_confidence=1.0)]
+    assert agreement_cuts(records, 2) == {"requests": 4, "early": 3, "median_cut": 51.0, "early_agreed": 1,
+                                          "early_wrong": 2, "early_wrong_paths_agreed_on_gold": 1}

@@ -241,13 +241,16 @@ def test_agreement_on_the_demo_model_uses_the_boxed_answers():
     that stopped early holds two ended paths whose PathOutput.answer agree, and the same seed
     without the rule gives the same tokens up to the cut (the slow twin is compared on agreement
     above, with a stand-in answer: it is slow on 8 paths)."""
+    from parathinker.demo.config import DemoConfig
     from parathinker.demo.task import split_problems
 
     llm = LLM(str(DEMO_MODEL), device="cpu", dtype="float32")
     _, held_out = split_problems(random.Random(0), 99)
     questions = [pr["problem"] for pr in held_out[:8]]
-    p = SamplingParams(num_paths=8, max_path_tokens=48, max_summary_tokens=32,
-                       min_finished_paths=8, temperature=1.0, stop_on_agreement=2)
+    demo = DemoConfig()  # the demo's own budgets: the Done-when's setting
+    p = SamplingParams(num_paths=8, max_path_tokens=demo.max_path_tokens,
+                       max_summary_tokens=demo.max_summary_tokens, min_finished_paths=8,
+                       temperature=demo.temperature, stop_on_agreement=2)
     ids = llm.encode_prompts(questions, None)
     reqs = [llm.engine.add_request(f"d{i}", x, replace(p, seed=i)) for i, x in enumerate(ids)]
     free = [llm.engine.add_request(f"f{i}", x, replace(p, seed=i, stop_on_agreement=0))

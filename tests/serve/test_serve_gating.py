@@ -12,6 +12,7 @@ from parathinker.testing.servers import MODEL, client, running_server
 
 from parathinker import LLM
 from parathinker.config import SamplingParams
+from parathinker.demo.config import DemoConfig
 from parathinker.spec.answers import normalize_answer
 from parathinker.spec.tokens import last_boxed
 from tests import ROOT
@@ -19,7 +20,8 @@ from tests import ROOT
 pytest.importorskip("uvicorn")
 DEMO = ROOT / "docs" / "demo" / "model"
 QUESTION = "Solve 5x + 4 = 7 modulo 13."
-EIGHT = {"num_paths": 8, "max_path_tokens": 48, "max_summary_tokens": 32, "min_finished_paths": 8}
+EIGHT = {"num_paths": 8, "max_path_tokens": DemoConfig().max_path_tokens,
+         "max_summary_tokens": DemoConfig().max_summary_tokens, "min_finished_paths": 8}
 SEED = 3
 
 
@@ -82,7 +84,7 @@ def test_stream_deltas_carry_them_at_each_paths_finish(demo):
 
 def test_agreement_and_pruning_nested_and_flat(demo):
     base, _ = demo
-    # seed 1: two paths box 11 by token 31, while six are still thinking
+    # seed 1: two paths box 11 by token 43, while six are still thinking
     nested = ask(base, 1, parallel={**EIGHT, "stop_on_agreement": 2})
     flat = ask(base, 1, **EIGHT, stop_on_agreement=2)
     paths = nested.choices[0].message.model_extra["paths"]

@@ -149,3 +149,26 @@ def test_cli_reports_bad_line_and_skips_with_count(tmp_path, ckpt_dir, capsys):
     assert f"error: {data}:2: 'paths' must be a non-empty list" in capsys.readouterr().err
     assert main(args + ["--skip-invalid"]) == 0
     assert "skipped 1 invalid line(s)" in capsys.readouterr().out
+
+
+def test_cut_flags_are_read_checked_and_carried(tmp_path, encoder, tokenizer):
+    cut = {**GOOD, "cut": [True, False]}
+    bad = [{**GOOD, "cut": [True]}, {**GOOD, "cut": [1, 0]}, {**GOOD, "cut": "true"},
+           {**GOOD, "cut": [True, False, None]}, {**GOOD, "cut": {"1": True}}]
+    path = write(tmp_path, [cut, GOOD, *bad, {**GOOD, "cut": None}])
+    samples, skipped = read_samples(path, skip_invalid=True)
+    assert [s.cut for s in samples] == [(True, False), (), ()]
+    assert [m.split(": ", 1)[0] for m in skipped] == [f"{path}:{n}" for n in range(3, 8)]
+    assert all("'cut' must be a list of 2 booleans" in m for m in skipped)
+    with pytest.raises(SampleError, match=rf"^{path}:3: 'cut'"):
+        read_samples(path)
+    assert samples[0].to_dict() == cut and samples[1].to_dict() == GOOD  # no "cut" when none is
+    # tokenized: the flags travel with the paths; a cut path's end tag is not a target
+    ts, whole = encoder.encode(samples[0], "f:1"), encoder.encode(samples[1], "f:2")
+    assert ts.path_cut == (True, False) and ts.path_ids == whole.path_ids
+    n_path_tokens = sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in GOOD["paths"])
+    assert whole.num_targets == n_path_tokens + 2 + len(whole.summary_ids) - 1
+    assert ts.num_targets == whole.num_targets - 1
+    assert token_sample_to_text(ts, tokenizer, TextFormat()).cut == (True, False)
+    loaded, _ = load_token_samples(write(tmp_path, [cut], "one.jsonl"), encoder)
+    assert loaded[0].path_cut == (True, False)

@@ -82,6 +82,11 @@ def test_build_data_writes_samples_and_resumes(data, work):
         assert s["question"] == q and len(s["paths"]) == 2 and s["summary"] == f" \\boxed{{{a}}}."
     store = work / "data.jsonl.traces" / "samples.jsonl"
     traces = store.read_text().splitlines()
+    # a trace cut by --max-tokens (kept: --include-truncated) is marked cut, the others not
+    finish = {json.loads(t)["path"]: json.loads(t)["finish_reason"] for t in traces}
+    flags = [s.get("cut", [False, False]) for s in samples]
+    assert flags == [[finish[p] != "end" for p in s["paths"]] for s in samples]
+    assert any(map(any, flags))  # 16 tokens: some traces were truncated
     assert len(traces) == 3 * len(PROBLEMS)
     # drop two stored traces, as if interrupted: only those are sampled again, identically
     store.write_text("\n".join(traces[:-2]) + "\n")

@@ -22,9 +22,9 @@ def ctrl(tokenizer):
     return ControlTokens.from_tokenizer(tokenizer)
 
 
-def sample(ctrl, prompt, paths, body, where="t:1"):
+def sample(ctrl, prompt, paths, body, where="t:1", cut=()):
     return TokenSample(array("i", prompt), tuple(array("i", p) for p in paths),
-                       array("i", [ctrl.summary_open, *body, ctrl.summary_close]), where)
+                       array("i", [ctrl.summary_open, *body, ctrl.summary_close]), where, cut)
 
 
 def test_targets_by_hand(ctrl):
@@ -40,6 +40,42 @@ def test_targets_by_hand(ctrl):
         20, cs, _,          # summary: <summary> -> 20 -> </summary>
     ]
     assert row.num_targets == ts.num_targets == 7
+
+
+def test_a_cut_path_keeps_its_end_tag_in_the_row_but_not_as_a_target(ctrl):
+    t1, c1, t2, c2 = ctrl.think_open[0], ctrl.think_close[0], ctrl.think_open[1], ctrl.think_close[1]
+    s, cs = ctrl.summary_open, ctrl.summary_close
+    ts = sample(ctrl, [5, 6, 7], [[10, 11], [12]], [20], cut=(True, False))
+    row = build_row([ts], ctrl, PackOptions(shuffle_paths=False), random.Random(0))
+    assert row.row.input_ids == [5, 6, 7, t1, 10, 11, c1, t2, 12, c2, s, 20, cs]  # as uncut
+    assert row.targets == [
+        _, _, _,
+        10, 11, _, _,       # path 1 was cut: 11 -> </think1> is the policy's, not trained
+        12, c2, _,          # path 2 ended by itself: its end is trained
+        20, cs, _,
+    ]
+    assert row.num_targets == ts.num_targets == 6
+
+
+def test_cut_paths_lose_exactly_their_end_targets_when_shuffled_and_packed(ctrl):
+    """Packed with another sample and shuffled over indices: the untrained positions are those
+    where the row holds a path's last token followed by its own </think{k}>, for the cut paths."""
+    paths = [[10, 11, 12], [13], [14, 15], [16, 17]]
+    a = sample(ctrl, [5, 6], paths, [20], cut=(False, True, True, False))
+    b = sample(ctrl, [7], [[18, 19]], [21], cut=(True,))
+    plain = [sample(ctrl, [5, 6], paths, [20]), sample(ctrl, [7], [[18, 19]], [21])]
+    opts = PackOptions(shuffle_paths=True, extend_prob=0.5)
+    for seed in range(8):
+        got = build_row([a, b], ctrl, opts, random.Random(seed))
+        whole = build_row(plain, ctrl, opts, random.Random(seed))
+        assert got.row.input_ids == whole.row.input_ids
+        ids = got.row.input_ids
+        cut_last = {13, 15, 19}  # the last tokens of a's paths 2 and 3 and of b's path
+        dropped = [i for i in range(len(ids) - 1) if ids[i] in cut_last and ids[i + 1] in ctrl.think_close]
+        assert len(dropped) == 3
+        assert [i for i, (x, y) in enumerate(zip(got.targets, whole.targets)) if x != y] == dropped
+        assert all(got.targets[i] == IGNORE for i in dropped)
+        assert got.num_targets == whole.num_targets - 3 == a.num_targets + b.num_targets
 
 
 def test_targets_stop_at_document_boundaries(ctrl):
