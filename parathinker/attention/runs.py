@@ -42,6 +42,7 @@ BATCH_MAX_CONTEXT = 512
 class RunsBackend:
     name = "runs"
     zeroed_pool = False  # reads only slots written before
+    wants_one_run = True  # a view and two matmuls per run and layer (attention.long_decode)
 
     def build_metadata(self, query_lens: Sequence[int],
                        contexts: Sequence[Sequence[tuple[int, int]]],

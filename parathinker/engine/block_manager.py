@@ -23,6 +23,8 @@ block is taken may instead `move`: its own blocks, if no other sequence reads th
 extent with room to grow by half its length again, and the copies (old block -> new block) wait
 in `copies` until the runner makes them, before the step's forward writes anything
 (`Engine.step`). Its new extent starts below `reach`, as any other, so the bound above holds.
+Only a backend that reads runs faster moves (`PagedBackend.wants_one_run`: the runs backend);
+one that reads through a page table (flex, on CUDA) would pay the copies for nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ _FREE_RUN = re.compile(rb"\x01+")
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, moves: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -43,6 +45,7 @@ class BlockManager:
         self._num_free = num_blocks
         self.peak_used = 0
         self.reach = 0  # new extents start below it (never shrinks)
+        self.moves = moves  # whether growing sequences move (the attention backend's wants_one_run)
         self.copies: list[tuple[int, int]] = []  # (from block, to block), moves not yet copied
 
     @property

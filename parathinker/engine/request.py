@@ -64,7 +64,7 @@ class Seq:
             offset = self.num_placed % bs
             if offset == 0:
                 want = -(-(len(self.tokens) - self.num_placed) // bs)
-                if self.blocks and bm.is_taken(self.blocks[-1]):
+                if bm.moves and self.blocks and bm.is_taken(self.blocks[-1]):
                     moved = bm.move(self.blocks, want)
                     if moved is not None:  # every block full (offset 0): one run of num_placed
                         self.blocks, self.runs = moved, [[moved[0] * bs, self.num_placed]]

@@ -199,7 +199,7 @@ def test_runs_long_decode_path_matches_reference(ckpt_dir, monkeypatch, gather):
 def test_moved_blocks_keep_results(ckpt_dir, monkeypatch, backend):
     """Paths decoding side by side in small blocks collide and move their blocks to one extent
     (BlockManager.move; the runner copies their K/V before the step's forward): the tokens stay
-    those of the slow twin."""
+    those of the slow twin. Only the runs backend moves (wants_one_run); the others never do."""
     from parathinker.engine.block_manager import BlockManager
 
     moved = []
@@ -216,6 +216,9 @@ def test_moved_blocks_keep_results(ckpt_dir, monkeypatch, backend):
     p = params(num_paths=4, max_path_tokens=40, min_path_tokens=40, min_finished_paths=4,
                max_summary_tokens=84)
     outs = llm.generate(QUESTIONS[:3], p)
-    assert len(moved) > 3 and max(moved) > 4, moved
+    if backend == "runs":
+        assert len(moved) > 3 and max(moved) > 4, moved
+    else:
+        assert moved == [], moved
     for a, b in zip(outs, llm.generate_slow_twin(QUESTIONS[:3], p)):
         same(a, b)
