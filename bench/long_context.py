@@ -16,7 +16,8 @@ bandwidth measured in the same process (a sum over a 1 GiB tensor, best of 5). E
 measured `--runs` times (a fresh request each time, the median of `--steps` steps each); the
 spread (min / median / max over runs) is reported, with the page faults per step (minor, major)
 and the process's RSS against weights + pool. Also reported: the host time per step to build
-the attention metadata (request work + runner metadata).
+the attention metadata (request work + runner metadata), and how many runs of the pool each
+context is in, per run (`runs_per_context`: the attention costs two matmuls per run and layer).
 
 --cpu-time: one torch thread, and every time (steps, the floor's read) is the main thread's CPU
 time (time.thread_time): what the work costs while it holds a core, which other processes on a
@@ -124,9 +125,9 @@ def rss_bytes() -> int:
     return 0
 
 
-def time_steps(engine: Engine, steps: int) -> tuple[float, float, tuple[float, float]]:
-    """Median seconds of a whole engine step, of building its metadata on the host, and the
-    (minor, major) page faults per timed step."""
+def time_steps(engine: Engine, steps: int) -> tuple[float, float, tuple[float, float], list[int]]:
+    """Median seconds of a whole engine step, of building its metadata on the host, the
+    (minor, major) page faults per timed step, and the runs of the pool each context is in."""
     engine.step()  # warm-up
     total, meta = [], []
     before = faults()
@@ -134,7 +135,7 @@ def time_steps(engine: Engine, steps: int) -> tuple[float, float, tuple[float, f
         scheduled, _ = engine.scheduler.schedule()
         t = CLOCK()
         work = [w for req, budget in scheduled for w in req.work(budget)]
-        engine.runner.build(work)
+        built = engine.runner.build(work)[3]
         meta.append(CLOCK() - t)
         sync()
         t = CLOCK()
@@ -143,7 +144,8 @@ def time_steps(engine: Engine, steps: int) -> tuple[float, float, tuple[float, f
         total.append(CLOCK() - t)
     after = faults()
     per_step = ((after[0] - before[0]) / steps, (after[1] - before[1]) / steps)
-    return statistics.median(total), statistics.median(meta), per_step
+    runs = [len(built.runs(s)) for s in range(built.num_seqs)]
+    return statistics.median(total), statistics.median(meta), per_step, runs
 
 
 def profile_step(engine: Engine, top: int = 8) -> dict[str, float]:
@@ -210,14 +212,15 @@ def main() -> None:
                        "summary": prompt_len + args.paths * path_len + len(template),
                        "separate": args.paths * size}[kind]
             floor = (weights + context * kv_per_token) / bandwidth
-            runs, metas, flts = [], [], []
+            runs, metas, flts, runs_per_context = [], [], [], []
             for r in range(args.runs):
                 reqs = filled_requests(engine, f"{kind}-{size}-{r}", prompt_len, path_len,
                                        args.paths, kind)
-                seconds, meta, flt = time_steps(engine, args.steps)
+                seconds, meta, flt, pieces = time_steps(engine, args.steps)
                 runs.append(seconds)
                 metas.append(meta)
                 flts.append(flt)
+                runs_per_context.append(pieces)
                 top = profile_step(engine) if args.profile and r == 0 else None
                 for req in reqs:
                     engine.abort(req.request_id)
@@ -226,13 +229,15 @@ def main() -> None:
             row[kind] = {"step_s": med, "runs_s": runs, "floor_s": floor,
                          "x_floor": med / floor, "x_floor_min_max": [min(runs) / floor, max(runs) / floor],
                          "metadata_ms": statistics.median(metas) * 1e3, "context_tokens": context,
-                         "faults_per_step_minor_major": flts[-1], "rss_GB": rss_bytes() / 1e9}
+                         "faults_per_step_minor_major": flts[-1], "rss_GB": rss_bytes() / 1e9,
+                         "runs_per_context": runs_per_context}
             if top:
                 row[kind]["profile_ms"] = top
             print(f"C={size:6d} {kind:8s} step {med:.3f} s (runs {min(runs):.3f}-{max(runs):.3f})  "
                   f"floor {floor:.3f} s  {med / floor:.2f}x ({min(runs) / floor:.2f}-"
                   f"{max(runs) / floor:.2f})  metadata {statistics.median(metas) * 1e3:.2f} ms  "
-                  f"faults/step {flts[-1][0]:.0f}/{flts[-1][1]:.0f}  (context {context}, "
+                  f"faults/step {flts[-1][0]:.0f}/{flts[-1][1]:.0f}  runs/context "
+                  f"{'/'.join(f'{min(r)}-{max(r)}' for r in runs_per_context)}  (context {context}, "
                   f"{bandwidth / 1e9:.1f} GB/s)")
         results[size] = row
     report("long_context", config, {"weights_GB": weights / 1e9, "pool_GB": pool / 1e9,

@@ -56,7 +56,7 @@ def main() -> None:
         "bmm_softmax": lambda: [torch.bmm(torch.bmm(q[i].view(hkv, g, d) * d ** -0.5,
                                                     kp[:, a: a + c].transpose(1, 2)).softmax(-1),
                                           vp[:, a: a + c]) for i, a in enumerate(starts)],
-        "long_decode": lambda: long.attend(q, kp, vp),
+        "long_decode": lambda: long.attend(0, q, kp[None], vp[None]),
         "read": lambda: (kp[:, : b * c].sum(), vp[:, : b * c].sum()),
         "gather_index": lambda: kp[:, slots],
         "gather_index_select": lambda: kp.index_select(1, slots.view(-1)),

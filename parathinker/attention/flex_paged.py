@@ -71,6 +71,7 @@ def _bucket(n: int, minimum: int = 1) -> int:
 class FlexPagedBackend:
     name = "flex"
     zeroed_pool = True  # its kernels read whole pages, masked (PagedKVCache.allocate)
+    wants_one_run = False  # reads through a page table: runs cost nothing, moves a copy
 
     def build_metadata(self, query_lens: Sequence[int],
                        contexts: Sequence[Sequence[tuple[int, int]]],

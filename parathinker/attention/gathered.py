@@ -15,6 +15,7 @@ from parathinker.attention.pool import PagedAttention, PagedKVCache, attend_each
 class GatheredBackend:
     name = "gathered"
     zeroed_pool = False  # reads only slots written before
+    wants_one_run = False  # gathers every slot whatever the runs
 
     def build_metadata(self, query_lens: Sequence[int],
                        contexts: Sequence[Sequence[tuple[int, int]]],

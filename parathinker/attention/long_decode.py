@@ -8,10 +8,11 @@ and no copy of any K/V (BENCHMARKS.md, "Decode attention over long contexts"). E
 go to a contiguous buffer first, then one `cat` per sequence: torch splits a bmm whose output is
 a column slice into one matmul per KV head, which on two threads cost ~4 % of a step.
 
-The buffers (queries, scores, probabilities, outputs) and their views per run are made by the
-first layer and reused by every layer of the step, so that a layer costs four dispatches per run
-(two pool views, two matmuls) and a cat and a softmax per sequence, not a dozen per run (slices,
-transposes, allocations, the merge's arithmetic) at a few microseconds each.
+The buffers (queries, scores, probabilities, outputs) and their views per run, and each run's
+K/V views in every layer of the pool, are made by the first layer and reused by every layer of
+the step, so that a layer costs two dispatches per run (two matmuls) and a cat and a softmax per
+sequence, not a dozen per run (slices, transposes, allocations, the merge's arithmetic) at a few
+microseconds each.
 """
 
 from __future__ import annotations
@@ -31,30 +32,27 @@ class LongDecodes:
     in_order: bool  # rows are 0..B-1
     buf: _Buffers | None = field(default=None, repr=False)
 
-    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        """q [N, Hq, D] (every flat token); k_pool, v_pool [Hkv, S, D] (one layer of the pool)
-        -> [B, Hq, D], the attention of the tokens `rows`."""
-        hkv, _, d = k_pool.shape
+    def attend(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> torch.Tensor:
+        """q [N, Hq, D] (every flat token); k_cache, v_cache [L, Hkv, S, D] (the pool of every
+        layer) -> [B, Hq, D], the attention of the tokens `rows` in layer `layer`."""
+        _, hkv, _, d = k_cache.shape
         if self.buf is None:
-            self.buf = _Buffers(self.runs, q.shape[1] // hkv, k_pool)
+            self.buf = _Buffers(self.runs, q.shape[1] // hkv, k_cache, v_cache)
         buf = self.buf
         mine = q[: len(self.rows)] if self.in_order else q.index_select(0, self.rows_t)
         torch.mul(mine.unflatten(1, (hkv, -1)), d ** -0.5, out=buf.q)
-        (hs, ss, ds), base = k_pool.stride(), k_pool.storage_offset()
-        for qs, runs, scores, probs, run_scores, p_views, out in zip(
-                buf.q_views, self.runs, buf.scores, buf.probs, buf.run_scores, buf.p_views,
-                buf.out_views):
-            for (a, n), s_run in zip(runs, run_scores):  # K^T of the run: [Hkv, D, n], a view
-                torch.bmm(qs, k_pool.as_strided((hkv, d, n), (hs, ds, ss), base + a * ss), out=s_run)
-            if len(runs) > 1:
+        for qs, k_runs, v_runs, scores, probs, run_scores, p_views, out in zip(
+                buf.q_views, buf.k_runs, buf.v_runs, buf.scores, buf.probs, buf.run_scores,
+                buf.p_views, buf.out_views):
+            for k_run, s_run in zip(k_runs, run_scores):
+                torch.bmm(qs, k_run[layer], out=s_run)
+            if len(run_scores) > 1:
                 torch.cat(run_scores, 2, out=scores)
             torch.softmax(scores, -1, out=probs)
-            for i, ((a, n), p_view) in enumerate(zip(runs, p_views)):
-                v_run = v_pool.as_strided((hkv, n, d), (hs, ss, ds), base + a * ss)
-                if i == 0:
-                    torch.bmm(p_view, v_run, out=out)
-                else:
-                    out.baddbmm_(p_view, v_run)
+            torch.bmm(p_views[0], v_runs[0][layer], out=out)
+            for p_view, v_run in zip(p_views[1:], v_runs[1:]):
+                out.baddbmm_(p_view, v_run[layer])
         return buf.out.view(len(self.rows), -1, d).clone()  # the buffer is the next layer's
 
 
@@ -62,18 +60,20 @@ class _Buffers:
     """What every layer of one step reuses: per sequence, its queries [Hkv, G, D], each run's
     scores [Hkv, G, n] (contiguous), its scores and probabilities [Hkv, G, C] with the
     probabilities' column range per run, and its output [Hkv, G, D]: 3 floats per query head and
-    context slot, against 2 x layers x Hkv x D of K/V (0.25 % for the 1.5B shape)."""
+    context slot, against 2 x layers x Hkv x D of K/V (0.25 % for the 1.5B shape). And each
+    run's K^T [Hkv, D, n] and V [Hkv, n, D] in every layer, views of the pool: one `as_strided`
+    and one `unbind` per run and step, not two views per run and layer."""
 
-    def __init__(self, runs: list[list[tuple[int, int]]], g: int, pool: torch.Tensor) -> None:
-        hkv, _, d = pool.shape
-        b = len(runs)
-        self.q = torch.empty(b, hkv, g, d, dtype=pool.dtype, device=pool.device)
+    def __init__(self, runs: list[list[tuple[int, int]]], g: int, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor) -> None:
+        _, hkv, _, d = k_cache.shape
+        b, like = len(runs), dict(dtype=k_cache.dtype, device=k_cache.device)
+        self.q = torch.empty(b, hkv, g, d, **like)
         self.out = torch.empty_like(self.q)
         self.q_views, self.out_views = list(self.q.unbind(0)), list(self.out.unbind(0))
         self.scores, self.probs, self.run_scores, self.p_views = [], [], [], []
         for seq_runs in runs:
-            scores = torch.empty(hkv, g, sum(n for _, n in seq_runs), dtype=pool.dtype,
-                                 device=pool.device)
+            scores = torch.empty(hkv, g, sum(n for _, n in seq_runs), **like)
             probs = torch.empty_like(scores)
             self.scores.append(scores)
             self.probs.append(probs)
@@ -81,6 +81,17 @@ class _Buffers:
             for _, n in seq_runs[:-1]:
                 starts.append(starts[-1] + n)
             self.run_scores.append([scores] if len(seq_runs) == 1 else
-                                   [torch.empty(hkv, g, n, dtype=pool.dtype, device=pool.device)
-                                    for _, n in seq_runs])
+                                   [torch.empty(hkv, g, n, **like) for _, n in seq_runs])
             self.p_views.append([probs[:, :, o: o + n] for o, (_, n) in zip(starts, seq_runs)])
+        self.k_runs = [[_run_view(k_cache, a, n, True) for a, n in seq_runs] for seq_runs in runs]
+        self.v_runs = [[_run_view(v_cache, a, n, False) for a, n in seq_runs] for seq_runs in runs]
+
+
+def _run_view(cache: torch.Tensor, a: int, n: int, transposed: bool) -> tuple[torch.Tensor, ...]:
+    """Slots a..a+n of cache [L, Hkv, S, D] in every layer, views: [Hkv, D, n] (transposed) or
+    [Hkv, n, D] each."""
+    layers, hkv, _, d = cache.shape
+    (ls, hs, ss, ds), base = cache.stride(), cache.storage_offset() + a * cache.stride(2)
+    if transposed:
+        return cache.as_strided((layers, hkv, d, n), (ls, hs, ds, ss), base).unbind(0)
+    return cache.as_strided((layers, hkv, n, d), (ls, hs, ss, ds), base).unbind(0)

@@ -58,6 +58,7 @@ class PagedBackend(Protocol):
 
     name: str  # as LLM(attention=...) and --attention spell it
     zeroed_pool: bool  # the pool must start finite (PagedKVCache.allocate)
+    wants_one_run: bool  # reads a context faster in fewer runs: colliding sequences move (BlockManager.move)
 
     def build_metadata(self, query_lens: Sequence[int],
                        contexts: Sequence[Sequence[tuple[int, int]]],

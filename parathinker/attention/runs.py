@@ -42,6 +42,7 @@ BATCH_MAX_CONTEXT = 512
 class RunsBackend:
     name = "runs"
     zeroed_pool = False  # reads only slots written before
+    wants_one_run = True  # a view and two matmuls per run and layer (attention.long_decode)
 
     def build_metadata(self, query_lens: Sequence[int],
                        contexts: Sequence[Sequence[tuple[int, int]]],
@@ -61,12 +62,12 @@ class RunsBackend:
         if short is not None and short.in_order and long is None and not rest:  # pure decode steps
             return _attend_short(q[0], k_pool, v_pool, short)[None]
         if long is not None and long.in_order and short is None and not rest:
-            return long.attend(q[0], k_pool, v_pool)[None]
+            return long.attend(layer, q[0], kv_cache.k, kv_cache.v)[None]
         out = torch.empty_like(q[0])
         if short is not None:  # short decoding contexts in one batched call (Python-bound alone)
             out[short.rows] = _attend_short(q[0, short.rows], k_pool, v_pool, short)
         if long is not None:
-            out[long.rows_t] = long.attend(q[0], k_pool, v_pool)
+            out[long.rows_t] = long.attend(layer, q[0], kv_cache.k, kv_cache.v)
         for s in rest:
             a, b = meta.qo_indptr[s], meta.qo_indptr[s + 1]
             out[a:b] = _attend_seq(q[0, a:b], k[0, a:b], v[0, a:b], k_pool, v_pool, meta.runs(s))

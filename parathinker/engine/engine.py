@@ -98,9 +98,9 @@ class Engine:
         self.ctrl, self.template_ids = ctrl, list(template_ids)
         self.answer_of = answer_of
         self.vocab_size = model.vocab_size
-        self.block_manager = BlockManager(num_kv_blocks, block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens)
         self.runner = ModelRunner(model, num_kv_blocks, block_size, attention, compile)
+        self.block_manager = BlockManager(num_kv_blocks, block_size, self.runner.backend.wants_one_run)
+        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens)
         self.masks = LogitMasks(ctrl, self.runner.device)
         self.requests: dict[str, SeqGroup] = {}
         self._arrivals = itertools.count()
@@ -201,6 +201,10 @@ class Engine:
         self._aborted = []
         scheduled, failed = self.scheduler.schedule()
         ended += failed
+        # blocks moved (BlockManager.move) since the last step, also outside one, are copied
+        # now, before any forward writes, and once: a re-run below must not copy again (an old
+        # block may hold another sequence's K/V by then)
+        self.runner.copy_blocks(self.block_manager.take_copies(), self.block_size)
         if scheduled:
             try:
                 self._run(scheduled)

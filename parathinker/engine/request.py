@@ -54,14 +54,21 @@ class Seq:
         """Every slot, in token order (O(tokens): for tests and tools, not the step)."""
         return [s for a, n in self.runs for s in range(a, a + n)]
 
-    def place(self, bm: BlockManager) -> None:
-        """Give every token a slot: fill the last block, then new blocks, block by block."""
+    def place(self, bm: BlockManager, after: int | None = None) -> None:
+        """Give every token a slot: fill the last block, then new blocks, block by block; the
+        first block right after block `after` if that one is free (the sequence it reads). A
+        sequence whose next block is taken moves its blocks to one extent when it can
+        (`BlockManager.move`: its slots become one run)."""
         bs = bm.block_size
         while self.num_placed < len(self.tokens):
             offset = self.num_placed % bs
             if offset == 0:
                 want = -(-(len(self.tokens) - self.num_placed) // bs)
-                self.blocks.append(bm.allocate_next(self.blocks[-1] if self.blocks else None, want))
+                if bm.moves and self.blocks and bm.is_taken(self.blocks[-1]):
+                    moved = bm.move(self.blocks, want)
+                    if moved is not None:  # every block full (offset 0): one run of num_placed
+                        self.blocks, self.runs = moved, [[moved[0] * bs, self.num_placed]]
+                self.blocks.append(bm.allocate_next(self.blocks[-1] if self.blocks else after, want))
             n = min(bs - offset, len(self.tokens) - self.num_placed)
             start = self.blocks[-1] * bs + offset
             if self.runs and self.runs[-1][0] + self.runs[-1][1] == start:
@@ -195,10 +202,13 @@ class SeqGroup:
         for seq in self.seqs():
             if seq.num_placed == len(seq.tokens):
                 continue
+            after = None
             if not seq.num_placed and seq is not self.prompt:
-                seq.forked = [b for r in self.readable(seq) for b in r.blocks]
+                reads = self.readable(seq)
+                seq.forked = [b for r in reads for b in r.blocks]
                 bm.fork(seq.forked)
-            seq.place(bm)
+                after = seq.forked[-1] if seq.forked and reads[-1].blocks else None
+            seq.place(bm, after)  # first block next to what it reads: one extent with it if free
 
     def release_ended(self, bm: BlockManager) -> None:
         """Give back the blocks of parts that ended before the request (a SampleGroup's
@@ -212,8 +222,15 @@ class SeqGroup:
             seq.reset_cache()
 
     def context(self, seq: Seq, upto: int) -> list[tuple[int, int]]:
-        runs = [(a, n) for r in self.readable(seq) for a, n in r.runs]
-        return runs + seq.runs_upto(upto)
+        """Its context's slots as runs, in order; runs that continue each other joined (a path
+        placed right after a prompt that fills its last block reads one run)."""
+        out: list[tuple[int, int]] = []
+        for a, n in [(a, n) for r in self.readable(seq) for a, n in r.runs] + seq.runs_upto(upto):
+            if out and out[-1][0] + out[-1][1] == a:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((a, n))
+        return out
 
     # ----- one step
     def work(self, budget: int | None = None) -> list[SeqWork]:

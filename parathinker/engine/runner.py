@@ -54,6 +54,23 @@ class ModelRunner:
         return inputs[0:1], inputs[1:2], inputs[2:3], meta
 
     @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]], block_size: int) -> None:
+        """Copy the K/V of every layer from block a to block b, for each (a, b) in order (the
+        block manager's moves): one copy per stretch of consecutive blocks on both sides whose
+        source and destination do not overlap (a later move may write where an earlier one
+        read; in order, each copy reads before any later one writes)."""
+        i = 0
+        while i < len(copies):
+            a, b = copies[i]
+            n = 1
+            while i + n < len(copies) and copies[i + n] == (a + n, b + n) and abs(a - b) > n:
+                n += 1
+            src, dst = slice(a * block_size, (a + n) * block_size), slice(b * block_size, (b + n) * block_size)
+            for pool in (self.kv_cache.k, self.kv_cache.v):
+                pool[:, :, dst].copy_(pool[:, :, src])
+            i += n
+
+    @torch.inference_mode()
     def run(self, work: list[SeqWork]) -> torch.Tensor:
         """-> float32 logits [R + F, V]: of the last token of each sequence with needs_logits, in
         order, then of each `forced` position, in order."""

@@ -97,3 +97,24 @@ def test_float32_decode_over_runs_takes_no_flash_call_and_no_merge():
     assert not {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::logsumexp"} & ops
     ctx = [a + i for a, n in runs for i in range(n)]
     assert torch.allclose(out, naive(q[0], cache.k[0], cache.v[0], ctx, 1), atol=1e-5)
+
+
+def test_float32_decodes_read_each_layer_of_the_pool():
+    """The step's decode tokens over long contexts, attended layer after layer with the same
+    metadata (as the model does; the runs' views of every layer are made once): each layer's
+    output is the definition over that layer's K/V, its new K/V written first."""
+    torch.manual_seed(0)
+    layers, hq, hkv, d = 3, 8, 2, 16
+    contexts = [[(0, 600), (1500, 301)], [(700, 650), (2000, 1)]]
+    cache = PagedKVCache.allocate(layers, 2100, hkv, d, torch.float32, "cpu")
+    cache.k.normal_()
+    cache.v.normal_()
+    meta = backend_for("runs", "cpu").build_metadata([1, 1], contexts, "cpu")
+    for layer in range(layers):
+        q, k, v = torch.randn(1, 2, hq, d), torch.randn(1, 2, hkv, d), torch.randn(1, 2, hkv, d)
+        out = meta.attend(layer, q, k, v, cache)[0]
+        for i, runs in enumerate(contexts):
+            ctx = [a + j for a, n in runs for j in range(n)]
+            assert torch.equal(cache.k[layer][:, ctx[-1]], k[0, i])  # its own slot, this layer's
+            expected = naive(q[0, i:i + 1], cache.k[layer], cache.v[layer], ctx, 1)
+            assert torch.allclose(out[i:i + 1], expected, atol=1e-5), (layer, i)

@@ -193,3 +193,32 @@ def test_runs_long_decode_path_matches_reference(ckpt_dir, monkeypatch, gather):
     p = params(num_paths=4, min_finished_paths=3)
     for a, b in zip(llm.generate(QUESTIONS[:3], p), llm.generate_slow_twin(QUESTIONS[:3], p)):
         same(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moved_blocks_keep_results(ckpt_dir, monkeypatch, backend):
+    """Paths decoding side by side in small blocks collide and move their blocks to one extent
+    (BlockManager.move; the runner copies their K/V before the step's forward): the tokens stay
+    those of the slow twin. Only the runs backend moves (wants_one_run); the others never do."""
+    from parathinker.engine.block_manager import BlockManager
+
+    moved = []
+    move = BlockManager.move
+
+    def counted(self, blocks, want):
+        out = move(self, blocks, want)
+        moved.extend([] if out is None else [len(blocks)])
+        return out
+
+    monkeypatch.setattr(BlockManager, "move", counted)
+    llm = LLM(str(ckpt_dir), device="cpu", dtype="float32", block_size=2, num_kv_blocks=512,
+              attention=backend)
+    p = params(num_paths=4, max_path_tokens=40, min_path_tokens=40, min_finished_paths=4,
+               max_summary_tokens=84)
+    outs = llm.generate(QUESTIONS[:3], p)
+    if backend == "runs":
+        assert len(moved) > 3 and max(moved) > 4, moved
+    else:
+        assert moved == [], moved
+    for a, b in zip(outs, llm.generate_slow_twin(QUESTIONS[:3], p)):
+        same(a, b)

@@ -2,6 +2,7 @@
 seeded sampling independent of the batch, failure isolation, validation at the boundary."""
 
 import pytest
+import torch
 from parathinker.testing.checkpoints import make_checkpoint
 
 from parathinker import LLM, SamplingParams
@@ -123,7 +124,8 @@ def test_lockstep_growth_keeps_slot_runs_few():
     few long runs of the pool, so attention reads them as a few views. In a fresh pool, new
     extents start below twice the blocks in use (rounded up to a power of two, so that a pool's
     written blocks follow its peak use: test_block_manager): the paths, started next to each
-    other, jump about once per doubling of the blocks in use (4-6 runs of 2,000 tokens here)."""
+    other, would jump about once per doubling of the blocks in use (4-6 runs of 2,000 tokens
+    here); a path whose next block is taken moves to one extent instead (BlockManager.move)."""
     bm = BlockManager(4096, 16)
     prompt = Seq([1] * 100, 0, 0)
     prompt.place(bm)
@@ -133,7 +135,7 @@ def test_lockstep_growth_keeps_slot_runs_few():
             s.tokens.append(2)
             s.place(bm)
     assert prompt.runs == [[0, 100]]
-    assert all(len(s.runs) <= 6 for s in paths), [len(s.runs) for s in paths]
+    assert all(len(s.runs) == 1 for s in paths), [len(s.runs) for s in paths]
     assert all(sum(n for _, n in s.runs) == len(s.tokens) for s in paths)
 
 
@@ -158,3 +160,78 @@ def test_long_prompt_packed_linears_equal_plain(ckpt_dir, monkeypatch):
     assert max(sizes) >= len(packed.encode_prompts([question], None)[0]) > 600
     same(a, b)
     same(b, packed.generate_slow_twin([question], p)[0])
+
+
+def test_a_lone_prompt_gets_one_extent():
+    """A prompt of N blocks placed at once gets N consecutive blocks, in a fresh pool and in one
+    where requests came and went (allocate_next is told it wants all N)."""
+    bm = BlockManager(2176, 16)
+    for _ in range(3):
+        prompt = Seq([1] * 4000, 0, 0)
+        prompt.place(bm)
+        n = -(-4000 // 16)
+        assert prompt.blocks == list(range(prompt.blocks[0], prompt.blocks[0] + n))
+        assert prompt.runs == [[prompt.blocks[0] * 16, 4000]]
+        bm.free(prompt.blocks)
+
+
+@pytest.mark.parametrize("prompt_len", [128, 130])
+def test_a_path_starts_right_after_its_prompt(prompt_len):
+    """A request's first path takes the block after its prompt's last one when that is free:
+    with a prompt that fills its blocks the path's context is one run of the pool, else two
+    (the prompt's last block is only partly its)."""
+    bm = BlockManager(2176, 16)
+    p = SamplingParams(num_paths=2, max_path_tokens=100, temperature=0, min_finished_paths=2)
+    req = Request("r", 0, [7] * prompt_len, p, CTRL, TEMPLATE)
+    req.allocate(bm)
+    for path in req.paths:
+        path.tokens += [9] * 40
+    req.allocate(bm)
+    first, second = req.paths
+    assert first.blocks[0] == req.prompt.blocks[-1] + 1
+    assert second.blocks[0] not in (req.prompt.blocks[-1] + 1, first.blocks[-1] + 1)
+    context = req.context(first, len(first.tokens))
+    expected = [a + i for a, n in req.prompt.runs for i in range(n)] + first.slots
+    assert [a + i for a, n in context for i in range(n)] == expected
+    assert len(context) == (1 if prompt_len % 16 == 0 else 2)
+
+
+def test_separate_requests_decoding_side_by_side_read_one_run_each():
+    """The long-context bench's separate step (bench/long_context.py): 8 one-path requests of a
+    128-token prompt, each path decoding to 4,096 tokens of context in lockstep, in a pool of
+    4,096 x 8 + 128 x 8 + 1,024 slots, the second time round (the pool's reach already its
+    size). Each prompt is centred in the largest free run and its path continues it: one run
+    per context (before: 5-6)."""
+    bm = BlockManager(-(-(4096 * 8 + 128 * 8 + 1024) // 16), 16)
+    p = SamplingParams(num_paths=1, max_path_tokens=4096, temperature=0, min_finished_paths=1)
+    for round_ in range(2):
+        reqs = [Request(f"{round_}-{i}", i, [7] * 128, p, CTRL, TEMPLATE) for i in range(8)]
+        for _ in range(0, 4096 - 128, 16):
+            for req in reqs:
+                req.paths[0].tokens += [9] * 16
+                req.allocate(bm)
+        bm.take_copies()
+        contexts = [req.context(req.paths[0], len(req.paths[0].tokens)) for req in reqs]
+        for req, context in zip(reqs, contexts):
+            expected = list(range(req.prompt.runs[0][0], req.prompt.runs[0][0] + 128)) + req.paths[0].slots
+            assert [a + i for a, n in context for i in range(n)] == expected
+        for req in reqs:
+            req.free(bm)
+    assert [len(c) for c in contexts] == [1] * 8
+
+
+def test_block_copies_are_made_in_order(llm):
+    """ModelRunner.copy_blocks equals copying block by block in the order given, also when a
+    later copy writes a block an earlier one read (5 -> 3, then 7 -> 5) or reads a block an
+    earlier one wrote (10 -> 11, then 11 -> 12)."""
+    runner, bs = llm.engine.runner, llm.engine.block_size
+    cache = runner.kv_cache
+    cache.k.normal_()
+    cache.v.normal_()
+    copies = [(5, 3), (6, 4), (7, 5), (10, 11), (11, 12), (0, 20), (1, 21)]
+    expected = [cache.k.clone(), cache.v.clone()]
+    for pool in expected:
+        for a, b in copies:
+            pool[:, :, b * bs:(b + 1) * bs] = pool[:, :, a * bs:(a + 1) * bs].clone()
+    runner.copy_blocks(copies, bs)
+    assert torch.equal(cache.k, expected[0]) and torch.equal(cache.v, expected[1])
