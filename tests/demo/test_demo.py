@@ -168,6 +168,22 @@ def test_claims_flag_a_flat_curve():
     assert not any(c["holds"] for c in claims)
 
 
+def test_accuracy_may_tie_only_at_the_ceiling():
+    """P = 4 and 8 both at 197 of 198 (99.5 +- 0.5): nothing left to rise to, the claim
+    holds; the same tie at 90 +- 2 does not, nor a fall."""
+    def rises(means, se):
+        summary = {f"P={p}": {"accuracy": m, "accuracy_se": s, "majority_accuracy": m,
+                              "oracle_accuracy": m} for p, m, s in zip((1, 2, 4, 8), means, se)}
+        records = [{"id": str(i), "num_paths": p, "correct": i < round(200 * m),
+                    "majority_over_paths_correct": False}
+                   for p, m in zip((1, 2, 4, 8), means) for i in range(200)]
+        return check_claims(summary, records, (1, 2, 4, 8))[0]
+    top = rises([0.682, 0.904, 197 / 198, 197 / 198], [0.031, 0.02, 0.00504, 0.00504])
+    assert top["holds"] and top["detail"] == "68.2 < 90.4 < 99.5 = 99.5"
+    assert not rises([0.5, 0.7, 0.9, 0.9], [0.03, 0.03, 0.02, 0.02])["holds"]
+    assert not rises([0.5, 0.7, 0.995, 0.99], [0.03, 0.03, 0.005, 0.007])["holds"]
+
+
 @pytest.mark.slow
 def test_reduced_demo_loop_shows_accuracy_rising_with_paths(tmp_path):
     """The accuracy ordering (rising with P, P = 4 and 8 beyond the s.e. of P = 1); the summary
