@@ -79,6 +79,25 @@ def test_off_cpu_pieces_equal_the_cpu_flash_kernel(causal):
     assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
 
 
+def test_flash_copies_a_piece_whose_last_dim_is_strided():
+    """The CPU flash kernel reads the last dim as contiguous whatever the strides (K stored
+    dims-major, as tried for the pool, has stride S there): `_flash` gives such a piece the
+    result of its contiguous copy, which is the definition."""
+    from parathinker.attention.runs import _flash
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 30, 16)
+    k_rows = torch.randn(2, 16, 500)  # K stored dims-major, 500 slots
+    k = k_rows.transpose(1, 2)[None, :, 100:190]  # [1, 2, 90, 16], last-dim stride 500
+    v = torch.randn(1, 2, 90, 16)
+    out, lse = _flash(q, k, v, False)
+    ref_out, ref_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k.contiguous(), v, is_causal=False)
+    assert torch.allclose(out, ref_out, atol=1e-6) and torch.allclose(lse, ref_lse, atol=1e-6)
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) / 4  # the definition, by hand
+    assert torch.allclose(out, scores.softmax(-1) @ v.repeat_interleave(2, 1), atol=1e-5)
+
+
 def test_float32_decode_over_runs_takes_no_flash_call_and_no_merge():
     """A decode token over a context of several runs (past the short batch's size): its scores
     of every run into one softmax (no flash call per run, no log-sum-exp merge), equal to the
