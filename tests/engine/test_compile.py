@@ -89,7 +89,12 @@ def test_prefill_through_the_gathered_backend(compiled):
 
 
 def test_two_graphs_over_buckets_and_widths_no_breaks(compiled):
-    compiled.generate(QUESTIONS[:3], params(num_paths=4, max_path_tokens=30, max_summary_tokens=150))
+    """Buckets 1, 2 and 4 and two widths by construction: each request's paths run in lockstep
+    to their fixed length (min_path_tokens, every path awaited), one over a 300-token prompt."""
+    short, long = compiled.encode_prompts(QUESTIONS[:1], None)[0], list(range(10, 310))
+    for k, ids in ((1, short), (2, short), (4, long)):
+        compiled.generate(prompt_token_ids=[ids], params=params(
+            num_paths=k, min_finished_paths=k, max_path_tokens=12, min_path_tokens=12))
     entries = _debug_get_cache_entry_list(DecodeGraphs._forward.__code__)
     buckets = {b for b, _ in compiled.shapes}
     widths = {w for _, w in compiled.shapes}
