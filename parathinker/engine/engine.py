@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -107,6 +108,7 @@ class Engine:
         self._aborted: list[SeqGroup] = []
         self.num_steps = 0
         self.num_sampled_tokens = 0  # every token sampled so far (progress bars)
+        self._stepping = threading.Lock()  # held by the one step in flight (see step)
 
     def add_request(self, request_id: str, prompt_ids: list[int],
                     params: SamplingParams | PlainParams, n: int = 1,
@@ -196,7 +198,21 @@ class Engine:
                           len(self.scheduler.running), len(self.scheduler.waiting))
 
     def step(self) -> list[SeqGroup]:
-        """Run one forward over every scheduled request; return the requests that ended."""
+        """Run one forward over every scheduled request; return the requests that ended.
+
+        One thread drives an engine: a step while another is in flight (e.g. `LLM.generate` on
+        the LLM a server's engine thread owns) raises at once instead of both mutating the
+        same requests and KV blocks."""
+        if not self._stepping.acquire(blocking=False):
+            raise RuntimeError("Engine.step called while another step is running: an engine is "
+                               "driven by one thread (a served LLM belongs to the server's "
+                               "engine thread; use a second LLM for direct calls)")
+        try:
+            return self._step()
+        finally:
+            self._stepping.release()
+
+    def _step(self) -> list[SeqGroup]:
         ended = self._aborted
         self._aborted = []
         scheduled, failed = self.scheduler.schedule()

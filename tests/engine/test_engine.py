@@ -222,3 +222,35 @@ def test_moved_blocks_keep_results(ckpt_dir, monkeypatch, backend):
         assert moved == [], moved
     for a, b in zip(outs, llm.generate_slow_twin(QUESTIONS[:3], p)):
         same(a, b)
+
+
+def test_a_step_from_a_second_thread_while_one_runs_is_refused(ckpt_dir):
+    """A server's engine thread steps while a test (or user) calls generate on the same LLM:
+    the second step raises at once, nothing shared is touched, and the first step and the
+    request finish as if alone."""
+    import threading
+
+    llm = LLM(str(ckpt_dir), device="cpu", dtype="float32")
+    engine, p = llm.engine, params(num_paths=2)
+    (alone,) = llm.generate(QUESTIONS[:1], p)
+    real_run, inside, go_on = engine.runner.run, threading.Event(), threading.Event()
+
+    def slow_run(work):
+        inside.set()
+        assert go_on.wait(10)
+        return real_run(work)
+
+    engine.runner.run = slow_run
+    req = engine.add_request("first", llm.encode_prompts(QUESTIONS[:1], None)[0], p)
+    first = threading.Thread(target=engine.step)
+    first.start()
+    try:
+        assert inside.wait(10)
+        with pytest.raises(RuntimeError, match="another step is running"):
+            engine.step()
+    finally:
+        go_on.set()
+        first.join(10)
+        engine.runner.run = real_run
+    engine.run_to_completion()
+    same(llm.request_output(req), alone)

@@ -45,7 +45,7 @@ def complete(base: str, prompt, **kw):
 
 
 def reference(base: str, llm, question: str, **kw):
-    """The Python API's answer, once the server's engine thread is idle (it owns the engine)."""
+    """The Python API's answer, from the twin (tests/serve/conftest.py), once the server is idle."""
     wait_for_idle(base)
     return llm.generate([question], SamplingParams(**SMALL, **kw))[0]
 
@@ -121,10 +121,10 @@ def test_completion_streaming(served):
     assert "".join(ch.choices[0].text for ch in chunks) == single.choices[0].text
 
 
-def test_parallel_no_streaming(served):
+def test_parallel_no_streaming(served, twin):
     """test_parallel_no_streaming: n=3 gives 3 choices in order, each a whole ParaThinker
     sample; sample i is the request with seed + i (docs/SERVE.md), so they differ."""
-    base, llm = served
+    (base, _), llm = served, twin  # answers from the twin
     prompt = llm.format_prompt(QUESTION)
     r = complete(base, prompt, n=3, temperature=1.0, seed=42, logprobs=0)
     assert [c.index for c in r.choices] == [0, 1, 2]
@@ -153,10 +153,10 @@ def test_parallel_streaming(served):
     assert finishes == {c.index: [c.finish_reason] for c in full.choices}
 
 
-def test_batch_completions(served):
+def test_batch_completions(served, twin):
     """test_batch_completions: a list of prompts, one choice each, in order; greedy, equal
     prompts give equal answers; streamed, each index ends once."""
-    base, llm = served
+    (base, _), llm = served, twin  # answers from the twin
     prompts = [llm.format_prompt(QUESTION), llm.format_prompt("Name a prime.")]
     r = complete(base, prompts + prompts[:1], temperature=0)
     assert [c.index for c in r.choices] == [0, 1, 2]
