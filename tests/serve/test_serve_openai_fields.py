@@ -61,8 +61,8 @@ def long_summary(llm):
 
 
 # ----- stop
-def test_stop_cuts_the_summary_plain_and_streaming(served, twin):
-    (base, _), llm = served, twin  # answers from the twin
+def test_stop_cuts_the_summary_plain_and_streaming(served, llm):
+    base, _ = served  # llm: a second LLM, not the server's
     seed, ref, stop = long_summary(llm)
     gen = generated(llm, ref.summary.text)
     expected = template_text(llm) + gen[: gen.find(stop)]
@@ -88,10 +88,10 @@ def test_stop_cuts_the_summary_plain_and_streaming(served, twin):
     wait_for_idle(base)
 
 
-def test_stop_prefix_held_back_then_released_and_template_never_stops(served, twin):
+def test_stop_prefix_held_back_then_released_and_template_never_stops(served, llm):
     """A stop string whose start is the text's end is held back while it could still match,
     then sent; one that only occurs in the template does not stop anything."""
-    (base, _), llm = served, twin  # answers from the twin
+    base, _ = served  # llm: a second LLM, not the server's
     seed, ref, _ = long_summary(llm)
     gen = generated(llm, ref.summary.text)
     tail_stop = gen[-2:] + "\x00"  # starts like the end of the text, never completes
@@ -137,8 +137,8 @@ def test_stop_filter_streams_exactly_the_cut_text():
 
 
 # ----- n
-def test_n_samples_are_the_seeded_requests_and_usage_sums(served, twin):
-    (base, _), llm = served, twin  # answers from the twin
+def test_n_samples_are_the_seeded_requests_and_usage_sums(served, llm):
+    base, _ = served  # llm: a second LLM, not the server's
     r = chat(base, temperature=0.9, seed=5, n=3)
     refs = [llm.generate([QUESTION], params(temperature=0.9, seed=5 + i))[0] for i in range(3)]
     assert [c.index for c in r.choices] == [0, 1, 2]
@@ -164,8 +164,8 @@ def test_n_samples_are_the_seeded_requests_and_usage_sums(served, twin):
 
 
 # ----- batched prompts, echo
-def test_batched_prompts_with_n_in_order(served, twin):
-    (base, _), llm = served, twin  # answers from the twin
+def test_batched_prompts_with_n_in_order(served, llm):
+    base, _ = served  # llm: a second LLM, not the server's
     prompts = [llm.format_prompt(q) for q in QUESTIONS[:2]]
     ids = llm.tokenizer.encode(prompts[1])
     r = client(base).completions.create(model=MODEL, prompt=[prompts[0], ids], n=2, seed=3,
@@ -185,8 +185,8 @@ def test_batched_prompts_with_n_in_order(served, twin):
     assert texts == {i: x.summary.text for i, x in enumerate(refs)}
 
 
-def test_echo_prepends_the_prompt(served, twin):
-    (base, _), llm = served, twin  # answers from the twin
+def test_echo_prepends_the_prompt(served, llm):
+    base, _ = served  # llm: a second LLM, not the server's
     prompt = llm.format_prompt(QUESTION)
     (ref,) = llm.generate([QUESTION], params(temperature=0))
     r = client(base).completions.create(model=MODEL, prompt=prompt, echo=True, temperature=0,
@@ -241,8 +241,8 @@ def dense_summary_logits(llm, out) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (0.7, 5)])
-def test_chat_logprobs_are_the_sampled_distribution(served, twin, temperature, top_k):
-    (base, _), llm = served, twin  # answers from the twin
+def test_chat_logprobs_are_the_sampled_distribution(served, llm, temperature, top_k):
+    base, _ = served  # llm: a second LLM, not the server's
     kw = dict(temperature=temperature, seed=21)
     r = chat(base, logprobs=True, top_logprobs=5, extra_body={"top_k": top_k}, **kw)
     (ref,) = llm.generate([QUESTION], params(top_k=top_k, **kw))
@@ -274,8 +274,8 @@ def test_chat_logprobs_are_the_sampled_distribution(served, twin, temperature, t
             assert sum(2.718281828 ** t.logprob for t in top) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_completion_logprobs_and_path_logprobs(served, twin):
-    (base, _), llm = served, twin  # answers from the twin
+def test_completion_logprobs_and_path_logprobs(served, llm):
+    base, _ = served  # llm: a second LLM, not the server's
     prompt = llm.format_prompt(QUESTION)
     r = client(base).completions.create(model=MODEL, prompt=prompt, temperature=0, logprobs=3,
                                         extra_body={"parallel": SMALL, "path_logprobs": True})

@@ -44,9 +44,8 @@ def complete(base: str, prompt, **kw):
     return client(base).completions.create(model=MODEL, prompt=prompt, extra_body=small(kw), **kw)
 
 
-def reference(base: str, llm, question: str, **kw):
-    """The Python API's answer, from the twin (tests/serve/conftest.py), once the server is idle."""
-    wait_for_idle(base)
+def reference(llm, question: str, **kw):
+    """The Python API's answer from `llm`, the session's LLM (tests/conftest.py), not the server's."""
     return llm.generate([question], SamplingParams(**SMALL, **kw))[0]
 
 
@@ -121,14 +120,14 @@ def test_completion_streaming(served):
     assert "".join(ch.choices[0].text for ch in chunks) == single.choices[0].text
 
 
-def test_parallel_no_streaming(served, twin):
+def test_parallel_no_streaming(served, llm):
     """test_parallel_no_streaming: n=3 gives 3 choices in order, each a whole ParaThinker
     sample; sample i is the request with seed + i (docs/SERVE.md), so they differ."""
-    (base, _), llm = served, twin  # answers from the twin
+    base, _ = served  # llm: a second LLM, not the server's
     prompt = llm.format_prompt(QUESTION)
     r = complete(base, prompt, n=3, temperature=1.0, seed=42, logprobs=0)
     assert [c.index for c in r.choices] == [0, 1, 2]
-    refs = [reference(base, llm, QUESTION, temperature=1.0, seed=42 + i) for i in range(3)]
+    refs = [reference(llm, QUESTION, temperature=1.0, seed=42 + i) for i in range(3)]
     for choice, ref in zip(r.choices, refs):
         assert choice.finish_reason in ("stop", "length")
         assert choice.text == ref.summary.text
@@ -153,14 +152,14 @@ def test_parallel_streaming(served):
     assert finishes == {c.index: [c.finish_reason] for c in full.choices}
 
 
-def test_batch_completions(served, twin):
+def test_batch_completions(served, llm):
     """test_batch_completions: a list of prompts, one choice each, in order; greedy, equal
     prompts give equal answers; streamed, each index ends once."""
-    (base, _), llm = served, twin  # answers from the twin
+    base, _ = served  # llm: a second LLM, not the server's
     prompts = [llm.format_prompt(QUESTION), llm.format_prompt("Name a prime.")]
     r = complete(base, prompts + prompts[:1], temperature=0)
     assert [c.index for c in r.choices] == [0, 1, 2]
-    refs = [reference(base, llm, q, temperature=0) for q in (QUESTION, "Name a prime.")]
+    refs = [reference(llm, q, temperature=0) for q in (QUESTION, "Name a prime.")]
     assert [c.text for c in r.choices] == [refs[0].summary.text, refs[1].summary.text,
                                            refs[0].summary.text]
     ends = [ch.choices[0].index for ch in complete(base, prompts, temperature=0, stream=True)
