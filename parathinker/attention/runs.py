@@ -221,8 +221,8 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention of q [1, Hq, T, D] over k, v [1, Hkv, n, D] (GQA; causal: T == n) and its
     log-sum-exp [1, Hq, T] (float32): on CPU the flash kernel (tiles, online softmax). That
     kernel reads the last dim as contiguous whatever the strides (torch 2.13: a wrong result,
-    not an error; public SDPA copies first), so an input without is copied first (every piece
-    here has it today; the guard costs a stride check)."""
+    not an error; public SDPA copies first), so an input strided there is copied first (none
+    is today; the guard costs a stride check)."""
     if q.device.type == "cpu":
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
