@@ -27,12 +27,17 @@ import torch.nn.functional as F
 
 from parathinker.attention.pool import PagedKVCache
 
-MIN_WIDTH = 64  # smallest context width W; W is the next power of two of the longest context
+MIN_WIDTH = 64  # smallest context width W (`width_bucket`)
 
 
 def width_bucket(n: int) -> int:
-    """The context width for a longest context of n slots: a power of two, at least MIN_WIDTH."""
-    return 1 << (max(n, MIN_WIDTH) - 1).bit_length()
+    """The context width for a longest context of n slots, at least MIN_WIDTH: n rounded up to a
+    multiple of a quarter of the power of two below it (4 widths per power of two: 65 -> 80,
+    4,225 -> 5,120), so that padding adds under a quarter of n to what every layer gathers (a
+    power of two added up to n, nearly doubling a 4K path's reads)."""
+    n = max(n, MIN_WIDTH)
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
 
 
 @dataclass
@@ -87,6 +92,12 @@ class StaticDecode:
         vc = v_pool[:, self.slots].transpose(0, 1)
         width = self.slots.shape[1]
         visible = torch.arange(width, device=q.device)[None, :] < self.lengths[:, None]
-        out = F.scaled_dot_product_attention(q[0][:, :, None], kc, vc,
-                                             attn_mask=visible[:, None, None], enable_gqa=True)
-        return out[:, :, 0][None]  # [1, B, Hq, D]
+        # The G = Hq / Hkv query heads of a KV head (heads h*G .. h*G+G-1, as enable_gqa pairs
+        # them) are G query rows over that head's K/V, read once: not enable_gqa, which some
+        # torch versions' masked CUDA kernels refuse (the math path then repeats K/V G times),
+        # and which CPU runs slower (BENCHMARKS.md, "The graph path's decode attention").
+        b, hq, d = q.shape[1:]
+        hkv = kc.shape[1]
+        out = F.scaled_dot_product_attention(q[0].view(b, hkv, hq // hkv, d), kc, vc,
+                                             attn_mask=visible[:, None, None])
+        return out.reshape(1, b, hq, d)

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from parathinker import LLM, SamplingParams
 from parathinker.attention.paged import backend_for
-from parathinker.attention.static_decode import StaticDecode
+from parathinker.attention.static_decode import StaticDecode, width_bucket
 from parathinker.engine.graphs import BATCH_BUCKETS, MAX_PADDED_SLOTS, DecodeGraphs
 from parathinker.engine.request import SeqWork
 
@@ -156,21 +156,26 @@ def test_prefill_and_mixed_steps_stay_eager(compiled):
     one = SeqWork([5], [3], 0, [(0, 4)], True, None)
     assert not DecodeGraphs.takes([one] * (BATCH_BUCKETS[-1] + 1))  # past the largest bucket
     assert not DecodeGraphs.takes([one, SeqWork([5, 6], [3, 4], 0, [(0, 5)], True, None)])
-    long = SeqWork([5], [3], 0, [(0, MAX_PADDED_SLOTS // 2 + 1)], True, None)  # width doubles
+    long = SeqWork([5], [3], 0, [(0, MAX_PADDED_SLOTS // 2 + 1)], True, None)  # 5/8 of the max
     assert DecodeGraphs.takes([long]) and not DecodeGraphs.takes([long, one])
 
 
 def test_static_decode_metadata():
     """Runs expanded into padded slot rows; values typed in."""
     meta = StaticDecode.build([[(3, 2), (10, 3)], [(40, 1)]], batch=4, scratch=99, device="cpu")
-    assert meta.slots.shape == (4, 64)  # the width: the next power of two, at least 64
+    assert meta.slots.shape == (4, 64)  # the width: at least 64
     assert meta.slots[0, :6].tolist() == [3, 4, 10, 11, 12, 99]
     assert meta.slots[1, :2].tolist() == [40, 99]
     assert set(meta.slots[2:].flatten().tolist()) == {99}
     assert meta.lengths.tolist() == [5, 1, 1, 1]
     assert meta.slot_mapping.tolist() == [12, 40, 99, 99]
     wide = StaticDecode.build([[(0, 65)]], batch=1, scratch=99, device="cpu")
-    assert wide.slots.shape == (1, 128) and wide.slots[0, 64].item() == 64
+    assert wide.slots.shape == (1, 80) and wide.slots[0, 64].item() == 64  # 64 + 64 / 4
+    # widths: n rounded up to a quarter of the power of two below it, so padding < n / 4
+    for n, w in [(64, 64), (80, 80), (81, 96), (4096, 4096), (4097, 5120), (4225, 5120),
+                 (7169, 8192), (16513, 20480)]:
+        assert width_bucket(n) == w
+        assert n <= w < n * 1.25
     with pytest.raises(ValueError, match="batch bucket"):
         StaticDecode.build([[(0, 1)]] * 3, batch=2, scratch=99, device="cpu")
 
