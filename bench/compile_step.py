@@ -25,6 +25,40 @@ from parathinker.engine.runner import ModelRunner
 from parathinker.model.fast_linear import apply_linear_backend
 
 MODES = ("eager", "eager-plain", "compiled")
+BLOCK = 16
+
+
+def workload(lp: int, n: int, paths: list[int]) -> tuple[list[SeqWork], dict[int, list[SeqWork]], int]:
+    """A prefill of a `lp`-token prompt and max(paths) paths of `n` tokens each (every path in
+    blocks of its own past the prompt's), the decode step of the first P paths for each P, and
+    the KV blocks they need."""
+    stride = -(-(n + 1) // BLOCK) * BLOCK  # each path's own slots, past the prompt's
+
+    def path_ctx(k: int, length: int) -> list[tuple[int, int]]:
+        return [(0, lp), (lp + k * stride, length)]
+
+    prefill = [SeqWork(list(range(100, 100 + lp)), list(range(lp)), 0, [(0, lp)], False, None)]
+    prefill += [SeqWork([200 + k] * n, list(range(lp, lp + n)), k + 1, path_ctx(k, n), False, None)
+                for k in range(max(paths))]
+    decode = {p: [SeqWork([300 + k], [lp + n], k + 1, path_ctx(k, n + 1), True, None)
+                  for k in range(p)] for p in paths}
+    return prefill, decode, (lp + max(paths) * stride) // BLOCK + 2
+
+
+def make_runner(shape: dict, args: argparse.Namespace, mode: str,
+                num_blocks: int) -> tuple[ModelRunner, str]:
+    """The runner of one mode over the seed-0 random weights; -> (runner, its linear backend)."""
+    model = random_model(shape, args.device, DTYPES[args.dtype])
+    linear = apply_linear_backend(model, args.linear if mode == "eager" else "plain")
+    return ModelRunner(model, num_blocks, BLOCK, args.attention, mode == "compiled"), linear
+
+
+def warm_up(runner: ModelRunner, prefill: list[SeqWork], decode: dict[int, list[SeqWork]]) -> None:
+    """Prefill, then three steps of every P (compile, capture)."""
+    runner.run(prefill)
+    for work in decode.values():
+        for _ in range(3):
+            runner.run(work)
 
 
 def main() -> None:
@@ -38,29 +72,13 @@ def main() -> None:
     args = ap.parse_args()
     shape, config = start(args)
     paths = [int(x) for x in args.paths.split(",")]
-    lp, n, block = args.prompt, args.context, 16
-    stride = -(-(n + 1) // block) * block  # each path's own slots, past the prompt's
-    num_blocks = (lp + max(paths) * stride) // block + 2
+    prefill, decode, num_blocks = workload(args.prompt, args.context, paths)
     runners = {}
     for mode in MODES:
-        model = random_model(shape, args.device, DTYPES[args.dtype])  # the same weights (seed 0)
-        config[f"linear_{mode}"] = apply_linear_backend(model, args.linear if mode == "eager" else "plain")
-        runners[mode] = ModelRunner(model, num_blocks, block, args.attention, mode == "compiled")
+        runners[mode], config[f"linear_{mode}"] = make_runner(shape, args, mode, num_blocks)
     config["attention"] = runners["eager"].attention
-
-    def path_ctx(k: int, length: int) -> list[tuple[int, int]]:
-        return [(0, lp), (lp + k * stride, length)]
-
-    prefill = [SeqWork(list(range(100, 100 + lp)), list(range(lp)), 0, [(0, lp)], False, None)]
-    prefill += [SeqWork([200 + k] * n, list(range(lp, lp + n)), k + 1, path_ctx(k, n), False, None)
-                for k in range(max(paths))]
-    decode = {p: [SeqWork([300 + k], [lp + n], k + 1, path_ctx(k, n + 1), True, None)
-                  for k in range(p)] for p in paths}
     for runner in runners.values():
-        runner.run(prefill)
-        for p in paths:
-            for _ in range(3):
-                runner.run(decode[p])  # warm-up: compile, capture
+        warm_up(runner, prefill, decode)
     assert all(runners["compiled"].graphs.takes(decode[p]) for p in paths)
     results = {}
     for p in paths:
