@@ -5,9 +5,9 @@ prompt, random weights) through one runner (--mode eager / eager-plain / compile
 then --steps steps under torch.profiler. Per step: the wall time (synchronized), the host time
 the runner's Python spends before returning (unsynchronized, so a device that keeps up hides
 behind it), and on CUDA the sum of kernel times (the device's busy time; with CUDA graphs the
-replayed kernels are counted when the profiler traces into graph replays, as recent CUDA
-does: a device time near zero under graphs means it did not). The top ops by self device time (CUDA) or self CPU time
-(CPU) are printed, and the step's split is the JSON line's.
+replayed kernels are counted when the profiler traces into graph replays, as recent CUDA does:
+a device time near zero under graphs means it did not). The top ops by self device time (CUDA)
+or self CPU time (CPU) are printed, and the step's split is the JSON line's.
 
     python bench/step_profile.py --model small --paths 8 --context 4096 --mode compiled
     python bench/step_profile.py --device cuda --dtype bfloat16 --paths 1,16 --context 4096

@@ -8,15 +8,14 @@ A step is taken when every sequence forwards exactly one token (paths and summar
 are at most BATCH_BUCKETS[-1] of them and their padded contexts fit MAX_PADDED_SLOTS; prefill,
 chunked and mixed steps and larger ones stay eager in the runner. The step's inputs are device
 tensors padded to a batch bucket B (a power of two) and a context width W (four per power of
-two, `attention.static_decode.width_bucket`): token ids, positions, segment ids [B], the slot mapping [B], the
-context slots [B, W] and lengths [B]; padding rows write to the scratch slot and their logits are
-dropped. The forward (model, final norm, logits of every row) is compiled with
+two, `attention.static_decode.width_bucket`): token ids, positions, segment ids [B], the slot
+mapping [B], the context slots [B, W] and lengths [B]; padding rows write to the scratch slot
+and their logits are dropped. The forward (model, final norm, logits of every row) is compiled with
 torch.compile(fullgraph=True, dynamic=False), B (past 1) and W marked dynamic: two graphs in all
 (batch 1, any other bucket) whatever the widths, each compiled once (a cold compile costs 10-30 s
 on CPU), and fullgraph=True refuses any graph break. On CUDA each (B, W) is also captured once
 as a torch.cuda.CUDAGraph (static input buffers, one memory pool shared by every capture) and
-replayed; the buckets bound the captures. The sampler stays outside (it is not
-tensor-only).
+replayed; the buckets bound the captures. The sampler stays outside (it is not tensor-only).
 """
 
 from __future__ import annotations
