@@ -8,3 +8,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout
 SHARED = ROOT.parent / "shared"  # ../shared: benchmarks, SPEC, REFERENCE (never committed here)
+# the KV pool of a GPU test that is not about the pool's size: the default is 90 % of the GPU less
+# what the process holds, so a second live LLM (or one a failed test's traceback keeps) gets none
+GPU_KV_BYTES = 1 << 28

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from parathinker import LLM, SamplingParams
+from tests import GPU_KV_BYTES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-# a fixed pool: the default takes 90% of the GPU less what is allocated, and two LLMs live at once
-KV = 1 << 28
 QUESTIONS = ["What is 2+3?", "Find x if 2x + 3 = 11.", "Let me check 7*3 mod 10.", "abc"]
 
 
@@ -21,7 +20,7 @@ def tokens(out):
 
 @pytest.mark.parametrize("attention", ["flex", "runs"])
 def test_cuda_graphs_equal_eager_and_slow_twin(ckpt_dir, attention):
-    kw = dict(device="cuda", dtype="float32", attention=attention, kv_cache_memory=KV)
+    kw = dict(device="cuda", dtype="float32", attention=attention, kv_cache_memory=GPU_KV_BYTES)
     on = LLM(str(ckpt_dir), **kw)  # default: on
     off = LLM(str(ckpt_dir), **kw, compile=False)
     assert on.engine.runner.compiled and not off.engine.runner.compiled
@@ -38,7 +37,7 @@ def test_cuda_graphs_equal_eager_and_slow_twin(ckpt_dir, attention):
 
 
 def test_cuda_graphs_bfloat16_runs(ckpt_dir):
-    llm = LLM(str(ckpt_dir), device="cuda", dtype="bfloat16", kv_cache_memory=KV)
+    llm = LLM(str(ckpt_dir), device="cuda", dtype="bfloat16", kv_cache_memory=GPU_KV_BYTES)
     p = SamplingParams(num_paths=3, max_path_tokens=14, max_summary_tokens=84, temperature=0.0)
     outs = llm.generate(QUESTIONS, p)
     assert all(o.error is None and o.summary.token_ids for o in outs)

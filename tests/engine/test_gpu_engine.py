@@ -7,12 +7,10 @@ import torch
 
 from parathinker import LLM, SamplingParams
 from parathinker.attention.paged import BACKENDS
+from tests import GPU_KV_BYTES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-# a fixed pool where the test is not about its size: the default takes 90% of the GPU less what is
-# allocated in the process (an LLM a failed test's traceback still holds, say)
-KV = 1 << 28
 QUESTIONS = ["What is 2+3?", "Find x if 2x + 3 = 11.", "Let me check 7*3 mod 10.", "abc"]
 
 
@@ -23,7 +21,8 @@ def same(a, b):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_cuda_matches_reference(ckpt_dir, backend):
-    llm = LLM(str(ckpt_dir), device="cuda", dtype="float32", attention=backend, kv_cache_memory=KV)
+    llm = LLM(str(ckpt_dir), device="cuda", dtype="float32", attention=backend,
+              kv_cache_memory=GPU_KV_BYTES)
     assert llm.engine.runner.attention == backend
     p = SamplingParams(num_paths=4, max_path_tokens=14, max_summary_tokens=84, temperature=0.0)
     for a, b in zip(llm.generate(QUESTIONS, p), llm.generate_slow_twin(QUESTIONS, p)):
@@ -41,7 +40,7 @@ def test_auto_is_flex_and_the_pool_is_profiled(ckpt_dir):
 def test_seeded_sampling_cuda_equals_cpu(ckpt_dir):
     p = SamplingParams(num_paths=3, max_path_tokens=14, max_summary_tokens=84, temperature=1.0,
                        top_p=0.9, top_k=40, seed=5)
-    gpu = LLM(str(ckpt_dir), device="cuda", dtype="float32", kv_cache_memory=KV)
+    gpu = LLM(str(ckpt_dir), device="cuda", dtype="float32", kv_cache_memory=GPU_KV_BYTES)
     gpu = gpu.generate(QUESTIONS[:1], p)[0]
     cpu = LLM(str(ckpt_dir), device="cpu", dtype="float32").generate(QUESTIONS[:1], p)[0]
     same(gpu, cpu)  # same logits to float32 rounding, same counter-based noise
