@@ -16,26 +16,30 @@
 # be: only the GPU test files are collected. Without network, carry wheels along (pip download
 # -d wheels ...; pip install --no-index --find-links wheels ...).
 # Each step has a time limit (STEP_SCALE=200 doubles them) and its own log in LOG_DIR (default
-# gpu_check/); each benchmark's last line is one JSON result. ONLY="tests compile_step" runs
-# just the steps named (by their log names), to split the whole into calls of a few minutes. Seen on an H200 (torch 2.11,
-# 55fcb95): step 1 took 77 s of tests after ~15 s of start, step 2 about 150 s (two cold
-# compiles of the 1.5B decode forward, ~40 and ~60 s).
+# gpu_check/ in the repository); each benchmark's last line is one JSON result.
+# ONLY="tests compile_step" runs just the steps named (by their log names), to split the whole
+# into calls of a few minutes. Seen on an H200 (torch 2.11, 55fcb95): step 1 took 77 s of tests
+# after ~15 s of start, step 2 about 150 s (two cold compiles of the 1.5B decode forward, ~40
+# and ~60 s).
 set -uo pipefail
+LOG_DIR=$(realpath -m "${1:-$(dirname "$0")/../gpu_check}")  # before the cd: relative to the caller
 cd "$(dirname "$0")/.."
 GPU_TESTS="tests/engine/test_gpu_engine.py tests/attention/test_flex_paged.py
   tests/engine/test_sampler.py tests/engine/test_gpu_compile.py"
-LOG_DIR=${1:-gpu_check}
 SCALE=${STEP_SCALE:-100}
 mkdir -p "$LOG_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
-step() {  # step NAME SECONDS CMD...: CMD under a time limit, its output on screen and in LOG_DIR/NAME.log
+# step NAME SECONDS CMD...: CMD under a time limit, its output on screen and in LOG_DIR/NAME.log
+step() {
   local name=$1 limit=$(($2 * SCALE / 100)); shift 2
   [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
   echo "=== $name ($(date +%T), limit ${limit} s): $*"
   timeout "$limit" "$@" 2>&1 | tee "$LOG_DIR/$name.log"
   local rc=${PIPESTATUS[0]}
-  [ "$rc" = 0 ] || { echo "FAILED ($rc$([ "$rc" = 124 ] && echo ': time limit')): $name"; status=1; }
+  [ "$rc" = 0 ] && return 0
+  echo "FAILED ($rc$([ "$rc" = 124 ] && echo ': time limit')): $name"
+  status=1
 }
 python - <<'PY' 2>&1 | tee "$LOG_DIR/device.log" || exit 1
 import torch
@@ -50,8 +54,8 @@ step step_profile 150 python bench/step_profile.py --device cuda --dtype bfloat1
   --attention flex --context 4096 --paths 1,16 --steps 10
 step long_context 150 python bench/long_context.py --device cuda --dtype bfloat16 --attention flex \
   --sizes 2048,16384 --runs 2
-step path_overhead 150 python bench/path_overhead.py --device cuda --dtype bfloat16 --attention flex \
-  --tokens 4096 --paths 1,8,16 --rounds 1
+step path_overhead 150 python bench/path_overhead.py --device cuda --dtype bfloat16 \
+  --attention flex --tokens 4096 --paths 1,8,16 --rounds 1
 step prefill 90 python bench/prefill.py --device cuda --dtype bfloat16 --sizes 1024,4096,8192
 step flex_vs_runs 60 python bench/flex_vs_runs.py --device cuda --dtype bfloat16 --context 16384
 echo "gpu_check: $([ $status = 0 ] && echo ok || echo FAILED) (logs in $LOG_DIR/)"
