@@ -13,6 +13,7 @@ A fused model computes the same function as the unfused one (`lean_forward`, one
                   q|k = RoPE(q|k) (rope.apply_rope_flip: three ops for q and k together)
                   x = x + W_o attend(q, k, v) (linear and residual in one op: `linear_add`)
                   h = rms_norm(x); gu = W_gate_up h; x = x + W_down (silu(gate) * up)
+                  (on CPU, in chunks of MLP_CHUNK_ROWS rows: the same values, row by row)
 
 Numerics: float32 equals the unfused model to rounding. F.rms_norm multiplies by the weight in
 float32 and rounds once; the unfused (Hugging Face) RMSNorm rounds the normalized x to bf16/fp16
@@ -35,6 +36,11 @@ from parathinker.model.rope import apply_rope_flip, flip_rope_constants, rope_co
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
          "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 PARTS = dict(FUSED.values())  # fused name -> its parts
+# On CPU, a step of more rows runs its MLP in chunks of this many rows (each row's MLP is its
+# own): a [T, 2I] gate/up output is a fresh mapping of the allocator, whose page faults cost
+# more than computing it (a 4K prefill of the small model: ~100K faults fewer, 5-8 % faster;
+# BENCHMARKS.md, "Prefill: the MLP in row chunks"); a chunk's buffers are reused and in cache.
+MLP_CHUNK_ROWS = 256
 
 
 def _concat(parts: list[nn.Linear]) -> nn.Linear:
@@ -120,9 +126,19 @@ def _lean_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch
     v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d)
     o = attn.attend(a.layer, qk[:, :, :hq], qk[:, :, hq:], v, kv_cache)  # [B, T, Hq, D]
     x = linear_add(a.o_proj, o.reshape(b, t, -1), x)
+    if t <= MLP_CHUNK_ROWS or x.device.type != "cpu":
+        return _mlp(layer, x)
+    out = torch.empty_like(x)
+    for r in range(0, t, MLP_CHUNK_ROWS):
+        out[:, r: r + MLP_CHUNK_ROWS] = _mlp(layer, x[:, r: r + MLP_CHUNK_ROWS])
+    return out
+
+
+def _mlp(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x + W_down (silu(gate) * up) of rms_norm(x); x [B, T, H]."""
     gate_up = layer.mlp.gate_up_proj(_rms_norm(layer.post_attention_layernorm, x))
     i = gate_up.shape[-1] // 2
-    return linear_add(layer.mlp.down_proj, F.silu(gate_up[..., :i]) * gate_up[..., i:], x)
+    return linear_add(layer.mlp.down_proj, F.silu(gate_up[..., :i]).mul_(gate_up[..., i:]), x)
 
 
 def lean_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,

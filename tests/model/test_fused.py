@@ -12,6 +12,7 @@ from parathinker.attention.pool import PagedKVCache
 from parathinker.model import load_model
 from parathinker.model.checkpoint import save_model
 from parathinker.model.fast_linear import apply_linear_backend, can_prepack
+from parathinker.model import fused as fused_module
 from parathinker.model.fused import fuse_for_inference, linear_add
 from parathinker.model.rope import (apply_rope_flip, flip_rope_constants, rope_cos_sin,
                                     rope_cos_sin_signed, rope_parameters)
@@ -47,6 +48,24 @@ def test_fused_equals_unfused_float32(ckpt_dir, rope_scaling):
     assert any(layer.self_attn.seg_embeddings.weight.abs().sum() > 0 for layer in plain.model.layers)
     x = inputs()
     assert (hidden(plain, *x) - hidden(fused, *x)).abs().max().item() <= 1e-5
+
+
+def test_fused_mlp_in_row_chunks_equals_unfused(ckpt_dir, monkeypatch):
+    """On CPU a step of more than MLP_CHUNK_ROWS rows runs its MLP chunk by chunk (here chunks
+    of 7, 7 and 6 of 20 rows, in each of the 2 sequences): the same values as the unfused model."""
+    plain, fused = load_model(ckpt_dir), load_model(ckpt_dir)
+    fuse_for_inference(fused)
+    x = inputs()
+    whole = hidden(fused, *x)
+    calls = []
+    one = fused_module._mlp
+    monkeypatch.setattr(fused_module, "_mlp", lambda layer, h: calls.append(h.shape) or one(layer, h))
+    monkeypatch.setattr(fused_module, "MLP_CHUNK_ROWS", 7)
+    chunked = hidden(fused, *x)
+    layers, h = fused.config.num_hidden_layers, fused.config.hidden_size
+    assert calls == [(2, 7, h), (2, 7, h), (2, 6, h)] * layers
+    assert (hidden(plain, *x) - chunked).abs().max().item() <= 1e-5
+    assert (whole - chunked).abs().max().item() <= 1e-5
 
 
 def test_fused_equals_unfused_paged_prefill_then_decode(ckpt_dir):
