@@ -13,7 +13,7 @@ A fused model computes the same function as the unfused one (`lean_forward`, one
                   q|k = RoPE(q|k) (rope.apply_rope_flip: three ops for q and k together)
                   x = x + W_o attend(q, k, v) (linear and residual in one op: `linear_add`)
                   h = rms_norm(x); gu = W_gate_up h; x = x + W_down (silu(gate) * up)
-                  (on CPU, in chunks of MLP_CHUNK_ROWS rows: the same values, row by row)
+                  (on CPU, all but attend in chunks of LAYER_CHUNK_ROWS rows: the same values)
 
 Numerics: float32 equals the unfused model to rounding. F.rms_norm multiplies by the weight in
 float32 and rounds once; the unfused (Hugging Face) RMSNorm rounds the normalized x to bf16/fp16
@@ -36,11 +36,12 @@ from parathinker.model.rope import apply_rope_flip, flip_rope_constants, rope_co
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
          "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 PARTS = dict(FUSED.values())  # fused name -> its parts
-# On CPU, a step of more rows runs its MLP in chunks of this many rows (each row's MLP is its
-# own): a [T, 2I] gate/up output is a fresh mapping of the allocator, whose page faults cost
-# more than computing it (a 4K prefill of the small model: ~100K faults fewer, 5-8 % faster;
-# BENCHMARKS.md, "Prefill: the MLP in row chunks"); a chunk's buffers are reused and in cache.
-MLP_CHUNK_ROWS = 256
+# On CPU, a step of more rows runs everything but attention in chunks of this many rows: one
+# [T, 2I] gate/up output (or [T, Hq + Hkv, D] rotary output) is a fresh mapping of the allocator,
+# whose page faults cost more than computing it (a 4K prefill of the small model: ~100K faults
+# fewer, ~10 % faster; BENCHMARKS.md, "Prefill in row chunks"); a chunk's buffers are reused and
+# in cache.
+LAYER_CHUNK_ROWS = 256
 
 
 def _concat(parts: list[nn.Linear]) -> nn.Linear:
@@ -116,21 +117,43 @@ def linear_add(linear: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch
 
 def _lean_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 seg: torch.Tensor, attn: Any, kv_cache: Any) -> torch.Tensor:
-    """x [B, T, H] -> [B, T, H]; seg [B, T, D] this layer's thought embeddings per token."""
+    """x [B, T, H] -> [B, T, H]; seg [B, T, D] this layer's thought embeddings per token. On CPU,
+    more than LAYER_CHUNK_ROWS rows go through everything but the attention in chunks of that
+    many (each row's norms, projections, rotary and MLP are its own): the same values."""
+    a = layer.self_attn
+    b, t, _ = x.shape
+    if t <= LAYER_CHUNK_ROWS or x.device.type != "cpu":
+        qk, v = _qk_v(layer, x, cos, sin, seg)
+        o = attn.attend(a.layer, qk[:, :, :a.num_heads], qk[:, :, a.num_heads:], v, kv_cache)
+        return _mlp(layer, linear_add(a.o_proj, o.reshape(b, t, -1), x))
+    chunks = [slice(r, r + LAYER_CHUNK_ROWS) for r in range(0, t, LAYER_CHUNK_ROWS)]
+    qk = x.new_empty(b, t, a.num_heads + a.num_kv_heads, a.head_dim)
+    v = x.new_empty(b, t, a.num_kv_heads, a.head_dim)
+    for c in chunks:
+        _qk_v(layer, x[:, c], cos[:, c], sin[:, c], seg[:, c], (qk[:, c], v[:, c]))
+    o = attn.attend(a.layer, qk[:, :, :a.num_heads], qk[:, :, a.num_heads:], v, kv_cache)
+    o, out = o.reshape(b, t, -1), torch.empty_like(x)
+    for c in chunks:
+        out[:, c] = _mlp(layer, linear_add(a.o_proj, o[:, c], x[:, c]))
+    return out
+
+
+def _qk_v(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          seg: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotated q|k [B, T, Hq + Hkv, D] and v [B, T, Hkv, D] of x [B, T, H]: new tensors (v a
+    view of the projection), or written into `out`'s two."""
     a = layer.self_attn
     b, t, _ = x.shape
     hq, hkv, d = a.num_heads, a.num_kv_heads, a.head_dim
     qkv = a.qkv_proj(_rms_norm(layer.input_layernorm, x))
     qkv[..., hq * d:].view(b, t, 2 * hkv, d).add_(seg[:, :, None])  # k and v += E[s]
-    qk = apply_rope_flip(qkv[..., :(hq + hkv) * d].view(b, t, hq + hkv, d), cos, sin)
+    qk = qkv[..., :(hq + hkv) * d].view(b, t, hq + hkv, d)
     v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d)
-    o = attn.attend(a.layer, qk[:, :, :hq], qk[:, :, hq:], v, kv_cache)  # [B, T, Hq, D]
-    x = linear_add(a.o_proj, o.reshape(b, t, -1), x)
-    if t <= MLP_CHUNK_ROWS or x.device.type != "cpu":
-        return _mlp(layer, x)
-    out = torch.empty_like(x)
-    for r in range(0, t, MLP_CHUNK_ROWS):
-        out[:, r: r + MLP_CHUNK_ROWS] = _mlp(layer, x[:, r: r + MLP_CHUNK_ROWS])
+    if out is None:
+        return apply_rope_flip(qk, cos, sin), v
+    apply_rope_flip(qk, cos, sin, out=out[0])
+    out[1].copy_(v)
     return out
 
 

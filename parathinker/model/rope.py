@@ -107,9 +107,13 @@ def rope_cos_sin_signed(positions: torch.Tensor, freqs: torch.Tensor, sin_factor
     cos = angles.cos() if scale == 1.0 else angles.cos() * scale
     return cos.to(dtype), (angles.sin() * sin_factor).to(dtype)
 
-def apply_rope_flip(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+def apply_rope_flip(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """`apply_rope` in three ops: rotate_half(x) = flip of x's two halves times (-1 | +1), so
-    x * cos + rotate_half(x) * sin = addcmul(x * cos, flip(x), sin_signed). A new tensor."""
+    x * cos + rotate_half(x) * sin = addcmul(x * cos, flip(x), sin_signed). A new tensor, or
+    written into `out`."""
     cos, sin_signed = cos.unsqueeze(-2), sin_signed.unsqueeze(-2)
     halves = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
-    return torch.addcmul(x * cos, halves, sin_signed)
+    if out is None:
+        return torch.addcmul(x * cos, halves, sin_signed)
+    return torch.addcmul(x * cos, halves, sin_signed, out=out)

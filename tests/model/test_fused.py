@@ -50,20 +50,24 @@ def test_fused_equals_unfused_float32(ckpt_dir, rope_scaling):
     assert (hidden(plain, *x) - hidden(fused, *x)).abs().max().item() <= 1e-5
 
 
-def test_fused_mlp_in_row_chunks_equals_unfused(ckpt_dir, monkeypatch):
-    """On CPU a step of more than MLP_CHUNK_ROWS rows runs its MLP chunk by chunk (here chunks
-    of 7, 7 and 6 of 20 rows, in each of the 2 sequences): the same values as the unfused model."""
+def test_fused_layer_in_row_chunks_equals_unfused(ckpt_dir, monkeypatch):
+    """On CPU a step of more than LAYER_CHUNK_ROWS rows runs all but attention chunk by chunk
+    (here chunks of 7, 7 and 6 of 20 rows, in each of the 2 sequences): the same values as the
+    unfused model and as the fused model in one pass."""
     plain, fused = load_model(ckpt_dir), load_model(ckpt_dir)
     fuse_for_inference(fused)
     x = inputs()
     whole = hidden(fused, *x)
     calls = []
-    one = fused_module._mlp
-    monkeypatch.setattr(fused_module, "_mlp", lambda layer, h: calls.append(h.shape) or one(layer, h))
-    monkeypatch.setattr(fused_module, "MLP_CHUNK_ROWS", 7)
+    for name in ("_qk_v", "_mlp"):
+        one = getattr(fused_module, name)
+        monkeypatch.setattr(fused_module, name,
+                            lambda layer, h, *rest, one=one, name=name:
+                            calls.append((name, h.shape[1])) or one(layer, h, *rest))
+    monkeypatch.setattr(fused_module, "LAYER_CHUNK_ROWS", 7)
     chunked = hidden(fused, *x)
-    layers, h = fused.config.num_hidden_layers, fused.config.hidden_size
-    assert calls == [(2, 7, h), (2, 7, h), (2, 6, h)] * layers
+    assert calls == [(name, n) for name in ("_qk_v", "_mlp") for n in (7, 7, 6)] * \
+        fused.config.num_hidden_layers
     assert (hidden(plain, *x) - chunked).abs().max().item() <= 1e-5
     assert (whole - chunked).abs().max().item() <= 1e-5
 
