@@ -16,6 +16,7 @@ the K/V the prefill writes (T x 2 x layers x Hkv x D x dtype bytes).
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import subprocess
 import sys
@@ -109,6 +110,8 @@ def main() -> None:
         for t in sizes:
             for side in ("ours", "hf"):
                 times[side][t].append(sides.prefill(side, t))
+    del sides  # the peak-RSS children load a model each: the parent's two would not fit beside
+    gc.collect()  # them at the 1.5B shape on a 24 GB machine
     results = {}
     for t in sizes:
         med = {s: statistics.median(times[s][t]) for s in times}
