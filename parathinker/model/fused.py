@@ -13,7 +13,7 @@ A fused model computes the same function as the unfused one (`lean_forward`, one
                   q|k = RoPE(q|k) (rope.apply_rope_flip: three ops for q and k together)
                   x = x + W_o attend(q, k, v) (linear and residual in one op: `linear_add`)
                   h = rms_norm(x); gu = W_gate_up h; x = x + W_down (silu(gate) * up)
-                  (on CPU, all but attend in chunks of LAYER_CHUNK_ROWS rows: the same values)
+                  (CPU, float32: all but attend in chunks of LAYER_CHUNK_ROWS rows: the same values)
 
 Numerics: float32 equals the unfused model to rounding. F.rms_norm multiplies by the weight in
 float32 and rounds once; the unfused (Hugging Face) RMSNorm rounds the normalized x to bf16/fp16
@@ -36,11 +36,13 @@ from parathinker.model.rope import apply_rope_flip, flip_rope_constants, rope_co
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
          "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 PARTS = dict(FUSED.values())  # fused name -> its parts
-# On CPU, a step of more rows runs everything but attention in chunks of this many rows: one
-# [T, 2I] gate/up output (or [T, Hq + Hkv, D] rotary output) is a fresh mapping of the allocator,
-# whose page faults cost more than computing it (a 4K prefill of the small model: ~100K faults
-# fewer, ~10 % faster; BENCHMARKS.md, "Prefill in row chunks"); a chunk's buffers are reused and
-# in cache.
+# On CPU in float32, a step of more rows runs everything but attention in chunks of this many
+# rows: one [T, 2I] gate/up output (or [T, Hq + Hkv, D] rotary output) is a fresh mapping of the
+# allocator, whose page faults cost more than computing it (a 4K prefill of the small model:
+# ~100K faults fewer, ~10 % faster; BENCHMARKS.md, "Prefill in row chunks"); a chunk's buffers
+# are reused and in cache. Not in bfloat16/float16: half the bytes, and oneDNN's AMX matmuls
+# there lose more on short calls than the faults cost (1K-4K prefills 8-20 % slower chunked,
+# 8K 5 % faster: one pass kept).
 LAYER_CHUNK_ROWS = 256
 
 
@@ -117,12 +119,13 @@ def linear_add(linear: nn.Module, x: torch.Tensor, other: torch.Tensor) -> torch
 
 def _lean_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 seg: torch.Tensor, attn: Any, kv_cache: Any) -> torch.Tensor:
-    """x [B, T, H] -> [B, T, H]; seg [B, T, D] this layer's thought embeddings per token. On CPU,
-    more than LAYER_CHUNK_ROWS rows go through everything but the attention in chunks of that
-    many (each row's norms, projections, rotary and MLP are its own): the same values."""
+    """x [B, T, H] -> [B, T, H]; seg [B, T, D] this layer's thought embeddings per token. On CPU
+    in float32, more than LAYER_CHUNK_ROWS rows go through everything but the attention in
+    chunks of that many (each row's norms, projections, rotary and MLP are its own): the same
+    values."""
     a = layer.self_attn
     b, t, _ = x.shape
-    if t <= LAYER_CHUNK_ROWS or x.device.type != "cpu":
+    if t <= LAYER_CHUNK_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
         qk, v = _qk_v(layer, x, cos, sin, seg)
         o = attn.attend(a.layer, qk[:, :, :a.num_heads], qk[:, :, a.num_heads:], v, kv_cache)
         return _mlp(layer, linear_add(a.o_proj, o.reshape(b, t, -1), x))

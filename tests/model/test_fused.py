@@ -72,6 +72,18 @@ def test_fused_layer_in_row_chunks_equals_unfused(ckpt_dir, monkeypatch):
     assert (whole - chunked).abs().max().item() <= 1e-5
 
 
+def test_fused_layer_in_bfloat16_runs_in_one_pass(ckpt_dir, monkeypatch):
+    """The row chunks are for float32 (model.fused.LAYER_CHUNK_ROWS): bfloat16 stays one pass."""
+    fused = load_model(ckpt_dir, dtype=torch.bfloat16)
+    fuse_for_inference(fused)
+    calls = []
+    one = fused_module._mlp
+    monkeypatch.setattr(fused_module, "_mlp", lambda layer, h: calls.append(h.shape[1]) or one(layer, h))
+    monkeypatch.setattr(fused_module, "LAYER_CHUNK_ROWS", 7)
+    hidden(fused, *inputs())
+    assert calls == [20] * fused.config.num_hidden_layers
+
+
 def test_fused_equals_unfused_paged_prefill_then_decode(ckpt_dir):
     """Through the paged pool: a prefill of 12 tokens, then 3 sequences decoding one token each
     over shared prompt slots; the pool's K/V and the outputs agree."""
