@@ -51,7 +51,7 @@ def test_fused_equals_unfused_float32(ckpt_dir, rope_scaling):
 
 
 def test_fused_layer_in_row_chunks_equals_unfused(ckpt_dir, monkeypatch):
-    """On CPU a step of more than LAYER_CHUNK_ROWS rows runs all but attention chunk by chunk
+    """On CPU in float32 a step of more than LAYER_CHUNK_ROWS rows runs all but attention in chunks
     (here chunks of 7, 7 and 6 of 20 rows, in each of the 2 sequences): the same values as the
     unfused model and as the fused model in one pass."""
     plain, fused = load_model(ckpt_dir), load_model(ckpt_dir)
