@@ -125,17 +125,20 @@ def _lean_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch
     values."""
     a = layer.self_attn
     b, t, _ = x.shape
-    if t <= LAYER_CHUNK_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
+    one_pass = t <= LAYER_CHUNK_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
+    if one_pass:
         qk, v = _qk_v(layer, x, cos, sin, seg)
-        o = attn.attend(a.layer, qk[:, :, :a.num_heads], qk[:, :, a.num_heads:], v, kv_cache)
-        return _mlp(layer, linear_add(a.o_proj, o.reshape(b, t, -1), x))
-    chunks = [slice(r, r + LAYER_CHUNK_ROWS) for r in range(0, t, LAYER_CHUNK_ROWS)]
-    qk = x.new_empty(b, t, a.num_heads + a.num_kv_heads, a.head_dim)
-    v = x.new_empty(b, t, a.num_kv_heads, a.head_dim)
-    for c in chunks:
-        _qk_v(layer, x[:, c], cos[:, c], sin[:, c], seg[:, c], (qk[:, c], v[:, c]))
+    else:
+        chunks = [slice(r, r + LAYER_CHUNK_ROWS) for r in range(0, t, LAYER_CHUNK_ROWS)]
+        qk = x.new_empty(b, t, a.num_heads + a.num_kv_heads, a.head_dim)
+        v = x.new_empty(b, t, a.num_kv_heads, a.head_dim)
+        for c in chunks:
+            _qk_v(layer, x[:, c], cos[:, c], sin[:, c], seg[:, c], (qk[:, c], v[:, c]))
     o = attn.attend(a.layer, qk[:, :, :a.num_heads], qk[:, :, a.num_heads:], v, kv_cache)
-    o, out = o.reshape(b, t, -1), torch.empty_like(x)
+    o = o.reshape(b, t, -1)  # [B, T, Hq * D]
+    if one_pass:
+        return _mlp(layer, linear_add(a.o_proj, o, x))
+    out = torch.empty_like(x)
     for c in chunks:
         out[:, c] = _mlp(layer, linear_add(a.o_proj, o[:, c], x[:, c]))
     return out

@@ -114,6 +114,4 @@ def apply_rope_flip(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor
     written into `out`."""
     cos, sin_signed = cos.unsqueeze(-2), sin_signed.unsqueeze(-2)
     halves = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
-    if out is None:
-        return torch.addcmul(x * cos, halves, sin_signed)
     return torch.addcmul(x * cos, halves, sin_signed, out=out)
