@@ -50,6 +50,18 @@ def test_fused_equals_unfused_float32(ckpt_dir, rope_scaling):
     assert (hidden(plain, *x) - hidden(fused, *x)).abs().max().item() <= 1e-5
 
 
+def record_rows(monkeypatch, *names):
+    """Chunks of 7 rows (model.fused.LAYER_CHUNK_ROWS), and a list that records (name, rows) of
+    each call of the named functions of model.fused."""
+    calls = []
+    for name in names:
+        monkeypatch.setattr(fused_module, name,
+                            lambda layer, h, *rest, one=getattr(fused_module, name), name=name:
+                            calls.append((name, h.shape[1])) or one(layer, h, *rest))
+    monkeypatch.setattr(fused_module, "LAYER_CHUNK_ROWS", 7)
+    return calls
+
+
 def test_fused_layer_in_row_chunks_equals_unfused(ckpt_dir, monkeypatch):
     """On CPU in float32 a step of more than LAYER_CHUNK_ROWS rows runs all but attention in chunks
     (here chunks of 7, 7 and 6 of 20 rows, in each of the 2 sequences): the same values as the
@@ -58,13 +70,7 @@ def test_fused_layer_in_row_chunks_equals_unfused(ckpt_dir, monkeypatch):
     fuse_for_inference(fused)
     x = inputs()
     whole = hidden(fused, *x)
-    calls = []
-    for name in ("_qk_v", "_mlp"):
-        one = getattr(fused_module, name)
-        monkeypatch.setattr(fused_module, name,
-                            lambda layer, h, *rest, one=one, name=name:
-                            calls.append((name, h.shape[1])) or one(layer, h, *rest))
-    monkeypatch.setattr(fused_module, "LAYER_CHUNK_ROWS", 7)
+    calls = record_rows(monkeypatch, "_qk_v", "_mlp")
     chunked = hidden(fused, *x)
     assert calls == [(name, n) for name in ("_qk_v", "_mlp") for n in (7, 7, 6)] * \
         fused.config.num_hidden_layers
@@ -76,12 +82,9 @@ def test_fused_layer_in_bfloat16_runs_in_one_pass(ckpt_dir, monkeypatch):
     """The row chunks are for float32 (model.fused.LAYER_CHUNK_ROWS): bfloat16 stays one pass."""
     fused = load_model(ckpt_dir, dtype=torch.bfloat16)
     fuse_for_inference(fused)
-    calls = []
-    one = fused_module._mlp
-    monkeypatch.setattr(fused_module, "_mlp", lambda layer, h: calls.append(h.shape[1]) or one(layer, h))
-    monkeypatch.setattr(fused_module, "LAYER_CHUNK_ROWS", 7)
+    calls = record_rows(monkeypatch, "_mlp")
     hidden(fused, *inputs())
-    assert calls == [20] * fused.config.num_hidden_layers
+    assert calls == [("_mlp", 20)] * fused.config.num_hidden_layers
 
 
 def test_fused_equals_unfused_paged_prefill_then_decode(ckpt_dir):
