@@ -8,8 +8,10 @@
 - flash_gqa: the same kernel with the Hq heads passed as they are (enable_gqa's layout);
 - bmm_softmax: the runs backend before issue 25 (bmm, softmax, bmm per sequence);
 - long_decode: what the runs backend does now for float32 decode tokens over long contexts
-  (`attention.long_decode`: one step's buffers reused, a bmm per run into the scores, one
-  softmax per sequence, P @ V), one layer of a step;
+  (`attention.long_decode`, one layer of a step: the CPU kernels of `attention.native`, scores
+  of every sequence in one call, a softmax, P @ V in one call);
+- long_decode_matmuls: the same without the kernels (their twin: one step's buffers reused, a
+  bmm per run into the scores, one softmax per sequence, P @ V);
 - read: a plain sum over the same K/V bytes.
 
 And the short-decode batch's gather of an [8, 400] slot table: `pool[:, slots]` (advanced
@@ -28,6 +30,7 @@ import time
 import torch
 
 from common import machine, report
+import parathinker.attention.long_decode as long_decode
 from parathinker.attention.long_decode import LongDecodes
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -41,13 +44,19 @@ def main() -> None:
     torch.manual_seed(0)
     hkv, g, d, c, b = 2, 4, 64, args.context, 8
     config = vars(args) | {"hq": hkv * g, "hkv": hkv, "head_dim": d, "seqs": b}
-    print("machine:", machine())
-    print("config:", config)
     kp, vp = torch.randn(hkv, b * c + 1000, d), torch.randn(hkv, b * c + 1000, d)
     q = torch.randn(b, hkv * g, d)
     starts = [i * c for i in range(b)]
     slots = torch.randint(0, b * c, (b, 400))
-    long = LongDecodes(list(range(b)), [[(a, c)] for a in starts], torch.arange(b), True)
+    long, matmuls = (LongDecodes(list(range(b)), [[(a, c)] for a in starts], torch.arange(b), True)
+                     for _ in range(2))
+    long_decode.USE_NATIVE = False  # read at a step's first layer: matmuls keeps its choice
+    matmuls.attend(0, q, kp[None], vp[None])
+    long_decode.USE_NATIVE = True
+    long.attend(0, q, kp[None], vp[None])
+    config["kernels"] = long.buf.tables is not None  # False: no compiler here (attention.native)
+    print("machine:", machine())
+    print("config:", config)
     ways = {
         "flash_folded": lambda: [FLASH(q[i].view(1, hkv, g, d), kp[None, :, a: a + c], vp[None, :, a: a + c])
                                  for i, a in enumerate(starts)],
@@ -57,6 +66,7 @@ def main() -> None:
                                                     kp[:, a: a + c].transpose(1, 2)).softmax(-1),
                                           vp[:, a: a + c]) for i, a in enumerate(starts)],
         "long_decode": lambda: long.attend(0, q, kp[None], vp[None]),
+        "long_decode_matmuls": lambda: matmuls.attend(0, q, kp[None], vp[None]),
         "read": lambda: (kp[:, : b * c].sum(), vp[:, : b * c].sum()),
         "gather_index": lambda: kp[:, slots],
         "gather_index_select": lambda: kp.index_select(1, slots.view(-1)),

@@ -13,6 +13,11 @@ K/V views in every layer of the pool, are made by the first layer and reused by 
 the step, so that a layer costs two dispatches per run (two matmuls) and a cat and a softmax per
 sequence, not a dozen per run (slices, transposes, allocations, the merge's arithmetic) at a few
 microseconds each.
+
+On the CPU, where `attention.native` builds, the two matmuls are its kernels instead (one call
+each per layer for every sequence; MKL's small-row matmul reads K at about half the read
+bandwidth, BENCHMARKS.md "A decode kernel"): the matmuls stay as their twin (USE_NATIVE = False)
+and serve every other case.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from parathinker.attention import native
+
+USE_NATIVE = True  # the CPU kernels where they serve (tests set False for the matmul twin)
+CHUNK = 1024  # context keys per work item of the kernels (cpu_decode.cpp)
 
 
 @dataclass
@@ -38,10 +48,17 @@ class LongDecodes:
         layer) -> [B, Hq, D], the attention of the tokens `rows` in layer `layer`."""
         _, hkv, _, d = k_cache.shape
         if self.buf is None:
-            self.buf = _Buffers(self.runs, q.shape[1] // hkv, k_cache, v_cache)
+            self.buf = _Buffers(self.runs, q.shape[1] // hkv, k_cache, v_cache,
+                                USE_NATIVE and native.serves(q, k_cache))
         buf = self.buf
         mine = q[: len(self.rows)] if self.in_order else q.index_select(0, self.rows_t)
         torch.mul(mine.unflatten(1, (hkv, -1)), d ** -0.5, out=buf.q)
+        if buf.tables is not None:
+            native.decode_scores(buf.q, k_cache[layer], buf.flat_scores, *buf.tables)
+            for scores, probs in buf.softmax:
+                torch.softmax(scores, -1, out=probs)
+            native.decode_pv(buf.flat_probs, v_cache[layer], buf.partial, buf.out, *buf.tables)
+            return buf.out.view(len(self.rows), -1, d).clone()
         for qs, k_runs, v_runs, scores, probs, run_scores, p_views, out in zip(
                 buf.q_views, buf.k_runs, buf.v_runs, buf.scores, buf.probs, buf.run_scores,
                 buf.p_views, buf.out_views):
@@ -65,18 +82,29 @@ class _Buffers:
     and one `unbind` per run and step, not two views per run and layer."""
 
     def __init__(self, runs: list[list[tuple[int, int]]], g: int, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor) -> None:
+                 v_cache: torch.Tensor, use_native: bool) -> None:
         _, hkv, _, d = k_cache.shape
         b, like = len(runs), dict(dtype=k_cache.dtype, device=k_cache.device)
         self.q = torch.empty(b, hkv, g, d, **like)
         self.out = torch.empty_like(self.q)
         self.q_views, self.out_views = list(self.q.unbind(0)), list(self.out.unbind(0))
-        self.scores, self.probs, self.run_scores, self.p_views = [], [], [], []
-        for seq_runs in runs:
-            scores = torch.empty(hkv, g, sum(n for _, n in seq_runs), **like)
-            probs = torch.empty_like(scores)
-            self.scores.append(scores)
-            self.probs.append(probs)
+        lens = [sum(n for _, n in seq_runs) for seq_runs in runs]
+        self.flat_scores = torch.empty(hkv * g * sum(lens), **like)  # [Hkv, G, C] per sequence
+        self.flat_probs = torch.empty_like(self.flat_scores)
+        offsets = [0]
+        for c in lens:
+            offsets.append(offsets[-1] + hkv * g * c)
+        self.scores = [self.flat_scores[o: o + hkv * g * c].view(hkv, g, c) for o, c in zip(offsets, lens)]
+        self.probs = [self.flat_probs[o: o + hkv * g * c].view(hkv, g, c) for o, c in zip(offsets, lens)]
+        self.tables = None
+        if use_native:
+            self.tables = _tables(runs, lens, offsets)
+            self.partial = torch.empty(len(self.tables[1]), hkv, g, d, **like)
+            self.softmax = ([(self.flat_scores.view(-1, lens[0]), self.flat_probs.view(-1, lens[0]))]
+                            if len(set(lens)) == 1 else list(zip(self.scores, self.probs)))
+            return
+        self.run_scores, self.p_views = [], []
+        for seq_runs, scores, probs in zip(runs, self.scores, self.probs):
             starts = [0]
             for _, n in seq_runs[:-1]:
                 starts.append(starts[-1] + n)
@@ -95,3 +123,24 @@ def _run_view(cache: torch.Tensor, a: int, n: int, transposed: bool) -> tuple[to
     if transposed:
         return cache.as_strided((layers, hkv, d, n), (ls, hs, ds, ss), base).unbind(0)
     return cache.as_strided((layers, hkv, n, d), (ls, hs, ss, ds), base).unbind(0)
+
+
+def _tables(runs: list[list[tuple[int, int]]], lens: list[int],
+            offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' pieces, chunks and sequences (cpu_decode.cpp): each context's runs cut into
+    chunks of at most CHUNK keys."""
+    pieces, chunks, seqs = [], [], []
+    for s, seq_runs in enumerate(runs):
+        first_chunk, key = len(chunks), 0
+        for a, n in seq_runs:
+            while n:
+                if key % CHUNK == 0:
+                    chunks.append([s, len(pieces), len(pieces), key])
+                take = min(n, CHUNK - key % CHUNK)
+                pieces.append([a, take])
+                chunks[-1][2] += 1
+                a, n, key = a + take, n - take, key + take
+        seqs.append([lens[s], offsets[s], first_chunk, len(chunks)])
+    return (torch.tensor(pieces, dtype=torch.long).view(-1, 2),
+            torch.tensor(chunks, dtype=torch.long).view(-1, 4),
+            torch.tensor(seqs, dtype=torch.long).view(-1, 4))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.profiler import profile
 
+import parathinker.attention.long_decode as long_decode
 from parathinker.attention.paged import backend_for
 from parathinker.attention.pool import PagedKVCache, runs_of
 from tests.attention.test_paged_attention import naive
@@ -98,10 +99,12 @@ def test_flash_copies_a_piece_whose_last_dim_is_strided():
     assert torch.allclose(out, scores.softmax(-1) @ v.repeat_interleave(2, 1), atol=1e-5)
 
 
-def test_float32_decode_over_runs_takes_no_flash_call_and_no_merge():
+@pytest.mark.parametrize("kernels", [True, False])
+def test_float32_decode_over_runs_takes_no_flash_call_and_no_merge(kernels, monkeypatch):
     """A decode token over a context of several runs (past the short batch's size): its scores
     of every run into one softmax (no flash call per run, no log-sum-exp merge), equal to the
-    definition."""
+    definition; by the CPU kernels (attention.native) or their twin, the matmuls."""
+    monkeypatch.setattr(long_decode, "USE_NATIVE", kernels)
     torch.manual_seed(0)
     hq, hkv, d = 6, 2, 16
     runs = [(0, 40), (700, 300), (100, 250), (1200, 1)]  # 591 slots, the last one its own
@@ -118,10 +121,12 @@ def test_float32_decode_over_runs_takes_no_flash_call_and_no_merge():
     assert torch.allclose(out, naive(q[0], cache.k[0], cache.v[0], ctx, 1), atol=1e-5)
 
 
-def test_float32_decodes_read_each_layer_of_the_pool():
+@pytest.mark.parametrize("kernels", [True, False])
+def test_float32_decodes_read_each_layer_of_the_pool(kernels, monkeypatch):
     """The step's decode tokens over long contexts, attended layer after layer with the same
     metadata (as the model does; the runs' views of every layer are made once): each layer's
     output is the definition over that layer's K/V, its new K/V written first."""
+    monkeypatch.setattr(long_decode, "USE_NATIVE", kernels)
     torch.manual_seed(0)
     layers, hq, hkv, d = 3, 8, 2, 16
     contexts = [[(0, 600), (1500, 301)], [(700, 650), (2000, 1)]]

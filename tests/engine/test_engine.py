@@ -179,12 +179,15 @@ def test_never_written_pool_memory_cannot_leak_into_outputs(ckpt_dir, monkeypatc
         same(a, b)
 
 
-@pytest.mark.parametrize("gather", ["never", "always"])
-def test_runs_long_decode_path_matches_reference(ckpt_dir, monkeypatch, gather):
+@pytest.mark.parametrize("gather,kernels", [("never", True), ("never", False), ("always", True)])
+def test_runs_long_decode_path_matches_reference(ckpt_dir, monkeypatch, gather, kernels):
     """Every decode token through the runs backend's long-context path (no short batch): its
-    scores over the context's runs read in place, or over a copy of them, then one softmax."""
+    scores over the context's runs read in place (by the CPU kernels, or the matmuls), or over
+    a copy of them, then one softmax."""
+    import parathinker.attention.long_decode as long_decode
     import parathinker.attention.runs as runs
 
+    monkeypatch.setattr(long_decode, "USE_NATIVE", kernels)
     monkeypatch.setattr(runs, "BATCH_MAX_CONTEXT", 0)
     monkeypatch.setattr(runs, "GATHER_MIN_RUNS", 10**9 if gather == "never" else 0)
     monkeypatch.setattr(runs, "GATHER_MAX_MEAN_RUN", 10**9)
