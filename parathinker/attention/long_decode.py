@@ -94,14 +94,16 @@ class _Buffers:
         offsets = [0]
         for c in lens:
             offsets.append(offsets[-1] + hkv * g * c)
-        self.scores = [self.flat_scores[o: o + hkv * g * c].view(hkv, g, c) for o, c in zip(offsets, lens)]
-        self.probs = [self.flat_probs[o: o + hkv * g * c].view(hkv, g, c) for o, c in zip(offsets, lens)]
+        self.scores, self.probs = ([flat[o: o + hkv * g * c].view(hkv, g, c)
+                                    for o, c in zip(offsets, lens)]
+                                   for flat in (self.flat_scores, self.flat_probs))
         self.tables = None
         if use_native:
             self.tables = _tables(runs, lens, offsets)
             self.partial = torch.empty(len(self.tables[1]), hkv, g, d, **like)
-            self.softmax = ([(self.flat_scores.view(-1, lens[0]), self.flat_probs.view(-1, lens[0]))]
-                            if len(set(lens)) == 1 else list(zip(self.scores, self.probs)))
+            self.softmax = list(zip(self.scores, self.probs))  # one softmax per sequence,
+            if len(set(lens)) == 1:  # or one for all where the contexts are as long
+                self.softmax = [(self.flat_scores.view(-1, lens[0]), self.flat_probs.view(-1, lens[0]))]
             return
         self.run_scores, self.p_views = [], []
         for seq_runs, scores, probs in zip(runs, self.scores, self.probs):

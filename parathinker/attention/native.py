@@ -28,8 +28,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-HEAD_DIMS = (16, 32, 64, 128)  # what the kernels serve, with at most MAX_GROUP query heads per KV head
-MAX_GROUP = 8
+HEAD_DIMS = (16, 32, 64, 128)  # what the kernels serve,
+MAX_GROUP = 8  # with at most this many query heads per KV head
 
 
 @functools.cache
@@ -105,9 +105,11 @@ def decode_scores(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, pieces
     """q [B, Hkv, G, D] contiguous, k [Hkv, S, D] (one layer of the pool), scores flat (each
     sequence's [Hkv, G, C] at its offset); tables as in cpu_decode.cpp."""
     hkv, _, d = k.shape
-    rc = kernels().decode_scores(q.data_ptr(), k.data_ptr(), scores.data_ptr(), pieces.data_ptr(),
-                                 chunks.data_ptr(), len(chunks), seqs.data_ptr(), hkv,
-                                 q.shape[2], d, k.stride(0), torch.get_num_threads())
+    with torch.profiler.record_function("parathinker::decode_scores"):  # named in profiles
+        rc = kernels().decode_scores(q.data_ptr(), k.data_ptr(), scores.data_ptr(),
+                                     pieces.data_ptr(), chunks.data_ptr(), len(chunks),
+                                     seqs.data_ptr(), hkv, q.shape[2], d, k.stride(0),
+                                     torch.get_num_threads())
     assert rc == 0, "decode_scores: shape not served (check native.serves first)"
 
 
@@ -115,7 +117,9 @@ def decode_pv(probs: torch.Tensor, v: torch.Tensor, partial: torch.Tensor, out: 
               pieces: torch.Tensor, chunks: torch.Tensor, seqs: torch.Tensor) -> None:
     """out [B, Hkv, G, D] = P @ V per sequence; partial [N chunks, Hkv, G, D] scratch."""
     hkv, _, d = v.shape
-    rc = kernels().decode_pv(probs.data_ptr(), v.data_ptr(), partial.data_ptr(), out.data_ptr(),
-                             pieces.data_ptr(), chunks.data_ptr(), len(chunks), seqs.data_ptr(),
-                             len(seqs), hkv, out.shape[2], d, v.stride(0), torch.get_num_threads())
+    with torch.profiler.record_function("parathinker::decode_pv"):
+        rc = kernels().decode_pv(probs.data_ptr(), v.data_ptr(), partial.data_ptr(),
+                                 out.data_ptr(), pieces.data_ptr(), chunks.data_ptr(), len(chunks),
+                                 seqs.data_ptr(), len(seqs), hkv, out.shape[2], d, v.stride(0),
+                                 torch.get_num_threads())
     assert rc == 0, "decode_pv: shape not served (check native.serves first)"
