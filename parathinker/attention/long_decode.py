@@ -79,7 +79,9 @@ class _Buffers:
     probabilities' column range per run, and its output [Hkv, G, D]: 3 floats per query head and
     context slot, against 2 x layers x Hkv x D of K/V (0.25 % for the 1.5B shape). And each
     run's K^T [Hkv, D, n] and V [Hkv, n, D] in every layer, views of the pool: one `as_strided`
-    and one `unbind` per run and step, not two views per run and layer."""
+    and one `unbind` per run and step, not two views per run and layer. With the kernels
+    (use_native), instead of the runs' buffers and views: their tables (`_tables`) and the
+    partial P @ V of each chunk."""
 
     def __init__(self, runs: list[list[tuple[int, int]]], g: int, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, use_native: bool) -> None:
