@@ -58,18 +58,18 @@ class LongDecodes:
             for scores, probs in buf.softmax:
                 torch.softmax(scores, -1, out=probs)
             native.decode_pv(buf.flat_probs, v_cache[layer], buf.partial, buf.out, *buf.tables)
-            return buf.out.view(len(self.rows), -1, d).clone()
-        for qs, k_runs, v_runs, scores, probs, run_scores, p_views, out in zip(
-                buf.q_views, buf.k_runs, buf.v_runs, buf.scores, buf.probs, buf.run_scores,
-                buf.p_views, buf.out_views):
-            for k_run, s_run in zip(k_runs, run_scores):
-                torch.bmm(qs, k_run[layer], out=s_run)
-            if len(run_scores) > 1:
-                torch.cat(run_scores, 2, out=scores)
-            torch.softmax(scores, -1, out=probs)
-            torch.bmm(p_views[0], v_runs[0][layer], out=out)
-            for p_view, v_run in zip(p_views[1:], v_runs[1:]):
-                out.baddbmm_(p_view, v_run[layer])
+        else:
+            for qs, k_runs, v_runs, scores, probs, run_scores, p_views, out in zip(
+                    buf.q_views, buf.k_runs, buf.v_runs, buf.scores, buf.probs, buf.run_scores,
+                    buf.p_views, buf.out_views):
+                for k_run, s_run in zip(k_runs, run_scores):
+                    torch.bmm(qs, k_run[layer], out=s_run)
+                if len(run_scores) > 1:
+                    torch.cat(run_scores, 2, out=scores)
+                torch.softmax(scores, -1, out=probs)
+                torch.bmm(p_views[0], v_runs[0][layer], out=out)
+                for p_view, v_run in zip(p_views[1:], v_runs[1:]):
+                    out.baddbmm_(p_view, v_run[layer])
         return buf.out.view(len(self.rows), -1, d).clone()  # the buffer is the next layer's
 
 
@@ -89,7 +89,6 @@ class _Buffers:
         b, like = len(runs), dict(dtype=k_cache.dtype, device=k_cache.device)
         self.q = torch.empty(b, hkv, g, d, **like)
         self.out = torch.empty_like(self.q)
-        self.q_views, self.out_views = list(self.q.unbind(0)), list(self.out.unbind(0))
         lens = [sum(n for _, n in seq_runs) for seq_runs in runs]
         self.flat_scores = torch.empty(hkv * g * sum(lens), **like)  # [Hkv, G, C] per sequence
         self.flat_probs = torch.empty_like(self.flat_scores)
@@ -107,6 +106,7 @@ class _Buffers:
             if len(set(lens)) == 1:  # or one for all where the contexts are as long
                 self.softmax = [(self.flat_scores.view(-1, lens[0]), self.flat_probs.view(-1, lens[0]))]
             return
+        self.q_views, self.out_views = list(self.q.unbind(0)), list(self.out.unbind(0))
         self.run_scores, self.p_views = [], []
         for seq_runs, scores, probs in zip(runs, self.scores, self.probs):
             starts = [0]
